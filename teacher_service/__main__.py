@@ -1,0 +1,3 @@
+from teacher_service.cli import main
+
+main()

@@ -1,0 +1,183 @@
+"""Dynamic batching: sequences from many requests and clients merged into forward passes.
+
+A sequence waits at most `max_wait_ms` for company, and a batch holds at most
+`max_batch_tokens` padded tokens (rows x longest). Batches are formed around the oldest
+waiting sequence (so nothing starves) from the sequences closest to it in length (so
+little padding is computed). The forward runs on the model worker thread, never on the
+event loop. A request whose caller goes away (cancel, deadline) takes its queued
+sequences out of the queue with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+log = logging.getLogger(__name__)
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class ModelWorker:
+    """The one thread that runs model code, so forwards never overlap or block the loop."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-worker")
+
+    async def run(self, fn: Callable[..., Result], *args: Any) -> Result:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class BatcherStats:
+    batches: int = 0
+    sequences: int = 0
+    real_tokens: int = 0  # tokens the sequences hold
+    padded_tokens: int = 0  # rows x longest, summed over batches: what the forwards computed
+    cancelled: int = 0  # sequences dropped from the queue because their caller left
+
+
+@dataclass
+class _Pending(Generic[Item]):
+    item: Item
+    length: int
+    enqueued_at: float
+    future: asyncio.Future = field(repr=False)
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher shut down before this sequence was run."""
+
+
+class DynamicBatcher(Generic[Item, Result]):
+    def __init__(
+        self,
+        run_batch: Callable[[list[Item]], Sequence[Result]],
+        worker: ModelWorker,
+        *,
+        length: Callable[[Item], int],
+        max_batch_tokens: int,
+        max_wait_ms: float,
+    ) -> None:
+        self._run_batch = run_batch
+        self._worker = worker
+        self._length = length
+        self._budget = max_batch_tokens
+        self._max_wait = max_wait_ms / 1000.0
+        self._queue: list[_Pending[Item]] = []
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.stats = BatcherStats()
+
+    @property
+    def pending(self) -> int:
+        """Sequences queued and not yet in a forward pass."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="dynamic-batcher")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for pending in self._queue:
+            if not pending.future.done():
+                pending.future.set_exception(BatcherClosed("the service is shutting down"))
+        self._queue.clear()
+
+    async def submit(self, items: Sequence[Item]) -> list[Result]:
+        """Queue items; return their results in order. Raises what running an item raised."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        futures = [loop.create_future() for _ in items]
+        for item, future in zip(items, futures):
+            self._queue.append(_Pending(item, self._length(item), now, future))
+        self._arrived.set()
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            self._drop_cancelled()
+            raise
+
+    def _drop_cancelled(self) -> None:
+        kept = [p for p in self._queue if not p.future.done()]
+        self.stats.cancelled += len(self._queue) - len(kept)
+        self._queue = kept
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            self._drop_cancelled()
+            if not self._queue:
+                continue
+            deadline = self._queue[0].enqueued_at + self._max_wait
+            while sum(p.length for p in self._queue) < self._budget:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    break
+                self._arrived.clear()
+            self._drop_cancelled()
+            if not self._queue:
+                continue
+            batch = self._take_batch()
+            outcomes = await self._worker.run(self._run_isolated, [p.item for p in batch])
+            for pending, outcome in zip(batch, outcomes):
+                if pending.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    pending.future.set_exception(outcome)
+                else:
+                    pending.future.set_result(outcome)
+            if self._queue:
+                self._arrived.set()
+
+    def _take_batch(self) -> list[_Pending[Item]]:
+        """The oldest sequence plus those nearest it in length, within the token budget."""
+        oldest = self._queue[0]
+        nearest = sorted(
+            self._queue[1:], key=lambda p: (abs(p.length - oldest.length), p.enqueued_at)
+        )
+        batch, longest = [oldest], oldest.length
+        for pending in nearest:
+            wider = max(longest, pending.length)
+            if wider * (len(batch) + 1) <= self._budget:
+                batch.append(pending)
+                longest = wider
+        taken = {id(p) for p in batch}
+        self._queue = [p for p in self._queue if id(p) not in taken]
+        self.stats.batches += 1
+        self.stats.sequences += len(batch)
+        self.stats.real_tokens += sum(p.length for p in batch)
+        self.stats.padded_tokens += longest * len(batch)
+        return batch
+
+    def _run_isolated(self, items: list[Item]) -> list[Result | BaseException]:
+        """Run a batch; if it fails, split it so only the failing sequence gets the error."""
+        try:
+            results = list(self._run_batch(items))
+        except Exception as error:  # a forward can fail on one bad or huge input (OOM)
+            if len(items) == 1:
+                log.exception("a sequence failed to run")
+                return [error]
+            log.warning("a batch of %d failed (%s); retrying in halves", len(items), error)
+            half = len(items) // 2
+            return self._run_isolated(items[:half]) + self._run_isolated(items[half:])
+        if len(results) != len(items):
+            raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} items")
+        return results

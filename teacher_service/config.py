@@ -1,0 +1,42 @@
+"""Server configuration: one dataclass, filled from the CLI (`teacher-service serve`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. Larger requests get RESOURCE_EXHAUSTED, naming the limit."""
+
+    max_batch_tokens: int = 8192  # padded tokens in one forward pass (batch size x longest)
+    max_tokens_per_request: int = 65536
+    max_sequences_per_request: int = 1024
+    max_message_bytes: int = 256 * 1024 * 1024  # request and response messages
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_tokens", "max_tokens_per_request", "max_sequences_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "float32"  # the model's weights: float32, float16, bfloat16
+    max_wait_ms: float = 5.0  # how long the oldest queued sequence may wait for company
+    limits: Limits = Limits()
+    grace_seconds: float = 5.0  # in-flight requests finish on shutdown for this long
+
+    def __post_init__(self) -> None:
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")

@@ -1,0 +1,72 @@
+"""The scoring math: teacher logits at the scored positions -> what DESIGN.md promises.
+
+Pure tensor functions, so tests can hold them against the formulas. For a sequence with
+score_from = s, row j is position i = s + j, predicted by the logits at position i - 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """What one request asks for; shared by all of its sequences."""
+
+    top_k: int = 0
+    full: bool = False
+    temperature: float = 1.0
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class SequenceScores:
+    """One sequence's result, on the CPU, in the requested dtype (ids in int32)."""
+
+    target_logprobs: torch.Tensor  # [T]
+    topk_ids: torch.Tensor | None  # [T, k]
+    topk_logprobs: torch.Tensor | None  # [T, k]
+    candidate_logprobs: torch.Tensor | None  # [T, m]
+    full_logprobs: torch.Tensor | None  # [T, V]
+
+
+def score_rows(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    options: ScoreOptions,
+    candidate_ids: torch.Tensor | None = None,
+) -> SequenceScores:
+    """Score T positions.
+
+    logits: [T, V'] with V' >= vocab_size (padded embedding rows are cut here);
+    targets: [T] the actual tokens; candidate_ids: [T, m] or [m] token ids.
+    Log-probs are computed in float32 (log_softmax(logits / temperature)) and cast last.
+    """
+    logits = logits[:, :vocab_size].float()
+    if options.temperature != 1.0:
+        logits = logits / options.temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    target = logprobs.gather(1, targets.long().unsqueeze(1)).squeeze(1)
+    topk_ids = topk_logprobs = candidate = None
+    if options.top_k > 0:
+        topk_logprobs, topk_ids = logprobs.topk(options.top_k, dim=-1)
+        topk_ids = topk_ids.to(torch.int32)
+    if candidate_ids is not None:
+        ids = candidate_ids.long()
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0).expand(logprobs.shape[0], -1)
+        candidate = logprobs.gather(1, ids)
+
+    def out(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(options.dtype).cpu()
+
+    return SequenceScores(
+        target_logprobs=out(target),
+        topk_ids=None if topk_ids is None else topk_ids.cpu(),
+        topk_logprobs=out(topk_logprobs),
+        candidate_logprobs=out(candidate),
+        full_logprobs=out(logprobs) if options.full else None,
+    )

@@ -1,0 +1,284 @@
+"""The gRPC front end: validate, enqueue, map errors. No model code lives here.
+
+`start_server` wires the backend, the model worker, the dynamic batcher, the Teacher
+servicer, the standard health service and server reflection into one grpc.aio server;
+`serve` runs it until SIGINT/SIGTERM; `BackgroundServer` runs it on a thread of its own
+(tests, benchmarks, notebooks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from teacher_service import __version__
+from teacher_service.backend import HFBackend, ScoreItem
+from teacher_service.batcher import BatcherClosed, DynamicBatcher, ModelWorker
+from teacher_service.codec import encode_torch
+from teacher_service.config import ServerConfig
+from teacher_service.proto import teacher_pb2 as pb
+from teacher_service.proto import teacher_pb2_grpc as pb_grpc
+from teacher_service.sampling import chunk_prompts, new_generator
+from teacher_service.scoring import SequenceScores
+from teacher_service.validation import (
+    ModelLimits,
+    RequestError,
+    parse_generate_request,
+    parse_score_request,
+)
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
+MAX_IN_FLIGHT_PER_STREAM = 64  # ScoreStream requests being worked on at once, per stream
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status a failure is reported with (the message names what went wrong)."""
+    if isinstance(error, RequestError):
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if error.too_large else grpc.StatusCode.INVALID_ARGUMENT
+        return code, str(error)
+    if isinstance(error, BatcherClosed):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
+    if isinstance(error, torch.OutOfMemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the teacher ran out of memory: {error}"
+    log.error("request failed", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"the teacher failed on this request: {type(error).__name__}: {error}"
+
+
+def scores_to_proto(scores: SequenceScores) -> pb.SequenceScores:
+    message = pb.SequenceScores(target_logprobs=encode_torch(scores.target_logprobs))
+    for name in ("topk_ids", "topk_logprobs", "candidate_logprobs", "full_logprobs"):
+        tensor = getattr(scores, name)
+        if tensor is not None:
+            getattr(message, name).CopyFrom(encode_torch(tensor))
+    return message
+
+
+class TeacherServicer(pb_grpc.TeacherServicer):
+    def __init__(
+        self, backend: HFBackend, batcher: DynamicBatcher[ScoreItem, SequenceScores],
+        worker: ModelWorker, config: ServerConfig,
+    ) -> None:
+        self._backend = backend
+        self._batcher = batcher
+        self._worker = worker
+        self._config = config
+        self._model = ModelLimits(backend.vocab_size, backend.max_seq_len, config.limits)
+
+    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
+        backend, limits = self._backend, self._config.limits
+        return pb.InfoResponse(
+            model_id=backend.model_id,
+            vocab_size=backend.vocab_size,
+            tokenizer_fingerprint=backend.tokenizer_fingerprint,
+            max_seq_len=backend.max_seq_len,
+            bos_token_id=backend.bos_token_id,
+            eos_token_id=backend.eos_token_id,
+            pad_token_id=backend.pad_token_id,
+            backend=backend.name,
+            device=str(backend.device),
+            model_dtype=backend.model_dtype,
+            max_batch_tokens=limits.max_batch_tokens,
+            max_tokens_per_request=limits.max_tokens_per_request,
+            max_sequences_per_request=limits.max_sequences_per_request,
+            max_message_bytes=limits.max_message_bytes,
+            capabilities=list(backend.capabilities),
+            server_version=__version__,
+        )
+
+    async def _score(self, request: pb.ScoreRequest) -> pb.ScoreResponse:
+        items = parse_score_request(request, self._model)
+        results = await self._batcher.submit(items)
+        return pb.ScoreResponse(
+            request_id=request.request_id, results=[scores_to_proto(r) for r in results]
+        )
+
+    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        try:
+            return await self._score(request)
+        except Exception as error:
+            await context.abort(*status_for(error))
+
+    async def ScoreStream(
+        self, request_iterator: AsyncIterator[pb.ScoreRequest], context
+    ) -> AsyncIterator[pb.ScoreStreamResponse]:
+        """Work on up to MAX_IN_FLIGHT_PER_STREAM requests at once; answer as each finishes."""
+        done: asyncio.Queue[pb.ScoreStreamResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT_PER_STREAM)
+        tasks: set[asyncio.Task] = set()
+
+        async def answer(request: pb.ScoreRequest) -> None:
+            try:
+                response = await self._score(request)
+                await done.put(pb.ScoreStreamResponse(request_id=request.request_id, response=response))
+            except Exception as error:
+                code, message = status_for(error)
+                await done.put(
+                    pb.ScoreStreamResponse(
+                        request_id=request.request_id,
+                        error=pb.ErrorStatus(code=code.value[0], message=message),
+                    )
+                )
+            finally:
+                slots.release()
+
+        async def read_all() -> None:
+            async for request in request_iterator:
+                await slots.acquire()
+                task = asyncio.create_task(answer(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.gather(*list(tasks))
+            await done.put(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (response := await done.get()) is not None:
+                yield response
+            await reader
+        finally:
+            for task in [reader, *tasks]:
+                task.cancel()
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        try:
+            prompts, options = parse_generate_request(request, self._model)
+            generator = new_generator(options, self._backend.device)
+            completions = []
+            budget = self._config.limits.max_batch_tokens
+            for chunk in chunk_prompts(prompts, options.max_new_tokens, budget):
+                completions += await self._worker.run(self._backend.generate, chunk, options, generator)
+        except Exception as error:
+            await context.abort(*status_for(error))
+        return pb.GenerateResponse(
+            request_id=request.request_id,
+            completions=[
+                pb.Completion(token_ids=c.token_ids, finish_reason=c.finish_reason) for c in completions
+            ],
+        )
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    batcher: DynamicBatcher
+    worker: ModelWorker
+    health: health_aio.HealthServicer
+
+    async def stop(self, grace: float) -> None:
+        """Report NOT_SERVING, let in-flight calls finish for `grace` seconds, then stop."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.batcher.close()
+        self.worker.close()
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+async def start_server(config: ServerConfig, backend: HFBackend) -> RunningServer:
+    limits = config.limits
+    worker = ModelWorker()
+    batcher: DynamicBatcher[ScoreItem, SequenceScores] = DynamicBatcher(
+        backend.score_batch,
+        worker,
+        length=lambda item: item.forward_len,
+        max_batch_tokens=limits.max_batch_tokens,
+        max_wait_ms=config.max_wait_ms,
+    )
+    batcher.start()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.max_send_message_length", limits.max_message_bytes),
+        ]
+    )
+    pb_grpc.add_TeacherServicer_to_server(TeacherServicer(backend, batcher, worker, config), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    address = _address(config.host, config.port)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:
+        await batcher.close()
+        worker.close()
+        raise OSError(f"cannot listen on {address}: {error} (is the port in use?)") from None
+    await server.start()
+    log.info("teacher service on %s:%d (model %s, %s)", config.host, port, backend.model_id, backend.device)
+    return RunningServer(server, port, batcher, worker, health)
+
+
+def serve(config: ServerConfig, backend: HFBackend | None = None) -> None:
+    """Run the service in the foreground until SIGINT or SIGTERM, then shut down gracefully."""
+    backend = backend or HFBackend.load(config.model, device=config.device, dtype=config.dtype)
+
+    async def main() -> None:
+        running = await start_server(config, backend)
+        print(f"teacher-service listening on {_address(config.host, running.port)}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down (grace %.1fs)", config.grace_seconds)
+        await running.stop(config.grace_seconds)
+
+    asyncio.run(main())
+
+
+class BackgroundServer:
+    """The service on a thread of its own, with its own event loop; a context manager."""
+
+    def __init__(self, config: ServerConfig, backend: HFBackend) -> None:
+        self._config = config
+        self._backend = backend
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-server", daemon=True)
+        self.running: RunningServer | None = None
+
+    @property
+    def address(self) -> str:
+        assert self.running is not None, "the server is not started"
+        return _address(self._config.host, self.running.port)
+
+    def call(self, coroutine):
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def start(self) -> BackgroundServer:
+        self._thread.start()
+        self.running = self.call(start_server(self._config, self._backend))
+        return self
+
+    def stop(self) -> None:
+        if self.running is not None:
+            self.call(self.running.stop(self._config.grace_seconds))
+            self.running = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        with contextlib.suppress(RuntimeError):
+            self._loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()

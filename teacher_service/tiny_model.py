@@ -1,0 +1,95 @@
+"""A small random-weight Llama model with a real BPE tokenizer, for tests and smoke runs.
+
+The tokenizer is a byte-level BPE trained with the `tokenizers` library on a synthetic
+corpus (so any text encodes); the model's embedding is padded past the tokenizer's
+vocabulary, as real checkpoints are, so the service's cutting of padded rows is exercised.
+Both are written with save_pretrained and load through the ordinary from_pretrained path.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+_NAMES = ("Ada", "Ben", "Cleo", "Dara", "Emil", "Fay", "Gus", "Hana", "Ivo", "Juno")
+_ITEMS = ("apple", "book", "coin", "marble", "pencil", "stamp", "ticket", "shell")
+_VERBS = ("buys", "finds", "gives away", "sells", "loses", "counts")
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    vocab_size: int = 512  # BPE target size, special tokens included
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_seq_len: int = 512
+    init_std: float = 0.2  # wider than the usual 0.02, so distributions are not flat
+    seed: int = 0
+
+
+def synthetic_corpus(num_sentences: int, seed: int) -> list[str]:
+    """Short story-problem sentences with numbers: enough structure for BPE merges."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(num_sentences):
+        a, b = rng.sample(_NAMES, 2)
+        item, verb = rng.choice(_ITEMS), rng.choice(_VERBS)
+        n, m = rng.randint(1, 999), rng.randint(1, 99)
+        lines.append(f"{a} has {n} {item}s. {a} {verb} {m} of them to {b}, so {b} has {n + m}.")
+    return lines
+
+
+def train_tokenizer(vocab_size: int, seed: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE; encoding text prepends <bos>, as Llama tokenizers do."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(synthetic_corpus(4000, seed), trainer)
+    bos_id = tokenizer.token_to_id("<bos>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
+    """Write tokenizer + model (safetensors) to out_dir and return it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(spec.vocab_size, spec.seed)
+    padded_vocab = (len(tokenizer) // 64 + 1) * 64  # always at least one padded row
+    config = LlamaConfig(
+        vocab_size=padded_vocab,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_seq_len,
+        initializer_range=spec.init_std,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
