@@ -74,7 +74,9 @@ class HFBackend:
         self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
 
     @classmethod
-    def load(cls, model_dir: str | Path, *, device: str = "auto", dtype: str = "float32") -> HFBackend:
+    def load(
+        cls, model_dir: str | Path, *, device: str = "auto", dtype: str = "float32"
+    ) -> HFBackend:
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"--model {model_dir}: no config.json (not a model directory)")

@@ -21,8 +21,14 @@ def _serve(args: argparse.Namespace) -> None:
         max_message_bytes=args.max_message_mb * 1024 * 1024,
     )
     config = ServerConfig(
-        model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-        max_wait_ms=args.max_wait_ms, limits=limits, grace_seconds=args.grace_seconds,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        max_wait_ms=args.max_wait_ms,
+        limits=limits,
+        grace_seconds=args.grace_seconds,
     )
     serve(config)
 
@@ -37,29 +43,57 @@ def _tiny_model(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="teacher-service", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve a local Hugging Face causal LM over gRPC")
     defaults, limits = ServerConfig(model=""), Limits()
-    serve.add_argument("--model", required=True, help="local model directory (config.json, weights, tokenizer)")
-    serve.add_argument("--host", default=defaults.host, help="address to listen on (0.0.0.0 for all)")
+    serve.add_argument(
+        "--model", required=True, help="local model directory (config.json, weights, tokenizer)"
+    )
+    serve.add_argument(
+        "--host", default=defaults.host, help="address to listen on (0.0.0.0 for all)"
+    )
     serve.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
     serve.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
-    serve.add_argument("--dtype", default=defaults.dtype, choices=["float32", "float16", "bfloat16"])
-    serve.add_argument("--max-batch-tokens", type=int, default=limits.max_batch_tokens,
-                       help="padded tokens per forward pass (rows x longest)")
-    serve.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
-                       help="how long a queued sequence may wait for others to batch with")
+    serve.add_argument(
+        "--dtype", default=defaults.dtype, choices=["float32", "float16", "bfloat16"]
+    )
+    serve.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=limits.max_batch_tokens,
+        help="padded tokens per forward pass (rows x longest)",
+    )
+    serve.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=defaults.max_wait_ms,
+        help="how long a queued sequence may wait for others to batch with",
+    )
     serve.add_argument("--max-tokens-per-request", type=int, default=limits.max_tokens_per_request)
-    serve.add_argument("--max-sequences-per-request", type=int, default=limits.max_sequences_per_request)
-    serve.add_argument("--max-message-mb", type=int, default=limits.max_message_bytes // 2**20,
-                       help="largest request or response message, MiB")
-    serve.add_argument("--grace-seconds", type=float, default=defaults.grace_seconds,
-                       help="time in-flight requests get to finish on SIGTERM")
+    serve.add_argument(
+        "--max-sequences-per-request", type=int, default=limits.max_sequences_per_request
+    )
+    serve.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=limits.max_message_bytes // 2**20,
+        help="largest request or response message, MiB",
+    )
+    serve.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=defaults.grace_seconds,
+        help="time in-flight requests get to finish on SIGTERM",
+    )
     serve.set_defaults(run=_serve)
 
-    tiny = commands.add_parser("tiny-model", help="write a small random-weight Llama + BPE tokenizer")
+    tiny = commands.add_parser(
+        "tiny-model", help="write a small random-weight Llama + BPE tokenizer"
+    )
     tiny.add_argument("out_dir")
     for f in fields(TinyModelSpec):
         tiny.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
@@ -69,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, OSError) as error:

@@ -124,12 +124,18 @@ def build_score_request(
     if len(starts) != len(sequences):
         raise ValueError(f"score_from: {len(starts)} values for {len(sequences)} sequences")
     request = pb.ScoreRequest(
-        top_k=top_k, full=full, temperature=temperature, dtype=dtype_enum(dtype), request_id=request_id
+        top_k=top_k,
+        full=full,
+        temperature=temperature,
+        dtype=dtype_enum(dtype),
+        request_id=request_id,
     )
     for n, (tokens, start, cands) in enumerate(
         zip(sequences, starts, _per_sequence_candidates(candidates, len(sequences)))
     ):
-        sequence = request.sequences.add(token_ids=_ids(tokens, f"sequences[{n}]"), score_from=start)
+        sequence = request.sequences.add(
+            token_ids=_ids(tokens, f"sequences[{n}]"), score_from=start
+        )
         if cands is not None:
             sequence.candidate_ids.CopyFrom(encode_numpy(np.asarray(cands), "int32"))
     return request
@@ -207,7 +213,9 @@ def compare_tokenizer(info: TeacherInfo, tokenizer: Any) -> None:
         return
     differences = []
     if len(tokenizer) != info.vocab_size:
-        differences.append(f"vocabulary size {info.vocab_size} (teacher) vs {len(tokenizer)} (yours)")
+        differences.append(
+            f"vocabulary size {info.vocab_size} (teacher) vs {len(tokenizer)} (yours)"
+        )
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         theirs, ours = getattr(info, name), getattr(tokenizer, name, None)
         if theirs != ours:
@@ -239,7 +247,9 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         return random.uniform(0, min(self.max_backoff, self.initial_backoff * 2**attempt))
 
-    def next_delay(self, error: grpc.RpcError, attempt: int, deadline: float | None) -> float | None:
+    def next_delay(
+        self, error: grpc.RpcError, attempt: int, deadline: float | None
+    ) -> float | None:
         """Seconds to wait before retrying, or None to give up and raise."""
         if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.max_retries:
             return None
@@ -296,14 +306,26 @@ class TeacherClient:
         return parse_info(self._call("Info", pb.InfoRequest(), timeout))
 
     def score(
-        self, sequences: Sequence[Any], score_from: int | Sequence[int], *, top_k: int = 64,
-        candidates: Any = None, full: bool = False, temperature: float = 1.0,
-        dtype: str = "float32", timeout: float | None = None,
+        self,
+        sequences: Sequence[Any],
+        score_from: int | Sequence[int],
+        *,
+        top_k: int = 64,
+        candidates: Any = None,
+        full: bool = False,
+        temperature: float = 1.0,
+        dtype: str = "float32",
+        timeout: float | None = None,
     ) -> list[ScoreResult]:
         """Teacher log-probs for each sequence from position score_from on (see DESIGN.md)."""
         request = build_score_request(
-            sequences, score_from, top_k=top_k, candidates=candidates, full=full,
-            temperature=temperature, dtype=dtype,
+            sequences,
+            score_from,
+            top_k=top_k,
+            candidates=candidates,
+            full=full,
+            temperature=temperature,
+            dtype=dtype,
         )
         return parse_score_response(self._call("Score", request, timeout))
 
@@ -327,7 +349,9 @@ class TeacherClient:
                         return
                 yield build_score_request(**call, request_id=str(index))
 
-        stream = self._stub.ScoreStream(requests(), timeout=self.timeout if timeout is None else timeout)
+        stream = self._stub.ScoreStream(
+            requests(), timeout=self.timeout if timeout is None else timeout
+        )
         ready: dict[int, pb.ScoreStreamResponse] = {}
         next_index = 0
         try:
@@ -348,13 +372,24 @@ class TeacherClient:
             stream.cancel()
 
     def generate(
-        self, prompts: Sequence[Any], *, max_new_tokens: int = 64, temperature: float = 1.0,
-        top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True, timeout: float | None = None,
+        self,
+        prompts: Sequence[Any],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_at_eos: bool = True,
+        timeout: float | None = None,
     ) -> list[GenerateResult]:
         """Complete each prompt (token ids); temperature 0 is greedy. Same seed, same output."""
         request = build_generate_request(
-            prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            seed=seed, stop_at_eos=stop_at_eos,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_at_eos=stop_at_eos,
         )
         return parse_generate_response(self._call("Generate", request, timeout))
 
@@ -405,7 +440,9 @@ class AsyncTeacherClient:
         self.target = target
         self.timeout = timeout
         self.retry = retry
-        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._channel = grpc.aio.insecure_channel(
+            target, options=_channel_options(max_message_bytes)
+        )
         self._stub = pb_grpc.TeacherStub(self._channel)
 
     async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
@@ -425,23 +462,46 @@ class AsyncTeacherClient:
         return parse_info(await self._call("Info", pb.InfoRequest(), timeout))
 
     async def score(
-        self, sequences: Sequence[Any], score_from: int | Sequence[int], *, top_k: int = 64,
-        candidates: Any = None, full: bool = False, temperature: float = 1.0,
-        dtype: str = "float32", timeout: float | None = None,
+        self,
+        sequences: Sequence[Any],
+        score_from: int | Sequence[int],
+        *,
+        top_k: int = 64,
+        candidates: Any = None,
+        full: bool = False,
+        temperature: float = 1.0,
+        dtype: str = "float32",
+        timeout: float | None = None,
     ) -> list[ScoreResult]:
         request = build_score_request(
-            sequences, score_from, top_k=top_k, candidates=candidates, full=full,
-            temperature=temperature, dtype=dtype,
+            sequences,
+            score_from,
+            top_k=top_k,
+            candidates=candidates,
+            full=full,
+            temperature=temperature,
+            dtype=dtype,
         )
         return parse_score_response(await self._call("Score", request, timeout))
 
     async def generate(
-        self, prompts: Sequence[Any], *, max_new_tokens: int = 64, temperature: float = 1.0,
-        top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True, timeout: float | None = None,
+        self,
+        prompts: Sequence[Any],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_at_eos: bool = True,
+        timeout: float | None = None,
     ) -> list[GenerateResult]:
         request = build_generate_request(
-            prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            seed=seed, stop_at_eos=stop_at_eos,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_at_eos=stop_at_eos,
         )
         return parse_generate_response(await self._call("Generate", request, timeout))
 

@@ -35,7 +35,9 @@ def new_generator(options: SamplingOptions, device: torch.device) -> torch.Gener
     return torch.Generator(device=device).manual_seed(options.seed)
 
 
-def chunk_prompts(prompts: list[list[int]], max_new_tokens: int, budget: int) -> list[list[list[int]]]:
+def chunk_prompts(
+    prompts: list[list[int]], max_new_tokens: int, budget: int
+) -> list[list[list[int]]]:
     """Consecutive groups of prompts whose padded batch (rows x widest) fits `budget` tokens."""
     chunks: list[list[list[int]]] = []
     widest = 0
@@ -94,12 +96,17 @@ def sample(
     use_stops = options.stop_at_eos and len(stop_ids) > 0
 
     out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
     )
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens: list[torch.Tensor] = []
     for step in range(options.max_new_tokens):
-        token = next_token(out.logits[:, -1, :vocab_size], options.temperature, options.top_p, generator)
+        token = next_token(
+            out.logits[:, -1, :vocab_size], options.temperature, options.top_p, generator
+        )
         token = token.masked_fill(finished, pad_id)
         new_tokens.append(token)
         if use_stops:

@@ -46,14 +46,21 @@ MAX_IN_FLIGHT_PER_STREAM = 64  # ScoreStream requests being worked on at once, p
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status a failure is reported with (the message names what went wrong)."""
     if isinstance(error, RequestError):
-        code = grpc.StatusCode.RESOURCE_EXHAUSTED if error.too_large else grpc.StatusCode.INVALID_ARGUMENT
+        code = (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+            if error.too_large
+            else grpc.StatusCode.INVALID_ARGUMENT
+        )
         return code, str(error)
     if isinstance(error, BatcherClosed):
         return grpc.StatusCode.UNAVAILABLE, str(error)
     if isinstance(error, torch.OutOfMemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the teacher ran out of memory: {error}"
     log.error("request failed", exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"the teacher failed on this request: {type(error).__name__}: {error}"
+    return (
+        grpc.StatusCode.INTERNAL,
+        f"the teacher failed on this request: {type(error).__name__}: {error}",
+    )
 
 
 def scores_to_proto(scores: SequenceScores) -> pb.SequenceScores:
@@ -67,8 +74,11 @@ def scores_to_proto(scores: SequenceScores) -> pb.SequenceScores:
 
 class TeacherServicer(pb_grpc.TeacherServicer):
     def __init__(
-        self, backend: HFBackend, batcher: DynamicBatcher[ScoreItem, SequenceScores],
-        worker: ModelWorker, config: ServerConfig,
+        self,
+        backend: HFBackend,
+        batcher: DynamicBatcher[ScoreItem, SequenceScores],
+        worker: ModelWorker,
+        config: ServerConfig,
     ) -> None:
         self._backend = backend
         self._batcher = batcher
@@ -121,7 +131,9 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         async def answer(request: pb.ScoreRequest) -> None:
             try:
                 response = await self._score(request)
-                await done.put(pb.ScoreStreamResponse(request_id=request.request_id, response=response))
+                await done.put(
+                    pb.ScoreStreamResponse(request_id=request.request_id, response=response)
+                )
             except Exception as error:
                 code, message = status_for(error)
                 await done.put(
@@ -158,13 +170,16 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             completions = []
             budget = self._config.limits.max_batch_tokens
             for chunk in chunk_prompts(prompts, options.max_new_tokens, budget):
-                completions += await self._worker.run(self._backend.generate, chunk, options, generator)
+                completions += await self._worker.run(
+                    self._backend.generate, chunk, options, generator
+                )
         except Exception as error:
             await context.abort(*status_for(error))
         return pb.GenerateResponse(
             request_id=request.request_id,
             completions=[
-                pb.Completion(token_ids=c.token_ids, finish_reason=c.finish_reason) for c in completions
+                pb.Completion(token_ids=c.token_ids, finish_reason=c.finish_reason)
+                for c in completions
             ],
         )
 
@@ -211,7 +226,11 @@ async def start_server(config: ServerConfig, backend: HFBackend) -> RunningServe
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        [
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     address = _address(config.host, config.port)
@@ -222,7 +241,13 @@ async def start_server(config: ServerConfig, backend: HFBackend) -> RunningServe
         worker.close()
         raise OSError(f"cannot listen on {address}: {error} (is the port in use?)") from None
     await server.start()
-    log.info("teacher service on %s:%d (model %s, %s)", config.host, port, backend.model_id, backend.device)
+    log.info(
+        "teacher service on %s:%d (model %s, %s)",
+        config.host,
+        port,
+        backend.model_id,
+        backend.device,
+    )
     return RunningServer(server, port, batcher, worker, health)
 
 
@@ -251,7 +276,9 @@ class BackgroundServer:
         self._config = config
         self._backend = backend
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="teacher-server", daemon=True
+        )
         self.running: RunningServer | None = None
 
     @property

@@ -106,7 +106,9 @@ def score_options(request: pb.ScoreRequest, model: ModelLimits) -> ScoreOptions:
     except CodecError:
         raise RequestError(f"dtype = {request.dtype}: unknown dtype") from None
     if dtype not in LOGPROB_DTYPES:
-        raise RequestError(f"dtype = {dtype.upper()}: log-probs come as FLOAT32, FLOAT16 or BFLOAT16")
+        raise RequestError(
+            f"dtype = {dtype.upper()}: log-probs come as FLOAT32, FLOAT16 or BFLOAT16"
+        )
     return ScoreOptions(
         top_k=request.top_k,
         full=request.full,
@@ -149,7 +151,9 @@ def parse_score_request(request: pb.ScoreRequest, model: ModelLimits) -> list[Sc
             )
             candidate_cells += rows * candidates.shape[-1]
         scored_rows += rows
-        items.append(ScoreItem(torch.from_numpy(ids), int(sequence.score_from), options, candidates))
+        items.append(
+            ScoreItem(torch.from_numpy(ids), int(sequence.score_from), options, candidates)
+        )
     _check_response_size(scored_rows, candidate_cells, options, model)
     return items
 
@@ -162,9 +166,9 @@ def _check_response_size(
     per_row = itemsize * (1 + options.top_k + model.vocab_size * options.full) + 4 * options.top_k
     size = rows * per_row + candidate_cells * itemsize
     if size > model.limits.max_message_bytes:
+        full = f", full log-probs over {model.vocab_size} tokens" if options.full else ""
         raise RequestError(
-            f"the response would hold about {size} bytes ({rows} scored positions"
-            f"{', full log-probs over ' + str(model.vocab_size) + ' tokens' if options.full else ''}"
+            f"the response would hold about {size} bytes ({rows} scored positions{full}"
             f"), over max_message_bytes = {model.limits.max_message_bytes}; "
             "ask for fewer sequences, a smaller top_k or full = false",
             too_large=True,

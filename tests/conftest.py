@@ -1,0 +1,85 @@
+"""Shared fixtures: one tiny model per session, served in-process on a free loopback port."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from teacher_service.backend import HFBackend
+from teacher_service.client import TeacherClient
+from teacher_service.config import Limits, ServerConfig
+from teacher_service.proto import teacher_pb2_grpc as pb_grpc
+from teacher_service.server import BackgroundServer
+from teacher_service.tiny_model import build_tiny_model
+
+TEXTS = [
+    "Ada has 12 apples.",
+    "Ben finds 3 coins and gives them away to Cleo, so Cleo has 40.",
+    "Dara sells 7 marbles.",
+    "Emil has 815 tickets. Emil loses 9 of them to Fay, so Fay has 824.",
+    "Gus counts 2 shells",
+    "Hana buys 61 stamps and 4 books.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def backend(tiny_model_dir: Path) -> HFBackend:
+    return HFBackend.load(tiny_model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(backend: HFBackend):
+    return backend.tokenizer
+
+
+@pytest.fixture(scope="session")
+def sequences(tokenizer) -> list[list[int]]:
+    """Token ids of TEXTS: mixed lengths, each starting with <bos>."""
+    return [tokenizer(text)["input_ids"] for text in TEXTS]
+
+
+def start_background_server(model_dir: Path, backend: HFBackend, **config) -> BackgroundServer:
+    config.setdefault("limits", Limits())
+    return BackgroundServer(ServerConfig(model=str(model_dir), port=0, **config), backend).start()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir: Path, backend: HFBackend) -> Iterator[BackgroundServer]:
+    running = start_background_server(tiny_model_dir, backend, max_wait_ms=2.0)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server: BackgroundServer) -> Iterator[TeacherClient]:
+    with TeacherClient(server.address, timeout=60) as teacher:
+        yield teacher
+
+
+@pytest.fixture(scope="session")
+def stub(server: BackgroundServer) -> Iterator[pb_grpc.TeacherStub]:
+    """The raw generated stub, for requests the client library would refuse to build."""
+    channel = grpc.insecure_channel(server.address)
+    yield pb_grpc.TeacherStub(channel)
+    channel.close()
+
+
+def reference_logprobs(
+    backend: HFBackend, token_ids: list[int], temperature: float = 1.0
+) -> torch.Tensor:
+    """Independent computation: one unpadded forward of the whole sequence in this process.
+
+    Row i is the distribution over token i + 1 given tokens [0, i], over the real vocabulary.
+    """
+    with torch.inference_mode():
+        logits = backend.model(torch.tensor([token_ids])).logits[0, :, : backend.vocab_size]
+    return torch.log_softmax(logits.double() / temperature, dim=-1).float()

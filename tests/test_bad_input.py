@@ -1,0 +1,237 @@
+"""Bad input gets a status naming the field; the service keeps serving everyone else."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from teacher_service.client import TeacherClient, TeacherServiceError
+from teacher_service.codec import encode_numpy
+from teacher_service.config import Limits
+from teacher_service.proto import teacher_pb2 as pb
+from teacher_service.proto import teacher_pb2_grpc as pb_grpc
+from tests.conftest import reference_logprobs, start_background_server
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+TOO_LARGE = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _request(ids=(1, 5, 9, 20), score_from=1, **fields) -> pb.ScoreRequest:
+    sequence = pb.Sequence(token_ids=list(ids), score_from=score_from)
+    candidates = fields.pop("candidates", None)
+    if candidates is not None:
+        sequence.candidate_ids.CopyFrom(candidates)
+    return pb.ScoreRequest(sequences=[sequence], **fields)
+
+
+def _assert_good_request_succeeds(stub, backend) -> None:
+    ids = [1, 40, 41, 42, 43]
+    response = stub.Score(_request(ids, 2, top_k=3), timeout=30)
+    expected = reference_logprobs(backend, ids)[1:4].numpy()
+    target = np.frombuffer(response.results[0].target_logprobs.data, "<f4")
+    np.testing.assert_allclose(target, expected[np.arange(3), ids[2:]], atol=1e-5)
+
+
+def _bad_score_requests(vocab: int) -> list[tuple[str, pb.ScoreRequest, grpc.StatusCode, str]]:
+    nan, inf = math.nan, math.inf
+    return [
+        ("no sequences", pb.ScoreRequest(top_k=1), INVALID, "sequences"),
+        ("empty sequence", _request(ids=[]), INVALID, "sequences[0].token_ids"),
+        ("score_from 0", _request(score_from=0), INVALID, "sequences[0].score_from"),
+        ("score_from = len", _request(score_from=4), INVALID, "sequences[0].score_from"),
+        ("negative token", _request(ids=[1, -3, 4]), INVALID, "sequences[0].token_ids[1]"),
+        ("token = vocab", _request(ids=[1, 2, vocab]), INVALID, "sequences[0].token_ids[2]"),
+        ("negative top_k", _request(top_k=-1), INVALID, "top_k"),
+        ("top_k > vocab", _request(top_k=vocab + 1), INVALID, "top_k"),
+        (
+            "candidate = vocab",
+            _request(candidates=encode_numpy(np.array([0, vocab]), "int32")),
+            INVALID,
+            "sequences[0].candidate_ids[1]",
+        ),
+        (
+            "negative candidate",
+            _request(candidates=encode_numpy(np.array([[1], [-1], [2]]), "int32")),
+            INVALID,
+            "sequences[0].candidate_ids[1, 0]",
+        ),
+        (
+            "candidate rows",
+            _request(candidates=encode_numpy(np.zeros((2, 2)), "int32")),
+            INVALID,
+            "sequences[0].candidate_ids",
+        ),
+        (
+            "candidate dtype",
+            _request(candidates=encode_numpy(np.zeros(2), "float32")),
+            INVALID,
+            "sequences[0].candidate_ids",
+        ),
+        (
+            "candidate bytes",
+            _request(candidates=pb.Tensor(dtype=pb.INT32, shape=[3], data=b"\0" * 4)),
+            INVALID,
+            "sequences[0].candidate_ids",
+        ),
+        ("temperature 0", _request(temperature=0.0), INVALID, "temperature"),
+        ("temperature < 0", _request(temperature=-1.0), INVALID, "temperature"),
+        ("temperature nan", _request(temperature=nan), INVALID, "temperature"),
+        ("temperature inf", _request(temperature=inf), INVALID, "temperature"),
+        ("unknown dtype", _request(dtype=99), INVALID, "dtype"),
+        ("integer dtype", _request(dtype=pb.INT32), INVALID, "dtype"),
+        ("longer than the model", _request(ids=[1] * 600), INVALID, "max_seq_len"),
+    ]
+
+
+def test_every_bad_score_input_gets_its_status_and_the_next_good_request_works(stub, backend):
+    for name, request, code, field in _bad_score_requests(backend.vocab_size):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Score(request, timeout=30)
+        assert caught.value.code() == code, name
+        assert field in caught.value.details(), (name, caught.value.details())
+        _assert_good_request_succeeds(stub, backend)
+
+
+def test_bad_generate_inputs(stub, backend):
+    prompt = [pb.Prompt(token_ids=[1, 5, 6])]
+    cases = [
+        ("no prompts", pb.GenerateRequest(max_new_tokens=2), "prompts"),
+        ("empty prompt", pb.GenerateRequest(prompts=[pb.Prompt()], max_new_tokens=2), "prompts[0]"),
+        (
+            "token out of range",
+            pb.GenerateRequest(
+                prompts=[pb.Prompt(token_ids=[1, backend.vocab_size])], max_new_tokens=2
+            ),
+            "prompts[0]",
+        ),
+        ("max_new_tokens 0", pb.GenerateRequest(prompts=prompt), "max_new_tokens"),
+        (
+            "temperature < 0",
+            pb.GenerateRequest(prompts=prompt, max_new_tokens=2, temperature=-1),
+            "temperature",
+        ),
+        ("top_p 0", pb.GenerateRequest(prompts=prompt, max_new_tokens=2, top_p=0), "top_p"),
+        ("top_p > 1", pb.GenerateRequest(prompts=prompt, max_new_tokens=2, top_p=1.5), "top_p"),
+        ("past max_seq_len", pb.GenerateRequest(prompts=prompt, max_new_tokens=510), "max_seq_len"),
+    ]
+    for name, request, field in cases:
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Generate(request, timeout=30)
+        assert caught.value.code() == INVALID, name
+        assert field in caught.value.details(), (name, caught.value.details())
+        _assert_good_request_succeeds(stub, backend)
+
+
+def test_bad_requests_do_not_disturb_good_ones_running_beside_them(stub, backend):
+    bad = [request for _, request, _, _ in _bad_score_requests(backend.vocab_size)]
+    failures: list[BaseException] = []
+
+    def good_loop():
+        try:
+            for _ in range(10):
+                _assert_good_request_succeeds(stub, backend)
+        except BaseException as error:  # reported below
+            failures.append(error)
+
+    threads = [threading.Thread(target=good_loop) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for request in bad * 2:
+        with pytest.raises(grpc.RpcError):
+            stub.Score(request, timeout=30)
+    for thread in threads:
+        thread.join()
+    assert not failures
+
+
+@pytest.fixture(scope="module")
+def limited_server(tiny_model_dir, backend):
+    limits = Limits(
+        max_batch_tokens=64,
+        max_tokens_per_request=100,
+        max_sequences_per_request=4,
+        max_message_bytes=16 * 1024,
+    )
+    running = start_background_server(tiny_model_dir, backend, limits=limits)
+    yield running
+    running.stop()
+
+
+def test_requests_over_the_configured_limits_are_resource_exhausted(limited_server, backend):
+    channel = grpc.insecure_channel(limited_server.address)
+    stub = pb_grpc.TeacherStub(channel)
+    seq = lambda n: pb.Sequence(token_ids=[1] * n, score_from=1)  # noqa: E731
+    cases = [
+        (
+            "sequences per request",
+            pb.ScoreRequest(sequences=[seq(3)] * 5),
+            "max_sequences_per_request",
+        ),
+        ("tokens per request", pb.ScoreRequest(sequences=[seq(40)] * 3), "max_tokens_per_request"),
+        ("sequence over one batch", pb.ScoreRequest(sequences=[seq(80)]), "max_batch_tokens"),
+        (
+            "response too large",
+            pb.ScoreRequest(sequences=[seq(30)], full=True),
+            "max_message_bytes",
+        ),
+        (
+            "message too large",
+            pb.ScoreRequest(
+                sequences=[
+                    pb.Sequence(
+                        token_ids=[1] * 10,
+                        score_from=1,
+                        candidate_ids=encode_numpy(np.ones((9, 600)), "int32"),
+                    )
+                ]
+            ),
+            "message",
+        ),
+    ]
+    for name, request, field in cases:
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Score(request, timeout=30)
+        assert caught.value.code() == TOO_LARGE, name
+        assert field in caught.value.details().lower() or field in caught.value.details(), name
+        _assert_good_request_succeeds(stub, backend)
+    channel.close()
+
+
+def test_client_side_errors_name_the_argument(client):
+    with pytest.raises(ValueError, match="dtype"):
+        client.score([[1, 2, 3]], 1, dtype="int8")
+    with pytest.raises(ValueError, match="score_from"):
+        client.score([[1, 2, 3], [1, 2]], [1])
+    with pytest.raises(ValueError, match=r"sequences\[1\]"):
+        client.score([[1, 2, 3], [[1, 2]]], 1)
+    with pytest.raises(TeacherServiceError, match=r"INVALID_ARGUMENT.*score_from") as caught:
+        client.score([[1, 2, 3]], 3)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_caller_that_hits_its_deadline_leaves_nothing_in_the_batcher(tiny_model_dir, backend):
+    # the batcher holds a lone sequence for up to 3 s hoping for company; the caller gives up first
+    running = start_background_server(tiny_model_dir, backend, max_wait_ms=3000.0)
+    try:
+        with TeacherClient(running.address) as teacher:
+            with pytest.raises(TeacherServiceError) as caught:
+                teacher.score([[1, 2, 3, 4]] * 3, 1, timeout=0.3)
+            assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            batcher = running.running.batcher
+            deadline = time.monotonic() + 2.0
+            while batcher.pending and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert batcher.pending == 0
+            assert batcher.stats.cancelled == 3
+            assert batcher.stats.sequences == 0  # never ran
+            # and the service still answers (it waits max_wait_ms for company, then runs)
+            (result,) = teacher.score([[1, 2, 3, 4]], 1, top_k=0, timeout=30)
+            assert result.target_logprobs.shape == (3,)
+            assert batcher.stats.sequences == 1
+    finally:
+        running.stop()

@@ -1,0 +1,126 @@
+"""The command line as users run it: a real `teacher-service serve` process, SIGTERM to stop."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from teacher_service.client import TeacherClient
+from tests.conftest import reference_logprobs
+from tests.test_client import _free_port
+
+
+def test_tiny_model_command_writes_a_model_that_from_pretrained_loads(tmp_path):
+    out = tmp_path / "model"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "teacher_service",
+            "tiny-model",
+            str(out),
+            "--hidden-size",
+            "32",
+            "--num-layers",
+            "1",
+            "--vocab-size",
+            "300",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    assert (out / "model.safetensors").is_file()
+    config = json.loads((out / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert config["model_type"] == "llama" and config["hidden_size"] == 32
+    assert config["vocab_size"] > len(tokenizer) == 300  # padded embedding rows
+    ids = tokenizer("Ada has 3 coins.")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "Ada has 3 coins."
+    assert model(torch.tensor([ids])).logits.shape == (1, len(ids), config["vocab_size"])
+
+
+def test_serve_scores_and_shuts_down_cleanly_on_sigterm(tiny_model_dir, backend, sequences):
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "teacher_service",
+            "serve",
+            "--model",
+            str(tiny_model_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--max-wait-ms",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with TeacherClient(f"127.0.0.1:{port}", timeout=30) as teacher:
+            teacher.wait_until_serving(timeout=120)
+            ids = sequences[0]
+            (result,) = teacher.score([ids], 1, top_k=0)
+            expected = reference_logprobs(backend, ids)[:-1].numpy()  # same weights, in-process
+            np.testing.assert_allclose(
+                result.target_logprobs, expected[np.arange(len(ids) - 1), ids[1:]], atol=1e-5
+            )
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert f"listening on 127.0.0.1:{port}" in output
+    assert "shutting down" in output
+
+
+def test_serve_reports_a_missing_model_directory_clearly(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "teacher_service", "serve", "--model", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "no config.json" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--dtype", "int8", "invalid choice"),
+        ("--max-batch-tokens", "0", "max_batch_tokens must be >= 1"),
+    ],
+)
+def test_serve_rejects_bad_flags(tiny_model_dir, flag, value, message):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "teacher_service",
+            "serve",
+            "--model",
+            str(tiny_model_dir),
+            flag,
+            value,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
