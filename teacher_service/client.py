@@ -271,7 +271,30 @@ def _error(method: str, error: grpc.RpcError) -> TeacherServiceError:
     return TeacherServiceError(method, error.code(), error.details() or "")
 
 
-class TeacherClient:
+class _ClientBase:
+    """What both flavours share: target, default deadline, retry policy, one channel."""
+
+    def __init__(
+        self,
+        target: str,
+        channel_factory: Any,
+        *,
+        timeout: float | None,
+        retry: RetryPolicy,
+        max_message_bytes: int,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry
+        self._channel = channel_factory(target, options=_channel_options(max_message_bytes))
+        self._stub = pb_grpc.TeacherStub(self._channel)
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        """The call's own timeout, else the client's default, as a monotonic deadline."""
+        return _deadline(self.timeout if timeout is None else timeout)
+
+
+class TeacherClient(_ClientBase):
     """Blocking client; thread-safe (one HTTP/2 connection shared by all threads)."""
 
     def __init__(
@@ -282,16 +305,14 @@ class TeacherClient:
         retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.retry = retry
-        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
-        self._stub = pb_grpc.TeacherStub(self._channel)
+        super().__init__(
+            target, grpc.insecure_channel, timeout=timeout, retry=retry,
+            max_message_bytes=max_message_bytes,
+        )  # fmt: skip
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        deadline = _deadline(self.timeout if timeout is None else timeout)
-        attempt = 0
+        deadline, attempt = self._deadline(timeout), 0
         while True:
             try:
                 return getattr(self._stub, method)(request, timeout=_remaining(deadline))
@@ -349,9 +370,7 @@ class TeacherClient:
                         return
                 yield build_score_request(**call, request_id=str(index))
 
-        stream = self._stub.ScoreStream(
-            requests(), timeout=self.timeout if timeout is None else timeout
-        )
+        stream = self._stub.ScoreStream(requests(), timeout=_remaining(self._deadline(timeout)))
         ready: dict[int, pb.ScoreStreamResponse] = {}
         next_index = 0
         try:
@@ -425,9 +444,12 @@ class TeacherClient:
         self.close()
 
 
-class AsyncTeacherClient:
-    """asyncio client: the same calls as TeacherClient, as coroutines. Concurrent calls are
-    multiplexed over one connection, so `asyncio.gather` of many `score` calls pipelines."""
+class AsyncTeacherClient(_ClientBase):
+    """asyncio client: the calls of TeacherClient, as coroutines, with the same keywords.
+
+    Concurrent calls are multiplexed over one connection, so `asyncio.gather` of many
+    `score` calls pipelines them.
+    """
 
     def __init__(
         self,
@@ -437,17 +459,13 @@ class AsyncTeacherClient:
         retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.retry = retry
-        self._channel = grpc.aio.insecure_channel(
-            target, options=_channel_options(max_message_bytes)
-        )
-        self._stub = pb_grpc.TeacherStub(self._channel)
+        super().__init__(
+            target, grpc.aio.insecure_channel, timeout=timeout, retry=retry,
+            max_message_bytes=max_message_bytes,
+        )  # fmt: skip
 
     async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        deadline = _deadline(self.timeout if timeout is None else timeout)
-        attempt = 0
+        deadline, attempt = self._deadline(timeout), 0
         while True:
             try:
                 return await getattr(self._stub, method)(request, timeout=_remaining(deadline))
@@ -466,43 +484,18 @@ class AsyncTeacherClient:
         sequences: Sequence[Any],
         score_from: int | Sequence[int],
         *,
-        top_k: int = 64,
-        candidates: Any = None,
-        full: bool = False,
-        temperature: float = 1.0,
-        dtype: str = "float32",
         timeout: float | None = None,
+        **options: Any,
     ) -> list[ScoreResult]:
-        request = build_score_request(
-            sequences,
-            score_from,
-            top_k=top_k,
-            candidates=candidates,
-            full=full,
-            temperature=temperature,
-            dtype=dtype,
-        )
+        """TeacherClient.score: options top_k, candidates, full, temperature, dtype."""
+        request = build_score_request(sequences, score_from, **options)
         return parse_score_response(await self._call("Score", request, timeout))
 
     async def generate(
-        self,
-        prompts: Sequence[Any],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        stop_at_eos: bool = True,
-        timeout: float | None = None,
+        self, prompts: Sequence[Any], *, timeout: float | None = None, **options: Any
     ) -> list[GenerateResult]:
-        request = build_generate_request(
-            prompts,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop_at_eos=stop_at_eos,
-        )
+        """TeacherClient.generate: options max_new_tokens, temperature, top_p, seed, stop_at_eos."""
+        request = build_generate_request(prompts, **options)
         return parse_generate_response(await self._call("Generate", request, timeout))
 
     async def check_tokenizer(self, tokenizer: Any) -> TeacherInfo:

@@ -37,6 +37,15 @@ def _assert_good_request_succeeds(stub, backend) -> None:
     np.testing.assert_allclose(target, expected[np.arange(3), ids[2:]], atol=1e-5)
 
 
+def _assert_refused_then_good_works(call, request, code, field, stub, backend) -> None:
+    """The call fails with `code` naming `field`, and the next good request succeeds."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call(request, timeout=30)
+    assert caught.value.code() == code, (field, caught.value.details())
+    assert field in caught.value.details(), (field, caught.value.details())
+    _assert_good_request_succeeds(stub, backend)
+
+
 def _bad_score_requests(vocab: int) -> list[tuple[str, pb.ScoreRequest, grpc.StatusCode, str]]:
     nan, inf = math.nan, math.inf
     return [
@@ -89,12 +98,8 @@ def _bad_score_requests(vocab: int) -> list[tuple[str, pb.ScoreRequest, grpc.Sta
 
 
 def test_every_bad_score_input_gets_its_status_and_the_next_good_request_works(stub, backend):
-    for name, request, code, field in _bad_score_requests(backend.vocab_size):
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.Score(request, timeout=30)
-        assert caught.value.code() == code, name
-        assert field in caught.value.details(), (name, caught.value.details())
-        _assert_good_request_succeeds(stub, backend)
+    for _, request, code, field in _bad_score_requests(backend.vocab_size):
+        _assert_refused_then_good_works(stub.Score, request, code, field, stub, backend)
 
 
 def test_bad_generate_inputs(stub, backend):
@@ -119,12 +124,8 @@ def test_bad_generate_inputs(stub, backend):
         ("top_p > 1", pb.GenerateRequest(prompts=prompt, max_new_tokens=2, top_p=1.5), "top_p"),
         ("past max_seq_len", pb.GenerateRequest(prompts=prompt, max_new_tokens=510), "max_seq_len"),
     ]
-    for name, request, field in cases:
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.Generate(request, timeout=30)
-        assert caught.value.code() == INVALID, name
-        assert field in caught.value.details(), (name, caught.value.details())
-        _assert_good_request_succeeds(stub, backend)
+    for _, request, field in cases:
+        _assert_refused_then_good_works(stub.Generate, request, INVALID, field, stub, backend)
 
 
 def test_bad_requests_do_not_disturb_good_ones_running_beside_them(stub, backend):
@@ -193,12 +194,8 @@ def test_requests_over_the_configured_limits_are_resource_exhausted(limited_serv
             "message",
         ),
     ]
-    for name, request, field in cases:
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.Score(request, timeout=30)
-        assert caught.value.code() == TOO_LARGE, name
-        assert field in caught.value.details().lower() or field in caught.value.details(), name
-        _assert_good_request_succeeds(stub, backend)
+    for _, request, field in cases:
+        _assert_refused_then_good_works(stub.Score, request, TOO_LARGE, field, stub, backend)
     channel.close()
 
 

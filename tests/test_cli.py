@@ -88,39 +88,18 @@ def test_serve_scores_and_shuts_down_cleanly_on_sigterm(tiny_model_dir, backend,
     assert "shutting down" in output
 
 
-def test_serve_reports_a_missing_model_directory_clearly(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "teacher_service", "serve", "--model", str(tmp_path / "nope")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert "no config.json" in result.stderr
-
-
 @pytest.mark.parametrize(
-    "flag, value, message",
+    "flags, message",
     [
-        ("--dtype", "int8", "invalid choice"),
-        ("--max-batch-tokens", "0", "max_batch_tokens must be >= 1"),
+        (["--model", "{missing}"], "no config.json"),
+        (["--model", "{model}", "--dtype", "int8"], "invalid choice"),
+        (["--model", "{model}", "--max-batch-tokens", "0"], "max_batch_tokens must be >= 1"),
     ],
 )
-def test_serve_rejects_bad_flags(tiny_model_dir, flag, value, message):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "teacher_service",
-            "serve",
-            "--model",
-            str(tiny_model_dir),
-            flag,
-            value,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_serve_refuses_bad_flags_with_a_clear_message(tiny_model_dir, tmp_path, flags, message):
+    paths = {"missing": tmp_path / "nope", "model": tiny_model_dir}
+    command = [sys.executable, "-m", "teacher_service", "serve"]
+    command += [flag.format(**paths) for flag in flags]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert message in result.stderr

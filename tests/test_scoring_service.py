@@ -153,13 +153,16 @@ def test_async_client_concurrent_calls(server, client, sequences):
         async with AsyncTeacherClient(server.address) as teacher:
             info = await teacher.info()
             results = await asyncio.gather(*(teacher.score([s], 1, top_k=3) for s in sequences))
-            return info, [r[0] for r in results]
+            completions = await teacher.generate(sequences[:2], max_new_tokens=4, seed=3)
+            return info, [r[0] for r in results], completions
 
-    info, results = asyncio.run(main())
-    assert info.vocab_size == client.info().vocab_size
+    info, results, completions = asyncio.run(main())
+    assert info == client.info()
     expected = client.score(sequences, 1, top_k=3)
     for a, b in zip(results, expected):
         np.testing.assert_allclose(a.target_logprobs, b.target_logprobs, atol=ATOL, rtol=0)
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+    assert completions == client.generate(sequences[:2], max_new_tokens=4, seed=3)
 
 
 def test_score_stream_pipelines_and_keeps_order(client, sequences):
