@@ -274,28 +274,7 @@ def _error(method: str, error: grpc.RpcError) -> TeacherServiceError:
 class _ClientBase:
     """What both flavours share: target, default deadline, retry policy, one channel."""
 
-    def __init__(
-        self,
-        target: str,
-        channel_factory: Any,
-        *,
-        timeout: float | None,
-        retry: RetryPolicy,
-        max_message_bytes: int,
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.retry = retry
-        self._channel = channel_factory(target, options=_channel_options(max_message_bytes))
-        self._stub = pb_grpc.TeacherStub(self._channel)
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        """The call's own timeout, else the client's default, as a monotonic deadline."""
-        return _deadline(self.timeout if timeout is None else timeout)
-
-
-class TeacherClient(_ClientBase):
-    """Blocking client; thread-safe (one HTTP/2 connection shared by all threads)."""
+    _channel_factory: Any  # grpc.insecure_channel or grpc.aio.insecure_channel
 
     def __init__(
         self,
@@ -305,11 +284,23 @@ class TeacherClient(_ClientBase):
         retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
-        super().__init__(
-            target, grpc.insecure_channel, timeout=timeout, retry=retry,
-            max_message_bytes=max_message_bytes,
-        )  # fmt: skip
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry
+        channel_factory = type(self)._channel_factory
+        self._channel = channel_factory(target, options=_channel_options(max_message_bytes))
+        self._stub = pb_grpc.TeacherStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        """The call's own timeout, else the client's default, as a monotonic deadline."""
+        return _deadline(self.timeout if timeout is None else timeout)
+
+
+class TeacherClient(_ClientBase):
+    """Blocking client; thread-safe (one HTTP/2 connection shared by all threads)."""
+
+    _channel_factory = grpc.insecure_channel
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         deadline, attempt = self._deadline(timeout), 0
@@ -451,18 +442,7 @@ class AsyncTeacherClient(_ClientBase):
     `score` calls pipelines them.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        retry: RetryPolicy = RetryPolicy(),
-        max_message_bytes: int = MAX_MESSAGE_BYTES,
-    ) -> None:
-        super().__init__(
-            target, grpc.aio.insecure_channel, timeout=timeout, retry=retry,
-            max_message_bytes=max_message_bytes,
-        )  # fmt: skip
+    _channel_factory = grpc.aio.insecure_channel
 
     async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         deadline, attempt = self._deadline(timeout), 0
