@@ -2,31 +2,33 @@
 
 Run it from the repository root (`make bench` does):
 
-    .venv/bin/python bench/bench_service.py            # ~3-5 minutes on 2 CPU cores
-    .venv/bin/python bench/bench_service.py --quick    # ~1 minute, smaller shapes
+    .venv/bin/python bench/bench_service.py            # ~2-3 minutes on 2 CPU cores
+    .venv/bin/python bench/bench_service.py --quick    # under a minute, smaller shapes
     .venv/bin/python bench/bench_service.py --model DIR --device cuda --json out.json
 
 It checks the three performance targets of DESIGN.md ("Performance targets"):
 
 1. Throughput. Tokens scored per second through the service, against an in-process
    forward of the same model on the same batch (`model(input_ids).logits` under
-   torch.inference_mode). The service is what a trainer pays for; the forward is the
-   physical limit, so their ratio is the overhead of everything else (validation,
-   batching, the scoring math, encoding, gRPC, decoding). Target: >= 0.85. A second
-   in-process baseline adds the scoring math (log_softmax + top-k, exactly
-   teacher_service.scoring.score_rows per row, as the backend calls it), so the table
-   shows how much of the gap is math and how much is the service.
-2. Batching. 8 client threads sending small requests (1 sequence of ~32 tokens) one
-   after another, against one client sending the same requests alone. The dynamic
-   batcher should merge concurrent requests into shared forwards. Target: >= 3x.
-3. Wire. Serialized ScoreResponse bytes per scored token at top_k = 64 in float16.
-   The floor is 2 + 64 * (4 + 2) = 386 bytes (target, top-k ids, top-k log-probs).
+   torch.inference_mode). The forward is the physical limit, so the ratio is the cost of
+   everything else: validation, batching, the scoring math, encoding, gRPC, decoding.
+   Target: >= 0.85. A second in-process baseline adds the scoring math (log_softmax and
+   top-k: teacher_service.scoring.score_rows per sequence, as the backend calls it), so
+   the table shows how much of the gap is math and how much is the service.
+2. Batching. 8 client threads each sending small requests (1 sequence of 32 tokens) one
+   after another, against one client sending the same requests alone. The dynamic batcher
+   should merge concurrent requests into shared forwards. Target: >= 3x. For reference,
+   the table also shows what batching buys inside the model: the backend's score_batch on
+   the same sequences 8 at a time against 1 at a time, in process (no service at all).
+3. Wire. Serialized ScoreResponse bytes per scored token at top_k = 64 in float16. The
+   floor is 2 + 64 * (4 + 2) = 386 bytes (target, top-k ids, top-k log-probs).
    Target: <= 420.
 
-The server runs as a separate process, exactly as a user starts it
-(`python -m teacher_service serve ...`). These machines are noisy, so the throughput
-and batching measurements alternate between baseline and service for several rounds
-and the table reports medians (each round's values are printed too).
+The server runs as a separate process, started exactly as a user starts it
+(`python -m teacher_service serve ...`); the in-process baselines run in this process
+while the server is idle. These machines are noisy, so throughput and batching alternate
+baseline and service measurements for several rounds and the table reports medians (with
+each round's values and the spread, so a noisy run can be recognized and rerun).
 """
 
 from __future__ import annotations
@@ -45,12 +47,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import grpc
 import torch
+from transformers.utils import logging as hf_logging
 
-from teacher_service.backend import HFBackend
+from teacher_service.backend import HFBackend, ScoreItem
 from teacher_service.client import TeacherClient, TeacherServiceError, build_score_request
 from teacher_service.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.scoring import ScoreOptions, score_rows
@@ -58,8 +62,9 @@ from teacher_service.tiny_model import TinyModelSpec, build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 THROUGHPUT_TARGET = 0.85  # service tokens/s over in-process forward tokens/s
-BATCHING_TARGET = 3.0  # 8 concurrent clients over one unbatched client, sequences/s
+BATCHING_TARGET = 3.0  # concurrent clients over one client, sequences/s
 WIRE_TARGET = 420.0  # bytes per scored token at top_k = 64, float16
+NOISY_SPREAD = 0.5  # (max - min) / median over rounds above which the run is flagged
 
 # --- the benchmark model ---------------------------------------------------------------------
 
@@ -78,11 +83,11 @@ def bench_spec(args: argparse.Namespace) -> TinyModelSpec:
 
 
 def ensure_bench_model(spec: TinyModelSpec) -> Path:
-    """The cached benchmark model, built on first use.
+    """The cached benchmark model under .cache/, built on first use.
 
     build_tiny_model's BPE runs out of merges on its small synthetic corpus (about 1.4k
-    tokens), so a larger vocab_size is reached by adding plain tokens to the tokenizer and
-    rows to the embeddings; the cost of the lm_head and the scoring math grows with it.
+    tokens whatever vocab_size asks for), so the vocabulary is topped up with plain added
+    tokens and the embeddings resized: the lm_head and the scoring math grow with it.
     """
     name = f"bench-model-v{spec.vocab_size}-h{spec.hidden_size}-l{spec.num_layers}"
     out = ROOT / ".cache" / name
@@ -118,19 +123,20 @@ def free_port() -> int:
 
 @dataclass
 class ServerProcess:
+    """`python -m teacher_service serve ...` as a child process, its output in a log file."""
+
     command: list[str]
+    address: str
     log_path: Path
     process: subprocess.Popen | None = None
 
     def start(self, env: dict[str, str], timeout: float = 180.0) -> None:
-        log = self.log_path.open("w")
-        self.process = subprocess.Popen(
-            self.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        address = "127.0.0.1:" + self.command[self.command.index("--port") + 1]
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                self.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + timeout
-        with TeacherClient(address) as client:
+        with TeacherClient(self.address) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     code = self.process.returncode
@@ -143,6 +149,7 @@ class ServerProcess:
         raise TimeoutError(f"the server did not report SERVING in {timeout}s:\n{self.tail()}")
 
     def stop(self) -> None:
+        """SIGTERM (a graceful shutdown), then SIGKILL if it does not exit in time."""
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGTERM)
@@ -156,7 +163,8 @@ class ServerProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-# --- measurements ----------------------------------------------------------------------------
+# --- what is timed ---------------------------------------------------------------------------
+# Each function returns a closure that does one measurement's work; main() times them.
 
 
 def sync(device: torch.device) -> None:
@@ -164,32 +172,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-@dataclass
-class Measurement:
-    name: str
-    unit: str
-    rounds: list[float]  # one value per round (a single one for the wire size)
-    baseline: str | None = None  # the name of the measurement the ratio is taken against
-    target: float | None = None
-    higher_is_better: bool = True
-    ratio: float | None = None
-    passed: bool | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def value(self) -> float:
-        return statistics.median(self.rounds)
-
-
-def in_process_forward(
-    backend: HFBackend, input_ids: torch.Tensor, reps: int
-) -> Callable[[], None]:
+def in_process_forward(backend: HFBackend, input_ids: torch.Tensor, reps: int) -> Callable:
     """`model(input_ids).logits`, reps times: the physical limit."""
 
     @torch.inference_mode()
@@ -203,7 +186,7 @@ def in_process_forward(
 
 def in_process_scoring(
     backend: HFBackend, input_ids: torch.Tensor, targets: torch.Tensor, top_k: int, reps: int
-) -> Callable[[], None]:
+) -> Callable:
     """The forward plus the backend's scoring math (score_rows per sequence), reps times."""
     options = ScoreOptions(top_k=top_k, dtype=torch.float16)
 
@@ -218,11 +201,26 @@ def in_process_scoring(
     return run
 
 
+def in_process_batches(
+    backend: HFBackend, sequences: list[list[int]], batch_size: int, top_k: int
+) -> Callable:
+    """The backend's score_batch (what the server's model worker runs) over the sequences,
+    batch_size at a time: what batching buys inside the model, with no service around it."""
+    options = ScoreOptions(top_k=top_k, dtype=torch.float16)
+    items = [ScoreItem(torch.tensor(s), 1, options) for s in sequences]
+
+    def run() -> None:
+        for start in range(0, len(items), batch_size):
+            backend.score_batch(items[start : start + batch_size])
+
+    return run
+
+
 def through_service(
     client: TeacherClient, sequences: list[list[int]], top_k: int, reps: int, window: int
-) -> Callable[[], None]:
-    """The same batch, reps times, pipelined over one ScoreStream (`window` in flight), so
-    that one batch's encoding, transfer and decoding overlap the next one's forward."""
+) -> Callable:
+    """The same batch, reps times, pipelined over one ScoreStream (`window` requests in
+    flight), so one batch's encoding, transfer and decoding overlap the next one's forward."""
     call = {"sequences": sequences, "score_from": 1, "top_k": top_k, "dtype": "float16"}
 
     def run() -> None:
@@ -234,15 +232,20 @@ def through_service(
 
 def small_requests(
     clients: list[TeacherClient], sequences: list[list[int]], top_k: int
-) -> Callable[[], None]:
+) -> Callable:
     """Each client, on a thread of its own, scores its share of the sequences one request
     (of one sequence) after another."""
 
-    def send(client: TeacherClient, share: list[list[int]]) -> None:
-        for sequence in share:
-            client.score([sequence], 1, top_k=top_k, dtype="float16")
-
     def run() -> None:
+        errors: list[BaseException] = []
+
+        def send(client: TeacherClient, share: list[list[int]]) -> None:
+            try:
+                for sequence in share:
+                    client.score([sequence], 1, top_k=top_k, dtype="float16")
+            except BaseException as error:
+                errors.append(error)
+
         shares = [sequences[n :: len(clients)] for n in range(len(clients))]
         threads = [
             threading.Thread(target=send, args=pair) for pair in zip(clients, shares, strict=True)
@@ -251,14 +254,14 @@ def small_requests(
             thread.start()
         for thread in threads:
             thread.join()
+        if errors:
+            raise errors[0]
 
     return run
 
 
 def wire_bytes_per_token(address: str, sequences: list[list[int]], top_k: int) -> float:
     """Serialized ScoreResponse size over scored tokens (score_from = 1: all but the first)."""
-    import grpc
-
     request = build_score_request(sequences, 1, top_k=top_k, dtype="float16")
     options = [("grpc.max_receive_message_length", 1 << 30)]
     with grpc.insecure_channel(address, options=options) as channel:
@@ -267,90 +270,108 @@ def wire_bytes_per_token(address: str, sequences: list[list[int]], top_k: int) -
     return len(response.SerializeToString()) / scored
 
 
-# --- the run ---------------------------------------------------------------------------------
+# --- results ---------------------------------------------------------------------------------
 
 
-def random_sequences(count: int, length: int, vocab_size: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (count, length), generator=generator)
+@dataclass
+class Measurement:
+    name: str
+    unit: str
+    rounds: list[float]  # one value per round (a single one for the wire size)
+    baseline: str | None = None  # the measurement the ratio is taken against
+    target: float | None = None  # on the ratio when there is a baseline, else on the value
+    higher_is_better: bool = True
+    ratio: float | None = None
+    passed: bool | None = None
+
+    @property
+    def value(self) -> float:
+        return statistics.median(self.rounds)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median over the rounds: how noisy this measurement was."""
+        return (max(self.rounds) - min(self.rounds)) / self.value
 
 
-def judge(m: Measurement, by_name: dict[str, Measurement]) -> None:
-    if m.baseline is not None:
-        m.ratio = m.value / by_name[m.baseline].value
-    if m.target is not None:
-        score = m.value if m.ratio is None else m.ratio
-        m.passed = score >= m.target if m.higher_is_better else score <= m.target
+def judge(measurements: list[Measurement]) -> None:
+    by_name = {m.name: m for m in measurements}
+    for m in measurements:
+        if m.baseline is not None:
+            m.ratio = m.value / by_name[m.baseline].value
+        if m.target is not None:
+            score = m.value if m.ratio is None else m.ratio
+            m.passed = score >= m.target if m.higher_is_better else score <= m.target
 
 
 def print_table(measurements: list[Measurement]) -> None:
-    header = f"{'measurement':<44} {'median':>12} {'unit':<7} {'ratio':>6} {'target':>8}  result"
+    header = (
+        f"{'measurement':<50} {'median':>10} {'unit':<6} {'spread':>6} "
+        f"{'ratio':>6} {'target':>7}  result"
+    )
     print(header)
     print("-" * len(header))
     for m in measurements:
+        spread = f"{m.spread:.0%}" if len(m.rounds) > 1 else ""
         ratio = "" if m.ratio is None else f"{m.ratio:.2f}"
-        target = ""
-        if m.target is not None:
-            target = f"{'>=' if m.higher_is_better else '<='} {m.target:g}"
+        target = "" if m.target is None else f"{'>=' if m.higher_is_better else '<='} {m.target:g}"
         result = "" if m.passed is None else ("PASS" if m.passed else "FAIL")
-        print(f"{m.name:<44} {m.value:>12,.1f} {m.unit:<7} {ratio:>6} {target:>8}  {result}")
+        print(
+            f"{m.name:<50} {m.value:>10,.1f} {m.unit:<6} {spread:>6} {ratio:>6} {target:>7}"
+            f"  {result}"
+        )
+
+
+# --- main ------------------------------------------------------------------------------------
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer rounds")
-    parser.add_argument("--model", help="a local HF causal-LM directory (default: built, cached)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (both sides)")
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "float16", "bfloat16"],
-        help="the model's weights (both sides)",
-    )
-    parser.add_argument("--batch-size", type=int, help="throughput: sequences per batch (16)")
-    parser.add_argument("--seq-len", type=int, help="throughput: tokens per sequence (256)")
-    parser.add_argument("--reps", type=int, help="throughput: batches per measurement (4)")
-    parser.add_argument("--rounds", type=int, help="baseline/service alternations (3)")
-    parser.add_argument("--window", type=int, default=2, help="ScoreStream requests in flight")
-    parser.add_argument("--clients", type=int, default=8, help="batching: concurrent clients")
-    parser.add_argument("--small-len", type=int, default=32, help="batching: tokens per request")
-    parser.add_argument(
-        "--small-requests", type=int, help="batching: requests per client per round (32)"
-    )
-    parser.add_argument("--top-k", type=int, default=64)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's batcher wait")
-    parser.add_argument(
+    arg = parser.add_argument
+    arg("--quick", action="store_true", help="smaller shapes, fewer rounds (about a minute)")
+    arg("--model", help="a local HF causal-LM directory (default: the built benchmark model)")
+    arg("--device", default="auto", help="auto, cpu, cuda or cuda:N (server and baseline)")
+    arg("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights")
+    arg("--batch-size", type=int, help="throughput: sequences per batch (16; quick 8)")
+    arg("--seq-len", type=int, help="throughput: tokens per sequence (256; quick 128)")
+    arg("--reps", type=int, help="throughput: batches per measurement (4; quick 3)")
+    arg("--rounds", type=int, help="baseline/service alternations (5; quick 2)")
+    arg("--window", type=int, default=2, help="throughput: ScoreStream requests in flight")
+    arg("--clients", type=int, default=8, help="batching: concurrent clients")
+    arg("--small-len", type=int, default=32, help="batching: tokens per request")
+    arg("--small-requests", type=int, help="batching: requests per client per round (32; quick 12)")
+    arg("--top-k", type=int, default=64)
+    arg("--max-wait-ms", type=float, default=5.0, help="the server's --max-wait-ms")
+    arg(
         "--max-batch-tokens",
         type=int,
-        help="the server's budget (default: batch-size x (seq-len - 1), so its "
-        "forwards have the baseline's shape)",
+        help="the server's --max-batch-tokens (default: batch-size x (seq-len - 1), so that each "
+        "of its throughput forwards has the in-process baseline's shape)",
     )
-    parser.add_argument(
-        "--threads", type=int, help="torch threads, both sides (default: torch's default)"
-    )
-    parser.add_argument("--vocab-size", type=int, default=4000, help="built model: vocabulary")
-    parser.add_argument("--hidden-size", type=int, default=384, help="built model: hidden size")
-    parser.add_argument("--layers", type=int, default=6, help="built model: layers")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    arg("--threads", type=int, help="torch threads, both processes (default: torch's default)")
+    arg("--vocab-size", type=int, default=4000, help="built model: vocabulary size")
+    arg("--hidden-size", type=int, default=384, help="built model: hidden size")
+    arg("--layers", type=int, default=6, help="built model: decoder layers")
+    arg("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
-    quick = args.quick
-    defaults = {
+    defaults = {  # name: (default, --quick)
         "batch_size": (16, 8),
         "seq_len": (256, 128),
         "reps": (4, 3),
-        "rounds": (3, 2),
+        "rounds": (5, 2),
         "small_requests": (32, 12),
     }
-    for name, (full, small) in defaults.items():
+    for name, (full, quick) in defaults.items():
         if getattr(args, name) is None:
-            setattr(args, name, small if quick else full)
+            setattr(args, name, quick if args.quick else full)
     return args
 
 
 def main() -> None:
     args = parse_args()
+    hf_logging.disable_progress_bar()  # keep the report readable
     default_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -358,44 +379,41 @@ def main() -> None:
     backend = HFBackend.load(model_dir, device=args.device, dtype=args.dtype)
     device, vocab = backend.device, backend.vocab_size
     params = sum(p.numel() for p in backend.model.parameters())
-    batch = random_sequences(args.batch_size, args.seq_len, vocab, seed=0)
+
+    # throughput: one batch; score_from = 1, so every forward position is a scored token
+    batch = torch.randint(
+        0, vocab, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0)
+    )
     input_ids, targets = batch[:, :-1].to(device), batch[:, 1:].to(device)
     sequences = batch.tolist()
-    total_small = args.clients * args.small_requests
-    small = random_sequences(total_small, args.small_len, vocab, seed=1).tolist()
-    max_batch_tokens = args.max_batch_tokens or args.batch_size * (args.seq_len - 1)
+    scored_per_measurement = args.reps * input_ids.numel()
+    # batching: clients x small_requests single-sequence requests, the same ones for both
+    n_small = args.clients * args.small_requests
+    small = torch.randint(
+        0, vocab, (n_small, args.small_len), generator=torch.Generator().manual_seed(1)
+    ).tolist()
 
     port = free_port()
     address = f"127.0.0.1:{port}"
-    server_cmd = [
-        sys.executable,
-        "-m",
-        "teacher_service",
-        "serve",
-        "--model",
-        str(model_dir),
-        "--port",
-        str(port),
-        "--device",
-        args.device,
-        "--dtype",
-        args.dtype,
-        "--max-wait-ms",
-        f"{args.max_wait_ms:g}",
-        "--max-batch-tokens",
-        str(max_batch_tokens),
-    ]
+    max_batch_tokens = args.max_batch_tokens or args.batch_size * (args.seq_len - 1)
+    server_cmd = [sys.executable, "-m", "teacher_service", "serve", "--model", str(model_dir)]
+    server_cmd += ["--port", str(port), "--device", args.device, "--dtype", args.dtype]
+    server_cmd += ["--max-wait-ms", f"{args.max_wait_ms:g}"]
+    server_cmd += ["--max-batch-tokens", str(max_batch_tokens)]
     env = dict(os.environ)
     if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    server_threads = args.threads or f"torch default ({default_threads})"
+        env["OMP_NUM_THREADS"] = str(args.threads)  # torch's default follows it
     log_path = Path(tempfile.gettempdir()) / f"bench-teacher-server-{port}.log"
-    server = ServerProcess(server_cmd, log_path)
+    server = ServerProcess(server_cmd, address, log_path)
 
-    print(f"command:       {shlex.join([sys.executable, *sys.argv])}")
+    command = shlex.join([sys.executable, *sys.argv])
+    server_threads = (
+        f"OMP_NUM_THREADS={args.threads}" if args.threads else f"torch default ({default_threads})"
+    )
+    print(f"command:       {command}")
     print(
-        f"python/torch:  {platform.python_version()} / torch {torch.__version__} on {device}, "
-        f"{os.cpu_count()} CPUs"
+        f"platform:      python {platform.python_version()}, torch {torch.__version__}, "
+        f"device {device}, {os.cpu_count()} CPUs"
     )
     print(f"torch threads: {torch.get_num_threads()} in this process; server: {server_threads}")
     print(
@@ -403,14 +421,16 @@ def main() -> None:
         f"{backend.model_dtype})"
     )
     print(
-        f"throughput:    {args.batch_size} x {args.seq_len} tokens (score_from 1: "
-        f"{input_ids.numel()} scored per batch), {args.reps} batches x {args.rounds} rounds, "
-        f"ScoreStream window {args.window}, top_k {args.top_k}, float16"
+        f"throughput:    batch {args.batch_size} x {args.seq_len} tokens "
+        f"({input_ids.numel()} scored), "
+        f"{args.reps} batches per measurement, ScoreStream window {args.window}, "
+        f"top_k {args.top_k}, float16"
     )
     print(
         f"batching:      {args.clients} clients x {args.small_requests} requests of 1 x "
-        f"{args.small_len} tokens vs 1 client sending them all, {args.rounds} rounds"
+        f"{args.small_len} tokens, vs 1 client sending all {n_small}"
     )
+    print(f"rounds:        {args.rounds}, alternating baseline and service; medians reported")
     print(f"server:        {shlex.join(server_cmd)}")
     print(f"server log:    {log_path}")
     print(flush=True)
@@ -419,94 +439,122 @@ def main() -> None:
         server.start(env)
         client = TeacherClient(address, timeout=600)
         clients = [TeacherClient(address, timeout=600) for _ in range(args.clients)]
-        forward = in_process_forward(backend, input_ids, args.reps)
-        scoring = in_process_scoring(backend, input_ids, targets, args.top_k, args.reps)
-        service = through_service(client, sequences, args.top_k, args.reps, args.window)
-        one = small_requests(clients[:1], small, args.top_k)
-        many = small_requests(clients, small, args.top_k)
-
+        timed = {  # name -> closure; every round runs them all, in this order
+            "forward": in_process_forward(backend, input_ids, args.reps),
+            "service": through_service(client, sequences, args.top_k, args.reps, args.window),
+            "forward+score": in_process_scoring(backend, input_ids, targets, args.top_k, args.reps),
+            "1 client": small_requests(clients[:1], small, args.top_k),
+            f"{args.clients} clients": small_requests(clients, small, args.top_k),
+            "in-process 1": in_process_batches(backend, small, 1, args.top_k),
+            f"in-process {args.clients}": in_process_batches(
+                backend, small, args.clients, args.top_k
+            ),
+        }
+        done = dict.fromkeys(["forward", "service", "forward+score"], scored_per_measurement)
         # warm up both sides: first forwards allocate, first calls connect
         in_process_forward(backend, input_ids, 1)()
         through_service(client, sequences, args.top_k, 1, 1)()
-        small_requests(clients, small[: args.clients * 2], args.top_k)()
+        small_requests(clients, small[: 2 * args.clients], args.top_k)()
 
-        scored = args.reps * input_ids.numel()
-        runs: dict[str, list[float]] = {k: [] for k in ("fwd", "score", "svc", "one", "many")}
+        runs: dict[str, list[float]] = {name: [] for name in timed}
         for r in range(args.rounds):
-            runs["fwd"].append(scored / timed(forward))
-            runs["svc"].append(scored / timed(service))
-            runs["score"].append(scored / timed(scoring))
-            runs["one"].append(total_small / timed(one))
-            runs["many"].append(total_small / timed(many))
+            for name, fn in timed.items():
+                start = time.perf_counter()
+                fn()
+                runs[name].append(done.get(name, n_small) / (time.perf_counter() - start))
             print(
                 f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in runs.items()),
                 flush=True,
             )
-        wire_big = wire_bytes_per_token(address, sequences, args.top_k)
+        wire_batch = wire_bytes_per_token(address, sequences, args.top_k)
         wire_small = wire_bytes_per_token(address, small[:1], args.top_k)
     finally:
         server.stop()
 
-    svc_name = f"throughput: service (ScoreStream, window {args.window})"
+    c = args.clients
+    shape = f"{args.batch_size} x {args.seq_len}"
     measurements = [
-        Measurement("throughput: in-process forward", "tok/s", runs["fwd"]),
+        Measurement(f"throughput: in-process forward, {shape}", "tok/s", runs["forward"]),
         Measurement(
             "throughput: in-process forward + score_rows",
             "tok/s",
-            runs["score"],
-            baseline="throughput: in-process forward",
+            runs["forward+score"],
+            baseline=f"throughput: in-process forward, {shape}",
         ),
         Measurement(
-            svc_name,
+            f"throughput: service, ScoreStream window {args.window}",
             "tok/s",
-            runs["svc"],
-            baseline="throughput: in-process forward",
+            runs["service"],
+            baseline=f"throughput: in-process forward, {shape}",
             target=THROUGHPUT_TARGET,
         ),
-        Measurement("batching: 1 client, sequential", "seq/s", runs["one"]),
+        Measurement("batching: service, 1 client", "seq/s", runs["1 client"]),
         Measurement(
-            f"batching: {args.clients} clients, concurrent",
+            f"batching: service, {c} concurrent clients",
             "seq/s",
-            runs["many"],
-            baseline="batching: 1 client, sequential",
+            runs[f"{c} clients"],
+            baseline="batching: service, 1 client",
             target=BATCHING_TARGET,
         ),
+        Measurement("batching (ref): in-process score_batch of 1", "seq/s", runs["in-process 1"]),
         Measurement(
-            f"wire: bytes/token, {args.batch_size} x {args.seq_len}",
+            f"batching (ref): in-process score_batch of {c}",
+            "seq/s",
+            runs[f"in-process {c}"],
+            baseline="batching (ref): in-process score_batch of 1",
+        ),
+        Measurement(
+            f"wire: ScoreResponse bytes/token, {shape}",
             "B",
-            [wire_big],
+            [wire_batch],
             target=WIRE_TARGET,
             higher_is_better=False,
         ),
         Measurement(
-            f"wire: bytes/token, 1 x {args.small_len}",
+            f"wire: ScoreResponse bytes/token, 1 x {args.small_len}",
             "B",
             [wire_small],
             target=WIRE_TARGET,
             higher_is_better=False,
         ),
     ]
-    by_name = {m.name: m for m in measurements}
-    for m in measurements:
-        judge(m, by_name)
+    judge(measurements)
+    service_overhead = statistics.median(runs["service"]) / statistics.median(runs["forward+score"])
     print()
     print_table(measurements)
+    print(
+        f"\nservice / in-process forward + score_rows: {service_overhead:.2f} (what the service "
+        "itself costs; the rest of the throughput gap is the scoring math)"
+    )
     failed = [m.name for m in measurements if m.passed is False]
-    print(f"\n{'all targets met' if not failed else 'FAILED: ' + '; '.join(failed)}")
+    print("\nall targets met" if not failed else "\nFAILED: " + "; ".join(failed))
+    noisy = [m.name for m in measurements if len(m.rounds) > 1 and m.spread > NOISY_SPREAD]
+    if noisy:
+        print(
+            f"warning: rounds differ by more than {NOISY_SPREAD:.0%} (a noisy machine?): "
+            + "; ".join(noisy)
+            + ". Rerun, or raise --rounds."
+        )
 
     if args.json:
         report = {
-            "command": shlex.join([sys.executable, *sys.argv]),
+            "command": command,
             "server_command": shlex.join(server_cmd),
+            "python": platform.python_version(),
             "torch": torch.__version__,
             "device": str(device),
+            "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "server_threads": args.threads or default_threads,
             "model": str(model_dir),
             "params": params,
             "vocab_size": vocab,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "measurements": [asdict(m) | {"value": m.value} for m in measurements],
+            "measurements": [
+                asdict(m) | {"value": m.value, "spread": m.spread} for m in measurements
+            ],
+            "service_over_forward_and_score": service_overhead,
+            "all_passed": not failed,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

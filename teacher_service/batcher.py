@@ -1,17 +1,24 @@
 """Dynamic batching: sequences from many requests and clients merged into forward passes.
 
-A sequence waits at most `max_wait_ms` for company, and a batch holds at most
-`max_batch_tokens` padded tokens (rows x longest). Batches are formed around the oldest
-waiting sequence (so nothing starves) from the sequences closest to it in length (so
-little padding is computed). The forward runs on the model worker thread, never on the
-event loop. A request whose caller goes away (cancel, deadline) takes its queued
-sequences out of the queue with it.
+When to run: as soon as the queue fills the token budget, or holds a request from every
+caller seen recently (the peak number of requests in flight over the last second), or
+its oldest sequence has waited `max_wait_ms`. So a lone client never waits for company
+that is not coming, and 8 clients are gathered into one forward instead of being split
+by the jitter of their arrivals.
+
+What to run: at most `max_batch_tokens` padded tokens (rows x longest), formed around the
+oldest waiting sequence (so nothing starves) from the sequences closest to it in length
+(so little padding is computed). The forward runs on the model worker thread, never on
+the event loop. A request whose caller goes away (cancel, deadline) takes its queued
+sequences out of the queue with it, and is skipped if its batch has not started yet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +27,7 @@ from typing import Any, Generic, TypeVar
 log = logging.getLogger(__name__)
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+PEAK_WINDOW_SECONDS = 1.0  # how long a burst of concurrent callers is remembered
 
 
 class ModelWorker:
@@ -49,6 +57,7 @@ class _Pending(Generic[Item]):
     item: Item
     length: int
     enqueued_at: float
+    caller: int  # which submit() call it came from
     future: asyncio.Future = field(repr=False)
 
 
@@ -72,6 +81,9 @@ class DynamicBatcher(Generic[Item, Result]):
         self._budget = max_batch_tokens
         self._max_wait = max_wait_ms / 1000.0
         self._queue: list[_Pending[Item]] = []
+        self._callers = itertools.count()
+        self._in_flight = 0  # submit() calls not yet answered
+        self._recent_in_flight: deque[tuple[float, int]] = deque()  # (time, in flight) samples
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.stats = BatcherStats()
@@ -96,10 +108,12 @@ class DynamicBatcher(Generic[Item, Result]):
     async def submit(self, items: Sequence[Item]) -> list[Result]:
         """Queue items; return their results in order. Raises what running an item raised."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now, caller = loop.time(), next(self._callers)
         futures = [loop.create_future() for _ in items]
         for item, future in zip(items, futures):
-            self._queue.append(_Pending(item, self._length(item), now, future))
+            self._queue.append(_Pending(item, self._length(item), now, caller, future))
+        self._in_flight += 1
+        self._recent_in_flight.append((now, self._in_flight))
         self._arrived.set()
         try:
             return list(await asyncio.gather(*futures))
@@ -108,6 +122,23 @@ class DynamicBatcher(Generic[Item, Result]):
                 future.cancel()
             self._drop_cancelled()
             raise
+        finally:
+            self._in_flight -= 1
+
+    def _expected_callers(self, now: float) -> int:
+        """The most requests that were in flight at once during the last PEAK_WINDOW_SECONDS."""
+        recent = self._recent_in_flight
+        while len(recent) > 1 and now - recent[0][0] > PEAK_WINDOW_SECONDS:
+            recent.popleft()
+        return max(count for _, count in recent)
+
+    def _ready(self, now: float) -> bool:
+        """Run now: the oldest waited enough, the budget is full, or every recent caller is in."""
+        if now - self._queue[0].enqueued_at >= self._max_wait:
+            return True
+        if sum(p.length for p in self._queue) >= self._budget:
+            return True
+        return len({p.caller for p in self._queue}) >= self._expected_callers(now)
 
     def _drop_cancelled(self) -> None:
         kept = [p for p in self._queue if not p.future.done()]
@@ -122,21 +153,22 @@ class DynamicBatcher(Generic[Item, Result]):
             self._drop_cancelled()
             if not self._queue:
                 continue
-            deadline = self._queue[0].enqueued_at + self._max_wait
-            while sum(p.length for p in self._queue) < self._budget:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
+            while not self._ready(loop.time()):
+                remaining = self._queue[0].enqueued_at + self._max_wait - loop.time()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), remaining)
                 except TimeoutError:
                     break
                 self._arrived.clear()
+                self._drop_cancelled()
+                if not self._queue:
+                    break
             self._drop_cancelled()
             if not self._queue:
                 continue
             batch = self._take_batch()
-            outcomes = await self._worker.run(self._run_isolated, [p.item for p in batch])
+            outcomes = await self._worker.run(self._run_live, batch)
+            self._count([p for p, outcome in zip(batch, outcomes) if outcome is not None])
             for pending, outcome in zip(batch, outcomes):
                 if pending.future.done():
                     continue
@@ -161,11 +193,23 @@ class DynamicBatcher(Generic[Item, Result]):
                 longest = wider
         taken = {id(p) for p in batch}
         self._queue = [p for p in self._queue if id(p) not in taken]
-        self.stats.batches += 1
-        self.stats.sequences += len(batch)
-        self.stats.real_tokens += sum(p.length for p in batch)
-        self.stats.padded_tokens += longest * len(batch)
         return batch
+
+    def _count(self, ran: list[_Pending[Item]]) -> None:
+        if ran:
+            self.stats.batches += 1
+            self.stats.sequences += len(ran)
+            self.stats.real_tokens += sum(p.length for p in ran)
+            self.stats.padded_tokens += max(p.length for p in ran) * len(ran)
+
+    def _run_live(self, batch: list[_Pending[Item]]) -> list[Result | BaseException | None]:
+        """On the worker: run the batch's items whose callers are still waiting (None: skipped)."""
+        live = [n for n, p in enumerate(batch) if not p.future.done()]
+        outcomes: list[Result | BaseException | None] = [None] * len(batch)
+        if live:
+            for n, outcome in zip(live, self._run_isolated([batch[n].item for n in live])):
+                outcomes[n] = outcome
+        return outcomes
 
     def _run_isolated(self, items: list[Item]) -> list[Result | BaseException]:
         """Run a batch; if it fails, split it so only the failing sequence gets the error."""

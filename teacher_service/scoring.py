@@ -48,17 +48,20 @@ def score_rows(
     logits = logits[:, :vocab_size].float()
     if options.temperature != 1.0:
         logits = logits / options.temperature
-    logprobs = torch.log_softmax(logits, dim=-1)
-    target = logprobs.gather(1, targets.long().unsqueeze(1)).squeeze(1)
+    # log p = logits - logsumexp(logits): the [T, V] log-probs are only built when asked for;
+    # top-k of the logits is top-k of the log-probs (same row, same order)
+    normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
+    target = logits.gather(1, targets.long().unsqueeze(1)).sub_(normalizer).squeeze(1)
     topk_ids = topk_logprobs = candidate = None
     if options.top_k > 0:
-        topk_logprobs, topk_ids = logprobs.topk(options.top_k, dim=-1)
+        topk_logprobs, topk_ids = logits.topk(options.top_k, dim=-1)
+        topk_logprobs = topk_logprobs.sub_(normalizer)
         topk_ids = topk_ids.to(torch.int32)
     if candidate_ids is not None:
         ids = candidate_ids.long()
         if ids.dim() == 1:
-            ids = ids.unsqueeze(0).expand(logprobs.shape[0], -1)
-        candidate = logprobs.gather(1, ids)
+            ids = ids.unsqueeze(0).expand(logits.shape[0], -1)
+        candidate = logits.gather(1, ids).sub_(normalizer)
 
     def out(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(options.dtype).cpu()
@@ -68,5 +71,5 @@ def score_rows(
         topk_ids=None if topk_ids is None else topk_ids.cpu(),
         topk_logprobs=out(topk_logprobs),
         candidate_logprobs=out(candidate),
-        full_logprobs=out(logprobs) if options.full else None,
+        full_logprobs=out(logits - normalizer) if options.full else None,
     )

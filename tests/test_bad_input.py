@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -211,24 +212,80 @@ def test_client_side_errors_name_the_argument(client):
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+class GatedBackend:
+    """The real backend, except that a batch holding token 99 waits for the test's gate."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def score_batch(self, items):
+        if any(99 in item.token_ids.tolist() for item in items):
+            self.entered.set()
+            self.gate.wait(timeout=30)
+        return self._backend.score_batch(items)
+
+
 def test_a_caller_that_hits_its_deadline_leaves_nothing_in_the_batcher(tiny_model_dir, backend):
-    # the batcher holds a lone sequence for up to 3 s hoping for company; the caller gives up first
-    running = start_background_server(tiny_model_dir, backend, max_wait_ms=3000.0)
+    gated = GatedBackend(backend)
+    running = start_background_server(tiny_model_dir, gated)
+    batcher = running.running.batcher
     try:
-        with TeacherClient(running.address) as teacher:
+        with TeacherClient(running.address) as teacher, ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(teacher.score, [[1, 99, 3]], 1)  # holds the model worker
+            assert gated.entered.wait(timeout=30)
             with pytest.raises(TeacherServiceError) as caught:
-                teacher.score([[1, 2, 3, 4]] * 3, 1, timeout=0.3)
+                teacher.score([[1, 2, 3, 4]] * 3, 1, timeout=0.3)  # queued behind it
             assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            batcher = running.running.batcher
             deadline = time.monotonic() + 2.0
             while batcher.pending and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert batcher.pending == 0
-            assert batcher.stats.cancelled == 3
-            assert batcher.stats.sequences == 0  # never ran
-            # and the service still answers (it waits max_wait_ms for company, then runs)
+            assert batcher.pending == 0 and batcher.stats.cancelled == 3
+            gated.gate.set()
+            assert busy.result(timeout=30)[0].target_logprobs.shape == (2,)
+            # the abandoned sequences never ran, and the service still answers
             (result,) = teacher.score([[1, 2, 3, 4]], 1, top_k=0, timeout=30)
             assert result.target_logprobs.shape == (3,)
-            assert batcher.stats.sequences == 1
+            assert batcher.stats.sequences == 2
     finally:
+        gated.gate.set()
         running.stop()
+
+
+def test_a_bad_request_in_a_stream_gets_an_error_and_the_stream_goes_on(stub, backend):
+    good = lambda: _request([1, 40, 41, 42, 43], 2, top_k=3)  # noqa: E731
+    requests = [good(), _request(score_from=0), good(), _request(temperature=-1.0), good()]
+    for n, request in enumerate(requests):
+        request.request_id = str(n)
+    answers = {a.request_id: a for a in stub.ScoreStream(iter(requests), timeout=30)}
+    assert sorted(answers) == ["0", "1", "2", "3", "4"]
+    for n in ("1", "3"):
+        assert answers[n].WhichOneof("outcome") == "error"
+        assert answers[n].error.code == INVALID.value[0]
+    assert "score_from" in answers["1"].error.message
+    assert "temperature" in answers["3"].error.message
+    expected = reference_logprobs(backend, [1, 40, 41, 42, 43])[1:4].numpy()
+    for n in ("0", "2", "4"):
+        target = answers[n].response.results[0].target_logprobs
+        np.testing.assert_allclose(
+            np.frombuffer(target.data, "<f4"), expected[np.arange(3), [41, 42, 43]], atol=1e-5
+        )
+
+
+def test_generate_splits_a_large_request_into_batches_that_fit(limited_server, sequences):
+    # 64 max_batch_tokens: 3 prompts x (8 + 16 tokens) cannot share one batch
+    prompts = [s[:8] for s in sequences if len(s) >= 8][:3]
+    assert len(prompts) == 3
+    greedy = dict(max_new_tokens=16, temperature=0.0, stop_at_eos=False)
+    with TeacherClient(limited_server.address) as teacher:
+        together = teacher.generate(prompts, **greedy)
+        for prompt, completion in zip(prompts, together):
+            (alone,) = teacher.generate([prompt], **greedy)
+            assert completion.token_ids == alone.token_ids
+        with pytest.raises(TeacherServiceError) as caught:
+            teacher.generate([sequences[0][:8]], max_new_tokens=60)
+        assert caught.value.code == TOO_LARGE and "max_batch_tokens" in caught.value.details

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 
 import pytest
 
 from teacher_service.batcher import DynamicBatcher, ModelWorker
+
+SLOW = 100  # an item that holds the worker until the test opens the gate
 
 
 class RecordingModel:
@@ -15,9 +18,12 @@ class RecordingModel:
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
+        self.gate = threading.Event()
 
     def __call__(self, items: list[int]) -> list[int]:
         self.batches.append(list(items))
+        if SLOW in items:
+            self.gate.wait(timeout=30)
         if any(item < 0 for item in items):
             raise RuntimeError("negative item")
         return [2 * item for item in items]
@@ -31,7 +37,7 @@ def _run(coroutine_fn, *, budget=64, wait_ms=20.0):
         )
         batcher.start()
         try:
-            return model, batcher, await coroutine_fn(batcher)
+            return model, batcher, await coroutine_fn(batcher, model, worker)
         finally:
             await batcher.close()
             worker.close()
@@ -43,7 +49,7 @@ def test_concurrent_requests_are_merged_within_the_budget_and_routed_back():
     rng = random.Random(0)
     requests = [[rng.randint(1, 30) for _ in range(rng.randint(1, 4))] for _ in range(20)]
 
-    async def submit_all(batcher):
+    async def submit_all(batcher, *_):
         return await asyncio.gather(*(batcher.submit(r) for r in requests))
 
     model, batcher, results = _run(submit_all)
@@ -55,7 +61,7 @@ def test_concurrent_requests_are_merged_within_the_budget_and_routed_back():
 
 
 def test_batches_group_similar_lengths_around_the_oldest():
-    async def submit(batcher):
+    async def submit(batcher, *_):
         return await asyncio.gather(batcher.submit([10]), batcher.submit([30, 11, 29, 9, 31]))
 
     model, _, _ = _run(submit, budget=96)
@@ -65,7 +71,7 @@ def test_batches_group_similar_lengths_around_the_oldest():
 
 
 def test_a_failing_sequence_fails_alone():
-    async def submit(batcher):
+    async def submit(batcher, *_):
         return await asyncio.gather(
             batcher.submit([1, 2]),
             batcher.submit([-3]),
@@ -79,30 +85,78 @@ def test_a_failing_sequence_fails_alone():
     assert [-3] in model.batches  # isolated by splitting the failing batch
 
 
+async def _until(condition, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
 def test_cancelled_requests_leave_the_queue():
-    async def submit(batcher):
-        task = asyncio.create_task(batcher.submit([5, 6, 7]))
-        await asyncio.sleep(0.05)  # queued: the batcher waits up to 1 s for company
-        assert batcher.pending == 3
-        task.cancel()
+    async def submit(batcher, model, _):
+        slow = asyncio.create_task(batcher.submit([SLOW]))  # holds the worker
+        await _until(lambda: model.batches == [[SLOW]])
+        waiting = asyncio.create_task(batcher.submit([5, 6, 7]))
+        await _until(lambda: batcher.pending == 3)
+        waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await task
+            await waiting
         assert batcher.pending == 0
+        model.gate.set()
+        return await slow, await batcher.submit([1])
+
+    model, batcher, result = _run(submit)
+    assert result == ([2 * SLOW], [2])
+    assert model.batches == [[SLOW], [1]]  # 5, 6, 7 never ran
+    assert batcher.stats.cancelled == 3 and batcher.stats.sequences == 2
+
+
+def test_a_batch_whose_caller_left_before_it_started_is_skipped():
+    async def submit(batcher, model, worker):
+        blocker = asyncio.create_task(worker.run(model.gate.wait, 30))  # e.g. a Generate call
+        waiting = asyncio.create_task(batcher.submit([5]))
+        await asyncio.sleep(0.05)  # the batch is formed and sits behind the blocker
+        assert batcher.pending == 0
+        waiting.cancel()
+        model.gate.set()
+        await blocker
         return await batcher.submit([1])
 
-    model, batcher, result = _run(submit, wait_ms=1000.0, budget=10**6)
+    model, batcher, result = _run(submit)
     assert result == [2]
     assert model.batches == [[1]]
-    assert batcher.stats.cancelled == 3
+    assert batcher.stats.sequences == 1
 
 
-def test_a_full_budget_does_not_wait_for_the_deadline():
-    async def submit(batcher):
+def test_a_lone_caller_does_not_wait_for_company():
+    async def submit(batcher, *_):
         loop = asyncio.get_running_loop()
-        start = loop.time()
-        result = await batcher.submit([32, 32])  # fills the 64-token budget at once
-        return result, loop.time() - start
+        started = loop.time()
+        for n in range(5):
+            assert await batcher.submit([n + 1]) == [2 * (n + 1)]
+        return loop.time() - started
 
-    _, _, (result, elapsed) = _run(submit, wait_ms=5000.0)
-    assert result == [64, 64]
-    assert elapsed < 4.0  # far below the 5 s wait bound
+    _, _, elapsed = _run(submit, wait_ms=5000.0)
+    assert elapsed < 5.0  # five requests, far less than one 5 s wait bound
+
+
+def test_concurrent_callers_are_gathered_into_one_batch():
+    """8 callers resubmitting at jittered times: batches hold all 8, not what arrived first."""
+
+    async def caller(batcher, seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(12):
+            await asyncio.sleep(rng.uniform(0, 0.004))
+            await batcher.submit([8])
+
+    async def submit(batcher, *_):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.gather(*(caller(batcher, n) for n in range(8)))
+        return loop.time() - started
+
+    model, _, elapsed = _run(submit, wait_ms=500.0, budget=10**6)
+    sizes = [len(b) for b in model.batches]
+    assert sum(sizes) == 96
+    assert sizes.count(8) >= 8, sizes  # once the 8 callers are known, each batch waits for all
+    assert elapsed < 3.0  # and no longer: 12 rounds x the 0.5 s wait bound would take 6 s
