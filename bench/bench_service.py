@@ -343,7 +343,7 @@ def parse_args() -> argparse.Namespace:
     arg("--small-len", type=int, default=32, help="batching: tokens per request")
     arg("--small-requests", type=int, help="batching: requests per client per round (32; quick 12)")
     arg("--top-k", type=int, default=64)
-    arg("--max-wait-ms", type=float, default=5.0, help="the server's --max-wait-ms")
+    arg("--max-wait-ms", type=float, help="the server's --max-wait-ms (default: the server's)")
     arg(
         "--max-batch-tokens",
         type=int,
@@ -398,7 +398,8 @@ def main() -> None:
     max_batch_tokens = args.max_batch_tokens or args.batch_size * (args.seq_len - 1)
     server_cmd = [sys.executable, "-m", "teacher_service", "serve", "--model", str(model_dir)]
     server_cmd += ["--port", str(port), "--device", args.device, "--dtype", args.dtype]
-    server_cmd += ["--max-wait-ms", f"{args.max_wait_ms:g}"]
+    if args.max_wait_ms is not None:
+        server_cmd += ["--max-wait-ms", f"{args.max_wait_ms:g}"]
     server_cmd += ["--max-batch-tokens", str(max_batch_tokens)]
     env = dict(os.environ)
     if args.threads:

@@ -29,7 +29,7 @@ class ServerConfig:
     port: int = 50051  # 0 picks a free port
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "float32"  # the model's weights: float32, float16, bfloat16
-    max_wait_ms: float = 5.0  # how long the oldest queued sequence may wait for company
+    max_wait_ms: float = 20.0  # the longest the oldest queued sequence waits for company
     limits: Limits = Limits()
     grace_seconds: float = 5.0  # in-flight requests finish on shutdown for this long
 
