@@ -520,12 +520,18 @@ def main() -> None:
         ),
     ]
     judge(measurements)
-    service_overhead = statistics.median(runs["service"]) / statistics.median(runs["forward+score"])
+    median = {name: statistics.median(values) for name, values in runs.items()}
+    service_overhead = median["service"] / median["forward+score"]
+    batching_recovered = median[f"{c} clients"] / median[f"in-process {c}"]
     print()
     print_table(measurements)
     print(
         f"\nservice / in-process forward + score_rows: {service_overhead:.2f} (what the service "
         "itself costs; the rest of the throughput gap is the scoring math)"
+    )
+    print(
+        f"service, {c} clients / in-process score_batch of {c}: {batching_recovered:.2f} (how much "
+        "of the model's own batching gain the batcher recovers across clients)"
     )
     failed = [m.name for m in measurements if m.passed is False]
     print("\nall targets met" if not failed else "\nFAILED: " + "; ".join(failed))
@@ -555,6 +561,7 @@ def main() -> None:
                 asdict(m) | {"value": m.value, "spread": m.spread} for m in measurements
             ],
             "service_over_forward_and_score": service_overhead,
+            "clients_over_in_process_batch": batching_recovered,
             "all_passed": not failed,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
