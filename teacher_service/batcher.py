@@ -16,6 +16,7 @@ sequences out of the queue with it, and is skipped if its batch has not started 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections import deque
@@ -151,19 +152,12 @@ class DynamicBatcher(Generic[Item, Result]):
             await self._arrived.wait()
             self._arrived.clear()
             self._drop_cancelled()
-            if not self._queue:
-                continue
-            while not self._ready(loop.time()):
+            while self._queue and not self._ready(loop.time()):
                 remaining = self._queue[0].enqueued_at + self._max_wait - loop.time()
-                try:
+                with contextlib.suppress(TimeoutError):  # then the oldest has waited enough
                     await asyncio.wait_for(self._arrived.wait(), remaining)
-                except TimeoutError:
-                    break
                 self._arrived.clear()
                 self._drop_cancelled()
-                if not self._queue:
-                    break
-            self._drop_cancelled()
             if not self._queue:
                 continue
             batch = self._take_batch()

@@ -8,6 +8,7 @@ and nothing else. Each call owns a torch.Generator, so a seed reproduces a call 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,12 @@ class SamplingOptions:
 class Completion:
     token_ids: list[int]  # new tokens only; ends with the eos when it stopped there
     finish_reason: str  # "eos" or "length"
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The KV cache's name in forward() and its output: `cache` from transformers 5.24 on,
+    `past_key_values` before (still accepted there, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def new_generator(options: SamplingOptions, device: torch.device) -> torch.Generator | None:
@@ -95,6 +102,7 @@ def sample(
     stop_ids = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     use_stops = options.stop_at_eos and len(stop_ids) > 0
 
+    cache = cache_argument(model)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -119,8 +127,8 @@ def sample(
             input_ids=token.unsqueeze(1),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=out.past_key_values,
             use_cache=True,
+            **{cache: out[cache]},
         )
     generated = torch.stack(new_tokens, dim=1).tolist()
     completions = []

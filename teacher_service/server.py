@@ -146,13 +146,15 @@ class TeacherServicer(pb_grpc.TeacherServicer):
                 slots.release()
 
         async def read_all() -> None:
-            async for request in request_iterator:
-                await slots.acquire()
-                task = asyncio.create_task(answer(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            await asyncio.gather(*list(tasks))
-            await done.put(None)
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                await asyncio.gather(*list(tasks))
+            finally:
+                done.put_nowait(None)  # ends the response loop even if reading failed
 
         reader = asyncio.create_task(read_all())
         try:
