@@ -229,18 +229,11 @@ def compare_tokenizer(info: TeacherInfo, tokenizer: Any) -> None:
     )
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-    ]
-
-
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with full jitter, on UNAVAILABLE only, within the call's deadline."""
 
-    max_retries: int = 5
+    max_retries: int = 10
     initial_backoff: float = 0.1
     max_backoff: float = 5.0
 
@@ -257,6 +250,19 @@ class RetryPolicy:
         if deadline is not None and time.monotonic() + delay >= deadline:
             return None
         return delay
+
+
+def _channel_options(max_message_bytes: int, retry: RetryPolicy) -> list[tuple[str, Any]]:
+    """Message limits, and reconnection paced like the retries: gRPC's own reconnect
+    backoff (1 s growing to 120 s) would otherwise fail every retry fast with UNAVAILABLE
+    for minutes after a teacher restart."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.initial_reconnect_backoff_ms", int(retry.initial_backoff * 1000)),
+        ("grpc.min_reconnect_backoff_ms", int(retry.initial_backoff * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(retry.max_backoff * 1000)),
+    ]
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -288,7 +294,7 @@ class _ClientBase:
         self.timeout = timeout
         self.retry = retry
         channel_factory = type(self)._channel_factory
-        self._channel = channel_factory(target, options=_channel_options(max_message_bytes))
+        self._channel = channel_factory(target, options=_channel_options(max_message_bytes, retry))
         self._stub = pb_grpc.TeacherStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
