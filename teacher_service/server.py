@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -282,6 +283,7 @@ class BackgroundServer:
             target=self._loop.run_forever, name="teacher-server", daemon=True
         )
         self.running: RunningServer | None = None
+        self.started_at: float | None = None  # time.monotonic() when it began serving
 
     @property
     def address(self) -> str:
@@ -295,6 +297,7 @@ class BackgroundServer:
     def start(self) -> BackgroundServer:
         self._thread.start()
         self.running = self.call(start_server(self._config, self._backend))
+        self.started_at = time.monotonic()
         return self
 
     def stop(self) -> None:

@@ -101,3 +101,29 @@ def test_retry_policy_only_retries_unavailable():
     assert policy.next_delay(Error(grpc.StatusCode.INVALID_ARGUMENT), 0, None) is None
     assert 0 <= policy.next_delay(Error(grpc.StatusCode.UNAVAILABLE), 1, None) <= 0.15
     assert policy.next_delay(Error(grpc.StatusCode.UNAVAILABLE), 2, None) is None
+
+
+def test_a_client_recovers_soon_after_its_teacher_restarts(tiny_model_dir, backend, sequences):
+    port = _free_port()
+    config = ServerConfig(model=str(tiny_model_dir), port=port)
+    retry = RetryPolicy(max_retries=1000, initial_backoff=0.05, max_backoff=0.2)
+    with TeacherClient(f"127.0.0.1:{port}", retry=retry, timeout=30) as teacher:
+        first = BackgroundServer(config, backend).start()
+        (before,) = teacher.score(sequences[:1], 1, top_k=2)
+        first.stop()
+        with pytest.raises(TeacherServiceError):
+            teacher.info(timeout=0.5)  # down: the channel has seen its connection fail
+        restarted = BackgroundServer(config, backend)
+        threading.Timer(3.0, restarted.start).start()
+        try:
+            (after,) = teacher.score(sequences[:1], 1, top_k=2)
+            up_at = time.monotonic()
+            assert restarted.running is not None
+        finally:
+            while restarted.running is None:
+                time.sleep(0.05)
+            restarted.stop()
+    assert (after.topk_ids == before.topk_ids).all()
+    # reconnection is paced like the retries (<= 0.2 s apart); gRPC's default backoff
+    # (1 s, 1.6 s, 2.6 s, ...) would find the restarted server about 2 s late
+    assert up_at - restarted.started_at < 1.0
