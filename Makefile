@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: venv
-	$(PY) -m teacher_service.demo
+	$(PY) -m student_trainer.demo
 
 test: venv
 	$(PY) -m pytest -q

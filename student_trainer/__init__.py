@@ -1,5 +1,11 @@
-"""The student trainer (on-policy GKD against the teacher service).
+"""The student trainer: on-policy distillation (GKD) against the teacher service.
 
-Not built yet: it is the next part of the project (losses, rollouts, training loop).
-This package exists so that the distribution's layout is fixed from the start.
+losses.py     divergences as pure tensor functions (generalized JSD, sparse support + tail,
+              sampled-token reverse KL, token-level reduction)
+rollouts.py   student sampling and the prompt / eos masking of training sequences
+tasks.py      built-in tasks (datasets, metrics, rewards); data.py encodes and streams them
+objective.py  teacher signal + student logits -> per-token losses
+train.py      the loop (Algorithm 1): mixing, overlap with the teacher, checkpoints, metrics
+evaluate.py   task metric and divergence to the teacher on held-out prompts
+config.py     dataclass configs from YAML + --set; cli.py the `student-trainer` command
 """

@@ -70,7 +70,7 @@ class HFBackend:
         self.bos_token_id = _id_or_minus_one(tokenizer.bos_token_id)
         self.eos_token_id = _id_or_minus_one(tokenizer.eos_token_id)
         self.pad_token_id = _id_or_minus_one(tokenizer.pad_token_id)
-        self.eos_ids = frozenset(_eos_ids(model, tokenizer))
+        self.eos_ids = frozenset(eos_token_ids(model, tokenizer))
         self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
 
     @classmethod
@@ -140,7 +140,7 @@ def _id_or_minus_one(token_id: int | None) -> int:
     return -1 if token_id is None else int(token_id)
 
 
-def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     """The tokenizer's eos plus any eos ids in the model's generation config."""
     ids = set() if tokenizer.eos_token_id is None else {int(tokenizer.eos_token_id)}
     generation_config = getattr(model, "generation_config", None)

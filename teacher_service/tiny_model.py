@@ -17,9 +17,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
-_NAMES = ("Ada", "Ben", "Cleo", "Dara", "Emil", "Fay", "Gus", "Hana", "Ivo", "Juno")
-_ITEMS = ("apple", "book", "coin", "marble", "pencil", "stamp", "ticket", "shell")
-_VERBS = ("buys", "finds", "gives away", "sells", "loses", "counts")
+NAMES = ("Ada", "Ben", "Cleo", "Dara", "Emil", "Fay", "Gus", "Hana", "Ivo", "Juno")
+ITEMS = ("apple", "book", "coin", "marble", "pencil", "stamp", "ticket", "shell")
+VERBS = ("buys", "finds", "gives away", "sells", "loses", "counts")
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,8 @@ def synthetic_corpus(num_sentences: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     lines = []
     for _ in range(num_sentences):
-        a, b = rng.sample(_NAMES, 2)
-        item, verb = rng.choice(_ITEMS), rng.choice(_VERBS)
+        a, b = rng.sample(NAMES, 2)
+        item, verb = rng.choice(ITEMS), rng.choice(VERBS)
         n, m = rng.randint(1, 999), rng.randint(1, 99)
         lines.append(f"{a} has {n} {item}s. {a} {verb} {m} of them to {b}, so {b} has {n + m}.")
     return lines
@@ -68,11 +68,19 @@ def train_tokenizer(vocab_size: int, seed: int) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
-    """Write tokenizer + model (safetensors) to out_dir and return it."""
+def build_tiny_model(
+    out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec(), tokenizer_from: Path | None = None
+) -> Path:
+    """Write tokenizer + model (safetensors) to out_dir and return it.
+
+    `tokenizer_from` (a model directory) reuses that model's tokenizer, as a student must.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(spec.vocab_size, spec.seed)
+    if tokenizer_from is None:
+        tokenizer = train_tokenizer(spec.vocab_size, spec.seed)
+    else:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_from, local_files_only=True)
     padded_vocab = (len(tokenizer) // 64 + 1) * 64  # always at least one padded row
     config = LlamaConfig(
         vocab_size=padded_vocab,

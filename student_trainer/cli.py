@@ -1,0 +1,89 @@
+"""`student-trainer`: train a student against the teacher service, or evaluate one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from student_trainer.config import ConfigError, load_config
+
+
+def _config(args: argparse.Namespace):
+    return load_config(args.config, args.set or [])
+
+
+def _train(args: argparse.Namespace) -> None:
+    from student_trainer.train import train
+
+    result = train(_config(args), resume=args.resume)
+    print(f"trained to step {result.steps}; metrics in {result.out_dir / 'metrics.jsonl'}")
+    if result.evaluations:
+        print(json.dumps(result.evaluations[-1]))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from student_trainer.train import Trainer
+
+    trainer = Trainer(_config(args), resume=args.checkpoint)
+    try:
+        print(
+            json.dumps({"step": trainer.step, "split": args.split, **trainer.evaluate(args.split)})
+        )
+    finally:
+        trainer.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="student-trainer", description=__doc__)
+    parser.add_argument(
+        "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument(
+            "--config",
+            help="YAML file (sections: student, teacher, task, "
+            "method, rollout, optim, run); defaults for anything not given",
+        )
+        sub.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override one key, e.g. --set method.beta=0.9 (repeatable)",
+        )
+        return sub
+
+    train = with_config("train", "train a student (GKD, SFT, SeqKD, RL + GKD)")
+    train.add_argument(
+        "--resume",
+        metavar="auto|CHECKPOINT",
+        help="continue from a checkpoint dir, or 'auto': the latest in run.out_dir",
+    )
+    train.set_defaults(run=_train)
+    evaluate = with_config("eval", "evaluate the student: task metric and divergence to teacher")
+    evaluate.add_argument("--checkpoint", help="a checkpoint dir (default: student.model)")
+    evaluate.add_argument("--split", default="validation", choices=["validation", "test"])
+    evaluate.set_defaults(run=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    try:
+        args.run(args)
+    except ConfigError as error:
+        print(f"student-trainer: config error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except FileNotFoundError as error:
+        print(f"student-trainer: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,248 @@
+"""Training configuration: dataclasses, loaded from YAML plus `--set section.key=value`.
+
+Every key has a default, so a config file only names what it changes. Unknown keys and
+bad values are refused with a ConfigError that names the key (`method.beta`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("sft", "seqkd", "gkd")
+SUPPORTS = ("topk", "full", "sampled")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message starts with the offending key."""
+
+
+@dataclass
+class StudentConfig:
+    model: str = ".cache/tiny-student"  # a local directory (from_pretrained)
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto
+    dtype: str = "float32"  # weights are trained in this dtype
+
+
+@dataclass
+class TeacherConfig:
+    address: str = "127.0.0.1:50051"  # the teacher service (host:port)
+    in_process: str = ""  # a model directory: run the teacher in this process instead
+    timeout_s: float = 300.0  # per call, retries included
+    dtype: str = "float32"  # wire dtype of the teacher's log-probs
+
+
+@dataclass
+class TaskConfig:
+    name: str = "addition"
+    train_size: int = 2000
+    validation_size: int = 64
+    test_size: int = 64
+    seed: int = 0  # the dataset's own seed (splits), independent of run.seed
+
+
+@dataclass
+class MethodConfig:
+    """What the student learns from (GKD paper, Algorithm 1; DESIGN.md "Losses")."""
+
+    name: str = "gkd"  # sft | seqkd | gkd
+    lmbda: float = 1.0  # gkd: probability that a step trains on student samples
+    beta: float = 0.5  # 0 forward KL, 1 reverse KL, between: generalized JSD
+    support: str = "topk"  # topk (+ tail bucket) | full | sampled (token estimator)
+    top_k: int = 64  # teacher top-k per position for support=topk
+    student_candidates: int = 0  # also score the student's own top-m ids (union support)
+    temperature: float = 1.0  # distillation temperature (teacher and student)
+    alpha: float = 1.0  # RL + GKD: loss weight of the divergence; 1 = pure GKD
+    reward: str = "exact_match"  # reward function for alpha < 1
+    samples_per_prompt: int = 1  # group size for the reward's group-mean baseline
+    seqkd_temperature: float = 0.0  # teacher sampling temperature for seqkd (0 greedy)
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 100  # optimizer steps
+    batch_size: int = 8  # prompts per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | linear | constant, after the linear warmup
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    eval_every: int = 50  # steps; 0 = only at the start and the end
+    eval_size: int = 32  # validation prompts per evaluation
+    save_every: int = 50  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.method.name != "sft"
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Check a YAML value against the field's type (ints are accepted for floats)."""
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads 3e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+
+
+def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(target))
+    known = {f.name for f in dataclasses.fields(target)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in known:
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(known))})")
+        current = getattr(target, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of {sorted(current.__dict__)}")
+            _apply(current, value, f"{key}.")
+        else:
+            kind = hints[name]
+            if isinstance(kind, types.UnionType):  # pragma: no cover - no optional fields yet
+                kind = typing.get_args(kind)[0]
+            setattr(target, name, _coerce(key, value, kind))
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    """`method.beta=0.9` -> {"method": {"beta": 0.9}} (the value is parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. method.beta=0.5")
+    nested: dict[str, Any] = {}
+    node = nested
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults, then the YAML file, then each `--set` in order; validated."""
+    config = TrainConfig()
+    if path is not None:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        _apply(config, values)
+    for item in overrides:
+        _apply(config, _parse_override(item))
+    validate(config)
+    return config
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(config: TrainConfig) -> None:
+    """Refuse values that would train something other than what was asked."""
+    from student_trainer.tasks import REWARDS, TASKS
+
+    m, o, r = config.method, config.optim, config.rollout
+    _require(m.name in METHODS, "method.name", f"{m.name!r} is not one of {METHODS}")
+    _require(m.support in SUPPORTS, "method.support", f"{m.support!r} is not one of {SUPPORTS}")
+    _require(0.0 <= m.lmbda <= 1.0, "method.lmbda", f"{m.lmbda} is outside [0, 1]")
+    _require(0.0 <= m.beta <= 1.0, "method.beta", f"{m.beta} is outside [0, 1]")
+    _require(0.0 <= m.alpha <= 1.0, "method.alpha", f"{m.alpha} is outside [0, 1]")
+    _require(m.temperature > 0, "method.temperature", f"{m.temperature} must be > 0")
+    _require(m.seqkd_temperature >= 0, "method.seqkd_temperature", "must be >= 0")
+    _require(m.top_k >= 1, "method.top_k", f"{m.top_k} must be >= 1")
+    _require(m.student_candidates >= 0, "method.student_candidates", "must be >= 0")
+    _require(m.samples_per_prompt >= 1, "method.samples_per_prompt", "must be >= 1")
+    _require(m.reward in REWARDS, "method.reward", f"{m.reward!r} is not one of {list(REWARDS)}")
+    if m.support == "sampled":
+        _require(m.beta == 1.0, "method.beta", "support=sampled estimates reverse KL: beta=1")
+        _require(m.lmbda == 1.0, "method.lmbda", "support=sampled needs student samples: 1.0")
+    if m.alpha < 1.0:
+        _require(
+            m.name == "gkd" and m.lmbda == 1.0,
+            "method.alpha",
+            "RL + GKD (alpha < 1) needs on-policy samples: method.name=gkd, lmbda=1",
+        )
+    if m.samples_per_prompt > 1:
+        _require(
+            m.name == "gkd" and m.lmbda == 1.0,
+            "method.samples_per_prompt",
+            "several samples per prompt need on-policy steps (gkd, lmbda=1)",
+        )
+    _require(r.temperature > 0, "rollout.temperature", f"{r.temperature} must be > 0")
+    _require(0.0 < r.top_p <= 1.0, "rollout.top_p", f"{r.top_p} is outside (0, 1]")
+    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    _require(o.steps >= 1, "optim.steps", "must be >= 1")
+    _require(o.batch_size >= 1, "optim.batch_size", "must be >= 1")
+    _require(o.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
+    _require(o.lr > 0, "optim.lr", "must be > 0")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require(o.schedule in SCHEDULES, "optim.schedule", f"{o.schedule!r} not in {SCHEDULES}")
+    _require(o.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
+    _require(config.task.name in TASKS, "task.name", f"{config.task.name!r} not in {list(TASKS)}")
+    _require(config.task.train_size >= 1, "task.train_size", "must be >= 1")
+    _require(config.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
+    _require(config.run.eval_size >= 0, "run.eval_size", "must be >= 0")
+    _require(
+        config.student.dtype in ("float32", "bfloat16", "float16"),
+        "student.dtype",
+        "must be float32, bfloat16 or float16",
+    )
+    _require(
+        config.teacher.dtype in ("float32", "bfloat16", "float16"),
+        "teacher.dtype",
+        "must be float32, bfloat16 or float16",
+    )
+    if config.uses_teacher:
+        _require(
+            bool(config.teacher.address or config.teacher.in_process),
+            "teacher.address",
+            f"method {m.name} needs a teacher (address or in_process)",
+        )
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

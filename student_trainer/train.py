@@ -1,0 +1,461 @@
+"""The training loop: GKD (Algorithm 1 of Agarwal et al.) in plain PyTorch.
+
+Each optimizer step:
+  1. with probability lambda the step is on-policy (student samples), else it uses the
+     dataset's outputs (or the teacher's, for SeqKD); the draw is seeded;
+  2. for every micro-batch the sequences are built and sent to the teacher at once, on a
+     thread, so the teacher scores micro-batch i while the student samples i + 1 and
+     runs its forward passes (the parameters do not change within a step: no staleness);
+  3. each micro-batch's token losses are summed and divided by the completion-token count
+     of the whole step (all micro-batches), then backward; clip, AdamW, schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from student_trainer.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from student_trainer.config import ConfigError, TrainConfig, to_dict
+from student_trainer.data import ExampleStream, encode_answer, encode_prompt
+from student_trainer.evaluate import evaluate
+from student_trainer.losses import token_level_loss
+from student_trainer.objective import (
+    TeacherRows,
+    completion_rows,
+    divergence,
+    group_advantages,
+    reward_loss,
+    token_logprobs,
+)
+from student_trainer.rollouts import Batch, build_batch, sample_completions
+from student_trainer.tasks import REWARDS, TASKS, Example
+from student_trainer.teacher import Teacher, connect
+from teacher_service.backend import eos_token_ids, resolve_device
+from teacher_service.client import TokenizerMismatchError
+from teacher_service.codec import torch_dtype
+from teacher_service.sampling import SamplingOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MicroBatch:
+    batch: Batch
+    examples: list[Example]
+    candidates: list[torch.Tensor] | None = None
+    scores: Future | None = None  # -> (list[ScoreResult], latency seconds)
+    rewards: list[float] | None = None
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # per step, this process's steps only
+    evaluations: list[dict[str, float]] = field(default_factory=list)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup to 1, then cosine / linear decay to 0 at `total`, or constant."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    """Holds the run's state; `train()` and the CLI's `eval` are thin wrappers around it."""
+
+    def __init__(
+        self, config: TrainConfig, *, resume: str | None = None, teacher: Teacher | None = None
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(config.run.out_dir)
+        self.device = resolve_device(config.student.device)
+        checkpoint = self._resolve_resume(resume)
+        source = checkpoint or config.student.model
+        if not (Path(source) / "config.json").is_file():
+            raise ConfigError(f"student.model: {source} is not a model directory (no config.json)")
+        self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype(config.student.dtype), local_files_only=True
+        ).to(self.device)
+        self.vocab = len(self.tokenizer)
+        rows = self.model.get_output_embeddings().weight.shape[0]
+        if rows < self.vocab:
+            raise ConfigError(f"student.model: {rows} output rows < {self.vocab} tokens")
+        self.eos_ids = frozenset(eos_token_ids(self.model, self.tokenizer))
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids)
+        self.teacher = teacher or self._connect_teacher()
+        task = TASKS[config.task.name]
+        t = config.task
+        self.splits = task.splits(t.train_size, t.validation_size, t.test_size, t.seed)
+        self.stream = ExampleStream(self.splits.train, seed=config.run.seed)
+
+        torch.manual_seed(config.run.seed)
+        o = config.optim
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, o.warmup_steps, o.steps, o.schedule)
+        )
+        self.rollout_generator = torch.Generator(device=self.device).manual_seed(config.run.seed)
+        self.mixing = random.Random(config.run.seed)  # Algorithm 1's coin, one per step
+        self.step = 0
+        if checkpoint:
+            self._load(checkpoint)
+        self.executor = ThreadPoolExecutor(max(2, o.grad_accum), thread_name_prefix="teacher")
+        self.teacher_latency = self.teacher_wait = 0.0
+
+    # -- setup -------------------------------------------------------------------------
+    def _resolve_resume(self, resume: str | None) -> Path | None:
+        if resume is None:
+            return None
+        if resume == "auto":
+            found = latest_checkpoint(self.out_dir)
+            if found is None:
+                log.info("no checkpoint in %s: starting from scratch", self.out_dir)
+            return found
+        return Path(resume)
+
+    def _connect_teacher(self) -> Teacher | None:
+        t = self.config.teacher
+        if not self.config.uses_teacher and not (t.address or t.in_process):
+            return None
+        teacher = connect(t.address, t.in_process, timeout=t.timeout_s)
+        try:
+            teacher.check_tokenizer(self.tokenizer)
+        except TokenizerMismatchError as error:
+            teacher.close()
+            raise ConfigError(f"teacher.address: {error}") from None
+        return teacher
+
+    def _load(self, checkpoint: Path) -> None:
+        state = load_state(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.rollout_generator.set_state(state["rollout_generator"])
+        self.mixing.setstate(state["mixing"])
+        self.stream.load_state_dict(state["data"])
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        if torch.cuda.is_available() and state.get("cuda") is not None:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        self.step = int(state["step"])
+        log.info("resumed from %s at step %d", checkpoint, self.step)
+
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rollout_generator": self.rollout_generator.get_state(),
+            "mixing": self.mixing.getstate(),
+            "data": self.stream.state_dict(),
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "config": to_dict(self.config),
+        }
+        return save_checkpoint(
+            self.out_dir,
+            self.step,
+            self.model,
+            self.tokenizer,
+            state,
+            keep=self.config.run.keep_checkpoints,
+        )
+
+    # -- one step ------------------------------------------------------------------------
+    def _completions(
+        self, prompts: list[list[int]], examples: list[Example], on_policy: bool, micro: int
+    ) -> list[list[int]]:
+        m, r = self.config.method, self.config.rollout
+        if on_policy:
+            options = SamplingOptions(r.max_new_tokens, r.temperature, r.top_p)
+            return sample_completions(
+                self.model,
+                prompts,
+                options,
+                vocab_size=self.vocab,
+                eos_ids=self.eos_ids,
+                pad_id=self.pad_id,
+                generator=self.rollout_generator,
+            )
+        if m.name == "seqkd":
+            seed = (self.config.run.seed * 1_000_003 + self.step) * 1_009 + micro
+            outputs = self.teacher.generate(
+                prompts, max_new_tokens=r.max_new_tokens, temperature=m.seqkd_temperature, seed=seed
+            )
+            return [o.token_ids for o in outputs]
+        return [encode_answer(self.tokenizer, e.answer) for e in examples]
+
+    def _student_candidates(self, batch: Batch) -> list[torch.Tensor]:
+        """The student's own top-m ids at each completion position (for the union support)."""
+        with torch.no_grad():
+            logits = self._forward(batch)
+        rows, _ = completion_rows(logits, batch)
+        ids = rows.topk(self.config.method.student_candidates, dim=-1).indices.cpu()
+        return list(ids.split(batch.loss_mask.sum(dim=1).tolist()))
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        out = self.model(
+            input_ids=batch.input_ids.to(self.device),
+            attention_mask=batch.attention_mask.to(self.device),
+        )
+        return out.logits[..., : self.vocab]
+
+    def _score(self, batch: Batch, candidates: list[torch.Tensor] | None) -> tuple[Any, float]:
+        m, started = self.config.method, time.perf_counter()
+        results = self.teacher.score(
+            batch.sequences,
+            batch.prompt_lens,
+            top_k=m.top_k if m.support == "topk" else 0,
+            candidates=None if candidates is None else [c.numpy() for c in candidates],
+            full=m.support == "full",
+            temperature=m.temperature,
+            dtype=self.config.teacher.dtype,
+        )
+        return results, time.perf_counter() - started
+
+    def _prepare(self, on_policy: bool) -> list[MicroBatch]:
+        """Build every micro-batch of the step; each goes to the teacher as soon as it exists."""
+        m, o = self.config.method, self.config.optim
+        distill = m.name == "gkd"
+        micro_batches = []
+        for index in range(o.grad_accum):
+            examples = self.stream.take(o.batch_size)
+            group = m.samples_per_prompt if on_policy else 1
+            examples = [e for e in examples for _ in range(group)]
+            prompts = [encode_prompt(self.tokenizer, e.prompt) for e in examples]
+            completions = self._completions(prompts, examples, on_policy, index)
+            batch = build_batch(prompts, completions, eos_ids=self.eos_ids, pad_id=self.pad_id)
+            item = MicroBatch(batch, examples)
+            if distill and m.student_candidates > 0 and m.support == "topk":
+                item.candidates = self._student_candidates(batch)
+            if distill:
+                item.scores = self.executor.submit(self._score, batch, item.candidates)
+            if m.alpha < 1.0:
+                reward = REWARDS[m.reward]
+                item.rewards = [
+                    reward(self._decode(ids), e) for ids, e in zip(batch.completions, examples)
+                ]
+            micro_batches.append(item)
+        return micro_batches
+
+    def _decode(self, ids: list[int]) -> str:
+        kept = [t for t in ids if t not in self.eos_ids]
+        return self.tokenizer.decode(kept, skip_special_tokens=True)
+
+    def train_step(self) -> dict[str, Any]:
+        m = self.config.method
+        started = time.perf_counter()
+        on_policy = m.name == "gkd" and self.mixing.random() < m.lmbda
+        self.model.train()
+        micro_batches = self._prepare(on_policy)
+        total_tokens = sum(mb.batch.num_tokens for mb in micro_batches)
+        loss_sum = divergence_sum = 0.0
+        latency = wait = 0.0
+        rewards: list[float] = []
+        for mb in micro_batches:
+            logits = self._forward(mb.batch)
+            rows, targets = completion_rows(logits, mb.batch)
+            if mb.scores is None:  # sft / seqkd: next-token NLL on the given outputs
+                per_token = -token_logprobs(rows, targets)
+            else:
+                waited = time.perf_counter()
+                results, seconds = mb.scores.result()
+                wait += time.perf_counter() - waited
+                latency += seconds
+                teacher = TeacherRows.from_results(results, mb.candidates).to(self.device)
+                per_token, div = divergence(rows, targets, teacher, m)
+                divergence_sum += float(div.sum())
+                if mb.rewards is not None:
+                    advantages = group_advantages(mb.rewards, m.samples_per_prompt)
+                    per_token = m.alpha * per_token + (1 - m.alpha) * reward_loss(
+                        rows, targets, mb.batch, advantages.to(self.device)
+                    )
+                    rewards.extend(mb.rewards)
+            mask = torch.ones_like(per_token, dtype=torch.bool)
+            loss = token_level_loss(per_token, mask, total_tokens)
+            loss.backward()
+            loss_sum += float(loss.detach())
+        o = self.config.optim
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), o.max_grad_norm if o.max_grad_norm > 0 else float("inf")
+        )
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        record: dict[str, Any] = {
+            "step": self.step,
+            "loss": loss_sum,
+            "on_policy": on_policy,
+            "tokens": total_tokens,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "step_s": elapsed,
+            "tokens_per_s": total_tokens / elapsed,
+        }
+        if m.name == "gkd":
+            record.update(
+                divergence=divergence_sum / total_tokens,
+                teacher_latency_s=latency,
+                teacher_wait_s=wait,
+                hidden_fraction=1 - wait / latency if latency > 0 else 0.0,
+            )
+        if rewards:
+            record["reward"] = sum(rewards) / len(rewards)
+        return record
+
+    def evaluate(self, split: str = "validation") -> dict[str, float]:
+        examples = getattr(self.splits, split)[: self.config.run.eval_size]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return evaluate(
+                self.model,
+                self.tokenizer,
+                self.teacher,
+                examples,
+                self.config,
+                eos_ids=self.eos_ids,
+                pad_id=self.pad_id,
+            )
+        finally:
+            self.model.train(was_training)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        if self.teacher is not None:
+            self.teacher.close()
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per step or evaluation), plus TensorBoard if installed."""
+
+    def __init__(self, out_dir: Path, resumed_step: int) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.jsonl"
+        if self.path.exists():  # drop what a crashed run logged past its last checkpoint
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= resumed_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.handle = self.path.open("a")
+        self.tensorboard = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _postfix(record: dict[str, Any]) -> dict[str, str]:
+    shown = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+    if "divergence" in record:
+        shown["div"] = f"{record['divergence']:.4f}"
+        shown["teacher"] = f"{record['teacher_latency_s'] * 1000:.0f}ms"
+        shown["hidden"] = f"{record['hidden_fraction']:.0%}"
+    return shown
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: str | None = None,
+    teacher: Teacher | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Run (or continue) training to config.optim.steps; `stop_after` ends early (tests)."""
+    trainer = Trainer(config, resume=resume, teacher=teacher)
+    run, total = config.run, config.optim.steps
+    metrics = MetricsLog(trainer.out_dir, trainer.step)
+    (trainer.out_dir / "config.yaml").write_text(json.dumps(to_dict(config), indent=2))
+    result = TrainResult(trainer.out_dir, trainer.step)
+    last = total if stop_after is None else min(total, stop_after)
+    try:
+        if trainer.step == 0:
+            first = {"step": 0, **_prefixed(trainer.evaluate())}
+            metrics.write(first)
+            result.evaluations.append(first)
+        bar = tqdm(
+            total=total,
+            initial=trainer.step,
+            disable=not run.progress,
+            desc="train",
+            dynamic_ncols=True,
+        )
+        while trainer.step < last:
+            record = trainer.train_step()
+            metrics.write(record)
+            result.losses.append(record["loss"])
+            bar.update(1)
+            bar.set_postfix(_postfix(record), refresh=False)
+            done = trainer.step == total
+            if done or (run.eval_every and trainer.step % run.eval_every == 0):
+                evaluation = {"step": trainer.step, **_prefixed(trainer.evaluate())}
+                metrics.write(evaluation)
+                result.evaluations.append(evaluation)
+                bar.write(_describe(evaluation))
+            if (
+                done
+                or trainer.step == last
+                or (run.save_every and trainer.step % run.save_every == 0)
+            ):
+                trainer.save()
+        bar.close()
+        result.steps = trainer.step
+    finally:
+        metrics.close()
+        trainer.close()
+    return result
+
+
+def _prefixed(values: dict[str, float]) -> dict[str, float]:
+    return {f"eval/{k}": v for k, v in values.items()}
+
+
+def _describe(evaluation: dict[str, Any]) -> str:
+    parts = [f"{k.removeprefix('eval/')} {v:.4f}" for k, v in evaluation.items() if k != "step"]
+    return f"eval @ step {evaluation['step']}: " + ", ".join(parts)
