@@ -33,9 +33,10 @@ class StudentConfig:
 
 @dataclass
 class TeacherConfig:
-    address: str = "127.0.0.1:50051"  # the teacher service (host:port)
+    address: str = ""  # the teacher service, host:port (e.g. 127.0.0.1:50051)
     in_process: str = ""  # a model directory: run the teacher in this process instead
     timeout_s: float = 300.0  # per call, retries included
+    connect_timeout_s: float = 120.0  # how long to wait for the service at startup
     dtype: str = "float32"  # wire dtype of the teacher's log-probs
 
 
@@ -236,6 +237,8 @@ def validate(config: TrainConfig) -> None:
         "teacher.dtype",
         "must be float32, bfloat16 or float16",
     )
+    _require(config.teacher.timeout_s > 0, "teacher.timeout_s", "must be > 0")
+    _require(config.teacher.connect_timeout_s > 0, "teacher.connect_timeout_s", "must be > 0")
     if config.uses_teacher:
         _require(
             bool(config.teacher.address or config.teacher.in_process),

@@ -44,7 +44,7 @@ from student_trainer.rollouts import Batch, build_batch, sample_completions
 from student_trainer.tasks import REWARDS, TASKS, Example
 from student_trainer.teacher import Teacher, connect
 from teacher_service.backend import eos_token_ids, resolve_device
-from teacher_service.client import TokenizerMismatchError
+from teacher_service.client import TeacherClient, TeacherServiceError, TokenizerMismatchError
 from teacher_service.codec import torch_dtype
 from teacher_service.sampling import SamplingOptions
 
@@ -104,7 +104,9 @@ class Trainer:
         self.eos_ids = frozenset(eos_token_ids(self.model, self.tokenizer))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
-        self.teacher = teacher or self._connect_teacher()
+        if teacher is not None:
+            self._check_tokenizer(teacher)
+        self.teacher = teacher if teacher is not None else self._connect_teacher()
         task = TASKS[config.task.name]
         t = config.task
         self.splits = task.splits(t.train_size, t.validation_size, t.test_size, t.seed)
@@ -143,11 +145,28 @@ class Trainer:
             return None
         teacher = connect(t.address, t.in_process, timeout=t.timeout_s)
         try:
+            if isinstance(teacher, TeacherClient):
+                log.info("waiting for the teacher service at %s", t.address)
+                try:
+                    teacher.wait_until_serving(timeout=t.connect_timeout_s)
+                except (TeacherServiceError, TimeoutError) as error:
+                    raise ConfigError(
+                        f"teacher.address: no teacher service serving at {t.address} within "
+                        f"{t.connect_timeout_s:g} s (teacher.connect_timeout_s): {error}"
+                    ) from None
+            self._check_tokenizer(teacher)
+        except ConfigError:
+            teacher.close()
+            raise
+        return teacher
+
+    def _check_tokenizer(self, teacher: Teacher) -> None:
+        """Refuse a teacher whose vocabulary differs: its log-probs would mean other tokens."""
+        try:
             teacher.check_tokenizer(self.tokenizer)
         except TokenizerMismatchError as error:
-            teacher.close()
-            raise ConfigError(f"teacher.address: {error}") from None
-        return teacher
+            key = "teacher.in_process" if self.config.teacher.in_process else "teacher.address"
+            raise ConfigError(f"{key}: {error}") from None
 
     def _load(self, checkpoint: Path) -> None:
         state = load_state(checkpoint)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from teacher_service.config import Limits, ServerConfig
 from teacher_service.tiny_model import TinyModelSpec
@@ -37,7 +38,7 @@ def _tiny_model(args: argparse.Namespace) -> None:
     from teacher_service.tiny_model import build_tiny_model
 
     spec = TinyModelSpec(**{f.name: getattr(args, f.name) for f in fields(TinyModelSpec)})
-    out = build_tiny_model(args.out_dir, spec)
+    out = build_tiny_model(args.out_dir, spec, tokenizer_from=args.tokenizer_from)
     print(f"wrote a tiny Llama model and its BPE tokenizer to {out}")
 
 
@@ -97,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir")
     for f in fields(TinyModelSpec):
         tiny.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    tiny.add_argument(
+        "--tokenizer-from",
+        type=Path,
+        help="reuse this model directory's tokenizer (a student must share its teacher's)",
+    )
     tiny.set_defaults(run=_tiny_model)
     return parser
 

@@ -32,6 +32,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def student_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The demo's student: a smaller model sharing the tiny teacher's tokenizer."""
+    from student_trainer.demo import STUDENT_SPEC
+
+    out = tmp_path_factory.mktemp("tiny-student")
+    return build_tiny_model(out, STUDENT_SPEC, tokenizer_from=tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
 def backend(tiny_model_dir: Path) -> HFBackend:
     return HFBackend.load(tiny_model_dir, device="cpu", dtype="float32")
 

@@ -1,0 +1,50 @@
+"""Checkpoints: only complete ones count, old ones are pruned, a crashed run's tail is redone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from student_trainer.checkpoint import checkpoint_dirs, latest_checkpoint
+from student_trainer.teacher import InProcessTeacher
+from student_trainer.train import train
+from tests.trainer_helpers import small_config
+
+
+def test_partial_and_incomplete_checkpoints_are_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / ".partial-step-00000009-123").mkdir(parents=True)  # killed mid-write
+    (root / "step-00000008").mkdir()  # no trainer_state.pt
+    (root / "step-00000002").mkdir()
+    (root / "step-00000002" / "trainer_state.pt").write_bytes(b"x")
+    (root / "step-00000010").mkdir()
+    (root / "step-00000010" / "trainer_state.pt").write_bytes(b"x")
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000002", "step-00000010"]
+    assert latest_checkpoint(tmp_path).name == "step-00000010"
+    assert latest_checkpoint(tmp_path / "elsewhere") is None
+
+
+def test_crash_after_the_last_checkpoint_redoes_the_lost_steps(
+    tmp_path, student_model_dir, backend
+):
+    config = small_config(
+        tmp_path,
+        student_model_dir,
+        "optim.steps=5",
+        "run.save_every=2",
+        "run.keep_checkpoints=2",
+        "method.lmbda=0.5",
+    )
+    straight = train(
+        small_config(tmp_path / "straight", student_model_dir, "optim.steps=5", "method.lmbda=0.5"),
+        teacher=InProcessTeacher(backend),
+    )
+    train(config, teacher=InProcessTeacher(backend), stop_after=3)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000002", "step-00000003"]
+    shutil.rmtree(latest_checkpoint(tmp_path))  # as if the run died after logging step 3
+    resumed = train(config, teacher=InProcessTeacher(backend), resume="auto")
+    assert resumed.losses == straight.losses[2:]  # steps 3, 4, 5 again, identically
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in records if "loss" in r] == straight.losses
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000004", "step-00000005"]

@@ -1,0 +1,79 @@
+"""`student-trainer` as users run it: a YAML file, --set overrides, resume, eval, bad keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from student_trainer.checkpoint import checkpoint_dirs, latest_checkpoint
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "student_trainer", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def test_train_resume_and_eval(tmp_path, tiny_model_dir, student_model_dir):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"student:\n  model: {student_model_dir}\n"
+        f"teacher:\n  in_process: {tiny_model_dir}\n"
+        "task:\n  train_size: 32\n"
+        "optim:\n  steps: 2\n  batch_size: 2\n"
+        "rollout:\n  max_new_tokens: 4\n"
+        f"run:\n  out_dir: {tmp_path / 'run'}\n  eval_size: 4\n  save_every: 1\n"
+        "  keep_checkpoints: 1\n  progress: false\n"
+    )
+    done = run_cli("train", "--config", str(config), "--set", "method.beta=0.9")
+    assert done.returncode == 0, done.stderr
+    assert "trained to step 2" in done.stdout
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-00000002"]
+    # the checkpoint is a plain save_pretrained directory
+    AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert len(AutoTokenizer.from_pretrained(checkpoint)) == len(
+        AutoTokenizer.from_pretrained(student_model_dir)
+    )
+    saved = json.loads((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["method"]["beta"] == 0.9
+
+    more = run_cli("train", "--config", str(config), "--set", "optim.steps=3", "--resume", "auto")
+    assert more.returncode == 0, more.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+    evaluated = run_cli(
+        "eval",
+        "--config",
+        str(config),
+        "--checkpoint",
+        str(latest_checkpoint(tmp_path / "run")),
+        "--split",
+        "test",
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert result["step"] == 3 and result["split"] == "test"
+    assert {"metric", "forward_kl", "reverse_kl", "divergence"} <= result.keys()
+
+
+def test_bad_key_exits_2_naming_it(tmp_path):
+    done = run_cli("train", "--set", "method.bta=0.5")
+    assert done.returncode == 2
+    assert "method.bta: unknown key" in done.stderr
+    done = run_cli("train", "--set", "method.lmbda=2")
+    assert done.returncode == 2 and "method.lmbda: 2.0 is outside [0, 1]" in done.stderr
+
+
+def test_missing_student_model_is_named(tmp_path):
+    done = run_cli(
+        "train", "--set", f"student.model={tmp_path / 'nope'}", "--set", "method.name=sft"
+    )
+    assert done.returncode == 2 and "student.model:" in done.stderr
