@@ -56,6 +56,8 @@ class Teacher(Protocol):
 class InProcessTeacher:
     """An HFBackend called directly: one forward per call, no batching across callers."""
 
+    runs_in_process = True  # the trainer scores in its own thread, without overlap
+
     def __init__(self, backend: HFBackend) -> None:
         self.backend = backend
 

@@ -17,8 +17,10 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +53,29 @@ from teacher_service.sampling import SamplingOptions
 log = logging.getLogger(__name__)
 
 
+class Deferred:
+    """A call run when its result is first asked for, in the asking thread.
+
+    Used for an in-process teacher instead of the thread pool: on CPU it would only fight
+    the student for the same cores (and torch called from a second thread slows the
+    first one down for good), so its scoring is counted as not hidden at all.
+    """
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self._call, self._done, self._value = call, False, None
+
+    def result(self) -> Any:
+        if not self._done:
+            self._value, self._done = self._call(), True
+        return self._value
+
+
 @dataclass
 class MicroBatch:
     batch: Batch
     examples: list[Example]
     candidates: list[torch.Tensor] | None = None
-    scores: Future | None = None  # -> (list[ScoreResult], latency seconds)
+    scores: Future | Deferred | None = None  # -> (list[ScoreResult], latency seconds)
     rewards: list[float] | None = None
 
 
@@ -274,7 +293,9 @@ class Trainer:
             if distill and m.student_candidates > 0 and m.support == "topk":
                 item.candidates = self._student_candidates(batch)
             if distill:
-                item.scores = self.executor.submit(self._score, batch, item.candidates)
+                call = partial(self._score, batch, item.candidates)
+                local = getattr(self.teacher, "runs_in_process", False)
+                item.scores = Deferred(call) if local else self.executor.submit(call)
             if m.alpha < 1.0:
                 reward = REWARDS[m.reward]
                 item.rewards = [
@@ -345,7 +366,7 @@ class Trainer:
                 divergence=divergence_sum / total_tokens,
                 teacher_latency_s=latency,
                 teacher_wait_s=wait,
-                hidden_fraction=1 - wait / latency if latency > 0 else 0.0,
+                hidden_fraction=max(0.0, 1 - wait / latency) if latency > 0 else 0.0,
             )
         if rewards:
             record["reward"] = sum(rewards) / len(rewards)

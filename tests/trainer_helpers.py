@@ -36,6 +36,7 @@ class SpyTeacher:
 
     def __init__(self, inner) -> None:
         self.inner, self.calls, self.generated = inner, Counter(), []
+        self.runs_in_process = getattr(inner, "runs_in_process", False)
 
     def score(self, *args, **kwargs):
         self.calls["score"] += 1
