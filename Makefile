@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint proto bench clean
+.PHONY: venv demo test lint proto bench bench-trainer clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ proto: venv
 
 bench: venv
 	$(PY) bench/bench_service.py
+
+# One GKD step: teacher behind the service vs in-process vs TRL (when `pip install trl`).
+bench-trainer: venv
+	$(PY) bench/bench_trainer.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info

@@ -182,10 +182,15 @@ class Trainer:
     def _check_tokenizer(self, teacher: Teacher) -> None:
         """Refuse a teacher whose vocabulary differs: its log-probs would mean other tokens."""
         try:
-            teacher.check_tokenizer(self.tokenizer)
+            info = teacher.check_tokenizer(self.tokenizer)
         except TokenizerMismatchError as error:
             key = "teacher.in_process" if self.config.teacher.in_process else "teacher.address"
             raise ConfigError(f"{key}: {error}") from None
+        top_k = self.config.method.top_k
+        if self.config.method.support == "topk" and top_k > info.vocab_size:
+            raise ConfigError(
+                f"method.top_k: {top_k} exceeds the teacher's vocabulary ({info.vocab_size} tokens)"
+            )
 
     def _load(self, checkpoint: Path) -> None:
         state = load_state(checkpoint)

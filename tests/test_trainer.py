@@ -187,3 +187,9 @@ def test_unreachable_service_is_named(tmp_path, student_model_dir):
     )
     with pytest.raises(ConfigError, match=rf"^teacher\.address: no teacher service .*{address}"):
         Trainer(config)
+
+
+def test_top_k_beyond_the_teachers_vocabulary_is_named(tmp_path, student_model_dir, backend):
+    config = small_config(tmp_path, student_model_dir, "method.top_k=100000")
+    with pytest.raises(ConfigError, match=r"^method\.top_k: 100000 exceeds"):
+        Trainer(config, teacher=InProcessTeacher(backend))
