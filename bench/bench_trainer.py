@@ -46,6 +46,7 @@ from student_trainer.data import encode_prompt
 from student_trainer.tasks import TASKS
 from student_trainer.teacher import InProcessTeacher
 from student_trainer.train import Trainer
+from teacher_service.cli import serve_command
 from teacher_service.tiny_model import TinyModelSpec, build_tiny_model
 
 WARMUP_STEPS = 2
@@ -146,20 +147,7 @@ def main() -> None:
 
     port = free_port()
     server = ServerProcess(
-        [
-            sys.executable,
-            "-m",
-            "teacher_service",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--model",
-            str(teacher_dir),
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-        ],
+        serve_command(teacher_dir, port),
         f"127.0.0.1:{port}",
         ROOT / "runs" / "bench-trainer-server.log",
     )

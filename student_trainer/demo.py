@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from transformers.utils import logging as transformers_logging
 
 from student_trainer.config import load_config
 from student_trainer.train import train
+from teacher_service.cli import serve_command
 from teacher_service.client import TeacherClient
 from teacher_service.tiny_model import TinyModelSpec, build_tiny_model
 
@@ -61,20 +61,7 @@ def run(config_path: Path, teacher_dir: Path, steps: int | None) -> None:
     port = _free_port()
     _step(f"starting teacher-service on 127.0.0.1:{port} (model {teacher_dir})")
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "teacher_service",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--model",
-            str(teacher_dir),
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-        ],
+        serve_command(teacher_dir, port),
         env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
     )
     try:

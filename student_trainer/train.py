@@ -34,6 +34,7 @@ from student_trainer.config import ConfigError, TrainConfig, to_dict
 from student_trainer.data import ExampleStream, encode_answer, encode_prompt
 from student_trainer.evaluate import evaluate
 from student_trainer.losses import token_level_loss
+from student_trainer.metrics import MetricsLog
 from student_trainer.objective import (
     TeacherRows,
     completion_rows,
@@ -398,42 +399,6 @@ class Trainer:
         self.executor.shutdown(wait=True)
         if self.teacher is not None:
             self.teacher.close()
-
-
-class MetricsLog:
-    """metrics.jsonl (one JSON object per step or evaluation), plus TensorBoard if installed."""
-
-    def __init__(self, out_dir: Path, resumed_step: int) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.path = out_dir / "metrics.jsonl"
-        if self.path.exists():  # drop what a crashed run logged past its last checkpoint
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= resumed_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.handle = self.path.open("a")
-        self.tensorboard = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
-        except ImportError:
-            pass
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        self.handle.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
 
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:

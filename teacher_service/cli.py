@@ -42,6 +42,13 @@ def _tiny_model(args: argparse.Namespace) -> None:
     print(f"wrote a tiny Llama model and its BPE tokenizer to {out}")
 
 
+def serve_command(model_dir: str | Path, port: int, *extra: str) -> list[str]:
+    """The argv that starts `teacher-service serve` with this Python, quiet and on CPU
+    unless `extra` says otherwise (later flags win): for demos, benchmarks and tests."""
+    return [sys.executable, "-m", "teacher_service", "--log-level", "WARNING", "serve",
+            "--model", str(model_dir), "--port", str(port), "--device", "cpu", *extra]  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="teacher-service", description=__doc__)
     parser.add_argument(
