@@ -7,7 +7,6 @@ bad values are refused with a ConfigError that names the key (`method.beta`, ...
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,10 +141,7 @@ def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
                 raise ConfigError(f"{key}: expected a mapping of {sorted(current.__dict__)}")
             _apply(current, value, f"{key}.")
         else:
-            kind = hints[name]
-            if isinstance(kind, types.UnionType):  # pragma: no cover - no optional fields yet
-                kind = typing.get_args(kind)[0]
-            setattr(target, name, _coerce(key, value, kind))
+            setattr(target, name, _coerce(key, value, hints[name]))
 
 
 def _parse_override(item: str) -> dict[str, Any]:

@@ -67,15 +67,16 @@ class InProcessTeacher:
 
     def score(
         self,
-        sequences,
-        score_from,
+        sequences: Sequence[Sequence[int]],
+        score_from: Sequence[int],
         *,
-        top_k,
-        candidates=None,
-        full=False,
-        temperature=1.0,
-        dtype="float32",
+        top_k: int,
+        candidates: Any = None,
+        full: bool = False,
+        temperature: float = 1.0,
+        dtype: str = "float32",
     ) -> list[ScoreResult]:
+        """The service's Score semantics, unvalidated (the trainer builds valid requests)."""
         options = ScoreOptions(
             top_k=top_k, full=full, temperature=temperature, dtype=torch_dtype(dtype)
         )
@@ -100,7 +101,13 @@ class InProcessTeacher:
         ]
 
     def generate(
-        self, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=0
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
     ) -> list[GenerateResult]:
         options = SamplingOptions(max_new_tokens, temperature, top_p, seed)
         generator = new_generator(options, self.backend.device)
