@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 Item = TypeVar("Item")
@@ -66,6 +66,18 @@ class BatcherClosed(RuntimeError):
     """The batcher shut down before this sequence was run."""
 
 
+class BatcherOverloaded(RuntimeError):
+    """The queue already holds max_queued_tokens: come back later (HTTP 429)."""
+
+
+class BatchObserver(Protocol):
+    """Told about every forward pass (metrics.ServiceMetrics implements it)."""
+
+    def observe_batch(
+        self, sizes: list[int], queue_waits: list[float], forward_seconds: float
+    ) -> None: ...
+
+
 class DynamicBatcher(Generic[Item, Result]):
     def __init__(
         self,
@@ -75,12 +87,16 @@ class DynamicBatcher(Generic[Item, Result]):
         length: Callable[[Item], int],
         max_batch_tokens: int,
         max_wait_ms: float,
+        max_queued_tokens: int | None = None,
+        observer: BatchObserver | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._worker = worker
         self._length = length
         self._budget = max_batch_tokens
         self._max_wait = max_wait_ms / 1000.0
+        self._max_queued = max_queued_tokens
+        self._observer = observer
         self._queue: list[_Pending[Item]] = []
         self._callers = itertools.count()
         self._in_flight = 0  # submit() calls not yet answered
@@ -93,6 +109,10 @@ class DynamicBatcher(Generic[Item, Result]):
     def pending(self) -> int:
         """Sequences queued and not yet in a forward pass."""
         return len(self._queue)
+
+    @property
+    def queued_tokens(self) -> int:
+        return sum(p.length for p in self._queue)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="dynamic-batcher")
@@ -110,9 +130,15 @@ class DynamicBatcher(Generic[Item, Result]):
         """Queue items; return their results in order. Raises what running an item raised."""
         loop = asyncio.get_running_loop()
         now, caller = loop.time(), next(self._callers)
+        lengths = [self._length(item) for item in items]
+        if self._max_queued is not None and self.queued_tokens + sum(lengths) > self._max_queued:
+            raise BatcherOverloaded(
+                f"the teacher's queue is full ({self.queued_tokens} tokens waiting, "
+                f"max_queued_tokens = {self._max_queued}): retry later"
+            )
         futures = [loop.create_future() for _ in items]
-        for item, future in zip(items, futures):
-            self._queue.append(_Pending(item, self._length(item), now, caller, future))
+        for item, length, future in zip(items, lengths, futures):
+            self._queue.append(_Pending(item, length, now, caller, future))
         self._in_flight += 1
         self._recent_in_flight.append((now, self._in_flight))
         self._arrived.set()
@@ -161,8 +187,16 @@ class DynamicBatcher(Generic[Item, Result]):
             if not self._queue:
                 continue
             batch = self._take_batch()
+            started = loop.time()
             outcomes = await self._worker.run(self._run_live, batch)
-            self._count([p for p, outcome in zip(batch, outcomes) if outcome is not None])
+            ran = [p for p, outcome in zip(batch, outcomes) if outcome is not None]
+            self._count(ran)
+            if ran and self._observer is not None:
+                self._observer.observe_batch(
+                    [p.length for p in ran],
+                    [started - p.enqueued_at for p in ran],
+                    loop.time() - started,
+                )
             for pending, outcome in zip(batch, outcomes):
                 if pending.future.done():
                     continue

@@ -20,6 +20,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_tokens_per_request=args.max_tokens_per_request,
         max_sequences_per_request=args.max_sequences_per_request,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
+        max_queued_tokens=args.max_queued_tokens,
     )
     config = ServerConfig(
         model=args.model,
@@ -30,6 +31,8 @@ def _serve(args: argparse.Namespace) -> None:
         max_wait_ms=args.max_wait_ms,
         limits=limits,
         grace_seconds=args.grace_seconds,
+        grpc=not args.no_grpc,
+        http_port=args.http_port,
     )
     serve(config)
 
@@ -64,7 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host", default=defaults.host, help="address to listen on (0.0.0.0 for all)"
     )
-    serve.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
+    serve.add_argument(
+        "--port", type=int, default=defaults.port, help="gRPC port (0 picks a free port)"
+    )
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="also serve HTTP here (native API, vLLM/OpenAI and TGI dialects, /metrics)",
+    )
+    serve.add_argument("--no-grpc", action="store_true", help="serve HTTP only")
     serve.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
     serve.add_argument(
         "--dtype", default=defaults.dtype, choices=["float32", "float16", "bfloat16"]
@@ -82,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a queued sequence may wait for others to batch with",
     )
     serve.add_argument("--max-tokens-per-request", type=int, default=limits.max_tokens_per_request)
+    serve.add_argument(
+        "--max-queued-tokens",
+        type=int,
+        default=limits.max_queued_tokens,
+        help="tokens waiting in the batcher beyond which requests are refused (HTTP 429)",
+    )
     serve.add_argument(
         "--max-sequences-per-request", type=int, default=limits.max_sequences_per_request
     )

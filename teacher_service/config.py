@@ -13,9 +13,15 @@ class Limits:
     max_tokens_per_request: int = 65536
     max_sequences_per_request: int = 1024
     max_message_bytes: int = 256 * 1024 * 1024  # request and response messages
+    max_queued_tokens: int = 4 * 1024 * 1024  # beyond this the service is overloaded (429)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_tokens_per_request", "max_sequences_per_request"):
+        for name in (
+            "max_batch_tokens",
+            "max_tokens_per_request",
+            "max_sequences_per_request",
+            "max_queued_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_message_bytes < 1024:
@@ -32,6 +38,8 @@ class ServerConfig:
     max_wait_ms: float = 20.0  # the longest the oldest queued sequence waits for company
     limits: Limits = Limits()
     grace_seconds: float = 5.0  # in-flight requests finish on shutdown for this long
+    grpc: bool = True  # serve the gRPC front end on `port`
+    http_port: int | None = None  # serve the HTTP front end there (None: off; 0: a free port)
 
     def __post_init__(self) -> None:
         if self.max_wait_ms < 0:
@@ -40,3 +48,7 @@ class ServerConfig:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
+        if not self.grpc and self.http_port is None:
+            raise ValueError("both front ends are off: serve gRPC, HTTP (--http-port) or both")

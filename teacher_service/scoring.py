@@ -19,6 +19,7 @@ class ScoreOptions:
     full: bool = False
     temperature: float = 1.0
     dtype: torch.dtype = torch.float32
+    ranks: bool = False  # also the actual token's 1-based rank (the vLLM dialect reports it)
 
 
 @dataclass
@@ -30,6 +31,7 @@ class SequenceScores:
     topk_logprobs: torch.Tensor | None  # [T, k]
     candidate_logprobs: torch.Tensor | None  # [T, m]
     full_logprobs: torch.Tensor | None  # [T, V]
+    target_ranks: torch.Tensor | None = None  # [T] int32: 1 + tokens strictly more likely
 
 
 def score_rows(
@@ -51,7 +53,9 @@ def score_rows(
     # log p = logits - logsumexp(logits): the [T, V] log-probs are only built when asked for;
     # top-k of the logits is top-k of the log-probs (same row, same order)
     normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
-    target = logits.gather(1, targets.long().unsqueeze(1)).sub_(normalizer).squeeze(1)
+    target_logits = logits.gather(1, targets.long().unsqueeze(1))
+    ranks = (logits > target_logits).sum(-1).add_(1).to(torch.int32) if options.ranks else None
+    target = target_logits.sub(normalizer).squeeze(1)
     topk_ids = topk_logprobs = candidate = None
     if options.top_k > 0:
         topk_logprobs, topk_ids = logits.topk(options.top_k, dim=-1)
@@ -72,4 +76,5 @@ def score_rows(
         topk_logprobs=out(topk_logprobs),
         candidate_logprobs=out(candidate),
         full_logprobs=out(logits - normalizer) if options.full else None,
+        target_ranks=None if ranks is None else ranks.cpu(),
     )

@@ -23,21 +23,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from teacher_service import __version__
-from teacher_service.backend import HFBackend, ScoreItem
-from teacher_service.batcher import BatcherClosed, DynamicBatcher, ModelWorker
+from teacher_service.backend import HFBackend
+from teacher_service.batcher import BatcherClosed, BatcherOverloaded
 from teacher_service.codec import encode_torch
 from teacher_service.config import ServerConfig
+from teacher_service.engine import Engine
 from teacher_service.proto import teacher_pb2 as pb
 from teacher_service.proto import teacher_pb2_grpc as pb_grpc
-from teacher_service.sampling import chunk_prompts, new_generator
 from teacher_service.scoring import SequenceScores
-from teacher_service.validation import (
-    ModelLimits,
-    RequestError,
-    parse_generate_request,
-    parse_score_request,
-)
+from teacher_service.validation import RequestError
+from teacher_service.web.server import HttpServer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
@@ -53,6 +48,8 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
             else grpc.StatusCode.INVALID_ARGUMENT
         )
         return code, str(error)
+    if isinstance(error, BatcherOverloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
     if isinstance(error, BatcherClosed):
         return grpc.StatusCode.UNAVAILABLE, str(error)
     if isinstance(error, torch.OutOfMemoryError):
@@ -74,50 +71,38 @@ def scores_to_proto(scores: SequenceScores) -> pb.SequenceScores:
 
 
 class TeacherServicer(pb_grpc.TeacherServicer):
-    def __init__(
-        self,
-        backend: HFBackend,
-        batcher: DynamicBatcher[ScoreItem, SequenceScores],
-        worker: ModelWorker,
-        config: ServerConfig,
-    ) -> None:
-        self._backend = backend
-        self._batcher = batcher
-        self._worker = worker
-        self._config = config
-        self._model = ModelLimits(backend.vocab_size, backend.max_seq_len, config.limits)
+    """Maps the proto calls onto the engine and its errors onto gRPC status codes."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @contextlib.asynccontextmanager
+    async def _observed(self, method: str) -> AsyncIterator[None]:
+        started, status = time.perf_counter(), "OK"
+        try:
+            yield
+        except BaseException as error:
+            status = status_for(error)[0].name if isinstance(error, Exception) else "CANCELLED"
+            raise
+        finally:
+            self._engine.metrics.observe_request(
+                "grpc", method, status, time.perf_counter() - started
+            )
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
-        backend, limits = self._backend, self._config.limits
-        return pb.InfoResponse(
-            model_id=backend.model_id,
-            vocab_size=backend.vocab_size,
-            tokenizer_fingerprint=backend.tokenizer_fingerprint,
-            max_seq_len=backend.max_seq_len,
-            bos_token_id=backend.bos_token_id,
-            eos_token_id=backend.eos_token_id,
-            pad_token_id=backend.pad_token_id,
-            backend=backend.name,
-            device=str(backend.device),
-            model_dtype=backend.model_dtype,
-            max_batch_tokens=limits.max_batch_tokens,
-            max_tokens_per_request=limits.max_tokens_per_request,
-            max_sequences_per_request=limits.max_sequences_per_request,
-            max_message_bytes=limits.max_message_bytes,
-            capabilities=list(backend.capabilities),
-            server_version=__version__,
-        )
+        async with self._observed("Info"):
+            return self._engine.info()
 
     async def _score(self, request: pb.ScoreRequest) -> pb.ScoreResponse:
-        items = parse_score_request(request, self._model)
-        results = await self._batcher.submit(items)
+        results = await self._engine.score(request)
         return pb.ScoreResponse(
             request_id=request.request_id, results=[scores_to_proto(r) for r in results]
         )
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         try:
-            return await self._score(request)
+            async with self._observed("Score"):
+                return await self._score(request)
         except Exception as error:
             await context.abort(*status_for(error))
 
@@ -131,7 +116,8 @@ class TeacherServicer(pb_grpc.TeacherServicer):
 
         async def answer(request: pb.ScoreRequest) -> None:
             try:
-                response = await self._score(request)
+                async with self._observed("ScoreStream"):
+                    response = await self._score(request)
                 await done.put(
                     pb.ScoreStreamResponse(request_id=request.request_id, response=response)
                 )
@@ -168,14 +154,8 @@ class TeacherServicer(pb_grpc.TeacherServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         try:
-            prompts, options = parse_generate_request(request, self._model)
-            generator = new_generator(options, self._backend.device)
-            completions = []
-            budget = self._config.limits.max_batch_tokens
-            for chunk in chunk_prompts(prompts, options.max_new_tokens, budget):
-                completions += await self._worker.run(
-                    self._backend.generate, chunk, options, generator
-                )
+            async with self._observed("Generate"):
+                completions = await self._engine.generate(request)
         except Exception as error:
             await context.abort(*status_for(error))
         return pb.GenerateResponse(
@@ -189,42 +169,45 @@ class TeacherServicer(pb_grpc.TeacherServicer):
 
 @dataclass
 class RunningServer:
-    server: grpc.aio.Server
-    port: int
-    batcher: DynamicBatcher
-    worker: ModelWorker
-    health: health_aio.HealthServicer
+    engine: Engine
+    grpc_server: grpc.aio.Server | None
+    port: int | None  # the gRPC port (None when gRPC is off)
+    health: health_aio.HealthServicer | None
+    http: HttpServer | None
+
+    @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
 
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING, let in-flight calls finish for `grace` seconds, then stop."""
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
-        await self.batcher.close()
-        self.worker.close()
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.mark_shutting_down()
+        stops = []
+        if self.grpc_server is not None:
+            stops.append(self.grpc_server.stop(grace))
+        if self.http is not None:
+            stops.append(self.http.stop(grace))
+        await asyncio.gather(*stops)
+        await self.engine.close()
 
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-async def start_server(config: ServerConfig, backend: HFBackend) -> RunningServer:
-    limits = config.limits
-    worker = ModelWorker()
-    batcher: DynamicBatcher[ScoreItem, SequenceScores] = DynamicBatcher(
-        backend.score_batch,
-        worker,
-        length=lambda item: item.forward_len,
-        max_batch_tokens=limits.max_batch_tokens,
-        max_wait_ms=config.max_wait_ms,
-    )
-    batcher.start()
+async def _start_grpc(
+    engine: Engine, config: ServerConfig
+) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", limits.max_message_bytes),
-            ("grpc.max_send_message_length", limits.max_message_bytes),
+            ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+            ("grpc.max_send_message_length", config.limits.max_message_bytes),
         ]
     )
-    pb_grpc.add_TeacherServicer_to_server(TeacherServicer(backend, batcher, worker, config), server)
+    pb_grpc.add_TeacherServicer_to_server(TeacherServicer(engine), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -240,18 +223,34 @@ async def start_server(config: ServerConfig, backend: HFBackend) -> RunningServe
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as error:
-        await batcher.close()
-        worker.close()
         raise OSError(f"cannot listen on {address}: {error} (is the port in use?)") from None
     await server.start()
+    return server, port, health
+
+
+async def start_server(config: ServerConfig, backend) -> RunningServer:
+    """The engine plus the front ends the config asks for (gRPC, HTTP or both)."""
+    engine = Engine(backend, config)
+    engine.start()
+    grpc_server = port = health = http = None
+    try:
+        if config.grpc:
+            grpc_server, port, health = await _start_grpc(engine, config)
+        if config.http_port is not None:
+            http = await HttpServer.start(engine, config.host, config.http_port)
+    except BaseException:
+        if grpc_server is not None:
+            await grpc_server.stop(0)
+        await engine.close()
+        raise
     log.info(
-        "teacher service on %s:%d (model %s, %s)",
-        config.host,
-        port,
+        "teacher service: gRPC %s, HTTP %s (model %s, %s)",
+        "off" if port is None else f"{config.host}:{port}",
+        "off" if http is None else f"{config.host}:{http.port}",
         backend.model_id,
         backend.device,
     )
-    return RunningServer(server, port, batcher, worker, health)
+    return RunningServer(engine, grpc_server, port, health, http)
 
 
 def serve(config: ServerConfig, backend: HFBackend | None = None) -> None:
@@ -260,7 +259,17 @@ def serve(config: ServerConfig, backend: HFBackend | None = None) -> None:
 
     async def main() -> None:
         running = await start_server(config, backend)
-        print(f"teacher-service listening on {_address(config.host, running.port)}", flush=True)
+        if running.port is not None:
+            print(
+                f"teacher-service listening on {_address(config.host, running.port)} (gRPC)",
+                flush=True,
+            )
+        if running.http_port is not None:
+            http_address = _address(config.host, running.http_port)
+            print(
+                f"teacher-service listening on http://{http_address} (HTTP, docs at /docs)",
+                flush=True,
+            )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -287,8 +296,15 @@ class BackgroundServer:
 
     @property
     def address(self) -> str:
-        assert self.running is not None, "the server is not started"
+        """host:port of the gRPC front end."""
+        assert self.running is not None and self.running.port is not None, "no gRPC server"
         return _address(self._config.host, self.running.port)
+
+    @property
+    def http_url(self) -> str:
+        """http://host:port of the HTTP front end."""
+        assert self.running is not None and self.running.http_port is not None, "no HTTP server"
+        return f"http://{_address(self._config.host, self.running.http_port)}"
 
     def call(self, coroutine):
         """Run a coroutine on the server's loop and wait for its result."""

@@ -98,7 +98,9 @@ def _candidates(message: pb.Tensor, field: str, rows: int, vocab_size: int) -> t
     return torch.from_numpy(ids)
 
 
-def score_options(request: pb.ScoreRequest, model: ModelLimits) -> ScoreOptions:
+def score_options(
+    request: pb.ScoreRequest, model: ModelLimits, *, ranks: bool = False
+) -> ScoreOptions:
     if not 0 <= request.top_k <= model.vocab_size:
         raise RequestError(f"top_k = {request.top_k}: must be in [0, {model.vocab_size}]")
     try:
@@ -114,15 +116,18 @@ def score_options(request: pb.ScoreRequest, model: ModelLimits) -> ScoreOptions:
         full=request.full,
         temperature=_temperature(request, "temperature", allow_zero=False),
         dtype=torch_dtype(dtype),
+        ranks=ranks,
     )
 
 
-def parse_score_request(request: pb.ScoreRequest, model: ModelLimits) -> list[ScoreItem]:
+def parse_score_request(
+    request: pb.ScoreRequest, model: ModelLimits, *, ranks: bool = False
+) -> list[ScoreItem]:
     """Check every field of a ScoreRequest; return one ScoreItem per sequence."""
     limits = model.limits
     total = sum(len(s.token_ids) for s in request.sequences)
     _check_counts(len(request.sequences), total, "sequences", limits)
-    options = score_options(request, model)
+    options = score_options(request, model, ranks=ranks)
     items, scored_rows, candidate_cells = [], 0, 0
     for n, sequence in enumerate(request.sequences):
         field = f"sequences[{n}]"

@@ -63,9 +63,15 @@ def start_background_server(model_dir: Path, backend: HFBackend, **config) -> Ba
 
 @pytest.fixture(scope="session")
 def server(tiny_model_dir: Path, backend: HFBackend) -> Iterator[BackgroundServer]:
-    running = start_background_server(tiny_model_dir, backend, max_wait_ms=2.0)
+    running = start_background_server(tiny_model_dir, backend, max_wait_ms=2.0, http_port=0)
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def http_url(server: BackgroundServer) -> str:
+    """http://127.0.0.1:PORT of the same server's HTTP front end (same engine and batcher)."""
+    return server.http_url
 
 
 @pytest.fixture(scope="session")

@@ -233,7 +233,7 @@ class GatedBackend:
 def test_a_caller_that_hits_its_deadline_leaves_nothing_in_the_batcher(tiny_model_dir, backend):
     gated = GatedBackend(backend)
     running = start_background_server(tiny_model_dir, gated)
-    batcher = running.running.batcher
+    batcher = running.running.engine.batcher
     try:
         with TeacherClient(running.address) as teacher, ThreadPoolExecutor(1) as pool:
             busy = pool.submit(teacher.score, [[1, 99, 3]], 1)  # holds the model worker

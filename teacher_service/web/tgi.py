@@ -1,0 +1,5 @@
+"""Placeholder: this dialect's routes are being built (issue 5)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()
