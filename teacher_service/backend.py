@@ -51,7 +51,8 @@ class HFBackend:
     """A transformers causal LM and its tokenizer, loaded from a local directory."""
 
     name = "huggingface"
-    capabilities = ("target", "topk", "candidates", "full", "generate")
+    # what Info reports and the engine checks requests against (a remote backend has fewer)
+    capabilities = ("target", "topk", "candidates", "full", "ranks", "temperature", "generate")
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, model_id: str) -> None:
         self.model = model.eval()

@@ -19,9 +19,14 @@ from teacher_service.sampling import Completion, chunk_prompts, new_generator
 from teacher_service.scoring import SequenceScores
 from teacher_service.validation import (
     ModelLimits,
+    RequestError,
     parse_generate_request,
     parse_score_request,
 )
+
+
+class Unsupported(RequestError):
+    """A request this backend cannot answer (a remote upstream lacks the capability)."""
 
 
 class Engine:
@@ -73,12 +78,38 @@ class Engine:
 
     async def score(self, request: pb.ScoreRequest, *, ranks: bool = False) -> list[SequenceScores]:
         """Validate and score; `ranks` also returns each actual token's rank (vLLM dialect)."""
+        self._require_capabilities(request, ranks)
         items = parse_score_request(request, self.limits, ranks=ranks)
         results = await self.batcher.submit(items)
         self.metrics.tokens_scored.inc(sum(int(r.target_logprobs.numel()) for r in results))
         return results
 
+    def _require_capabilities(self, request: pb.ScoreRequest, ranks: bool) -> None:
+        """Refuse, naming the capability, what this backend cannot compute (remote ones)."""
+        needed = {
+            "topk": ("top_k", request.top_k > 0),
+            "full": ("full", request.full),
+            "candidates": (
+                "sequences[].candidate_ids",
+                any(s.HasField("candidate_ids") for s in request.sequences),
+            ),
+            "ranks": ("the actual token's rank", ranks),
+            "temperature": (
+                "temperature",
+                request.HasField("temperature") and request.temperature != 1.0,
+            ),
+        }
+        have = set(self.backend.capabilities)
+        for capability, (field, asked) in needed.items():
+            if asked and capability not in have:
+                raise Unsupported(
+                    f"{field}: the {self.backend.name} backend cannot provide the "
+                    f"'{capability}' capability (it has: {', '.join(sorted(have))})"
+                )
+
     async def generate(self, request: pb.GenerateRequest) -> list[Completion]:
+        if "generate" not in self.backend.capabilities:
+            raise Unsupported(f"Generate: the {self.backend.name} backend cannot generate")
         prompts, options = parse_generate_request(request, self.limits)
         generator = new_generator(options, self.backend.device)
         completions: list[Completion] = []

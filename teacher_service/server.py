@@ -27,7 +27,7 @@ from teacher_service.backend import HFBackend
 from teacher_service.batcher import BatcherClosed, BatcherOverloaded
 from teacher_service.codec import encode_torch
 from teacher_service.config import ServerConfig
-from teacher_service.engine import Engine
+from teacher_service.engine import Engine, Unsupported
 from teacher_service.proto import teacher_pb2 as pb
 from teacher_service.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.scoring import SequenceScores
@@ -41,6 +41,8 @@ MAX_IN_FLIGHT_PER_STREAM = 64  # ScoreStream requests being worked on at once, p
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status a failure is reported with (the message names what went wrong)."""
+    if isinstance(error, Unsupported):
+        return grpc.StatusCode.UNIMPLEMENTED, str(error)
     if isinstance(error, RequestError):
         code = (
             grpc.StatusCode.RESOURCE_EXHAUSTED

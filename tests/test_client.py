@@ -28,7 +28,9 @@ def test_info_describes_the_loaded_model(client, backend):
     assert info.max_seq_len == backend.model.config.max_position_embeddings
     assert info.eos_token_id == backend.tokenizer.eos_token_id
     assert info.tokenizer_fingerprint == tokenizer_fingerprint(backend.tokenizer)
-    assert {"target", "topk", "candidates", "full", "generate"} <= set(info.capabilities)
+    assert {"target", "topk", "candidates", "full", "ranks", "temperature", "generate"} <= set(
+        info.capabilities
+    )
 
 
 def test_tokenizer_handshake_accepts_the_same_tokenizer_loaded_separately(client, tiny_model_dir):
