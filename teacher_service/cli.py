@@ -32,6 +32,8 @@ def _serve(args: argparse.Namespace) -> None:
         limits=limits,
         grace_seconds=args.grace_seconds,
         grpc=not args.no_grpc,
+        backend=args.backend,
+        upstream=args.upstream or "",
         http_port=args.http_port,
     )
     serve(config)
@@ -77,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve HTTP here (native API, vLLM/OpenAI and TGI dialects, /metrics)",
     )
     serve.add_argument("--no-grpc", action="store_true", help="serve HTTP only")
+    serve.add_argument(
+        "--backend",
+        default="huggingface",
+        choices=["huggingface", "openai", "tgi"],
+        help="huggingface: the model in --model; openai / tgi: front the --upstream server "
+        "(a vLLM/SGLang or TGI endpoint; --model is then its tokenizer's directory)",
+    )
+    serve.add_argument("--upstream", help="the upstream server's URL, e.g. http://vllm:8000")
     serve.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
     serve.add_argument(
         "--dtype", default=defaults.dtype, choices=["float32", "float16", "bfloat16"]

@@ -39,6 +39,8 @@ class ServerConfig:
     limits: Limits = Limits()
     grace_seconds: float = 5.0  # in-flight requests finish on shutdown for this long
     grpc: bool = True  # serve the gRPC front end on `port`
+    backend: str = "huggingface"  # or "openai" / "tgi": front an upstream server
+    upstream: str = ""  # the upstream's URL for a remote backend
     http_port: int | None = None  # serve the HTTP front end there (None: off; 0: a free port)
 
     def __post_init__(self) -> None:
@@ -50,5 +52,9 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
+        if self.backend not in ("huggingface", "openai", "tgi"):
+            raise ValueError(f"backend must be huggingface, openai or tgi, got {self.backend!r}")
+        if (self.backend != "huggingface") != bool(self.upstream):
+            raise ValueError("--upstream URL goes with --backend openai or tgi (and only them)")
         if not self.grpc and self.http_port is None:
             raise ValueError("both front ends are off: serve gRPC, HTTP (--http-port) or both")

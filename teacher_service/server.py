@@ -255,9 +255,19 @@ async def start_server(config: ServerConfig, backend) -> RunningServer:
     return RunningServer(engine, grpc_server, port, health, http)
 
 
+def load_backend(config: ServerConfig):
+    """The local model, or a client of the upstream server (its tokenizer from --model)."""
+    if config.backend == "huggingface":
+        return HFBackend.load(config.model, device=config.device, dtype=config.dtype)
+    from teacher_service.remote import BACKENDS
+
+    return BACKENDS[config.backend].connect(config.upstream, config.model)
+
+
 def serve(config: ServerConfig, backend: HFBackend | None = None) -> None:
     """Run the service in the foreground until SIGINT or SIGTERM, then shut down gracefully."""
-    backend = backend or HFBackend.load(config.model, device=config.device, dtype=config.dtype)
+    if backend is None:
+        backend = load_backend(config)
 
     async def main() -> None:
         running = await start_server(config, backend)

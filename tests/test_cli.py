@@ -6,12 +6,15 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from teacher_service.cli import serve_command
 from teacher_service.client import TeacherClient
 from tests.conftest import reference_logprobs
 from tests.test_client import _free_port
@@ -94,6 +97,9 @@ def test_serve_scores_and_shuts_down_cleanly_on_sigterm(tiny_model_dir, backend,
         (["--model", "{missing}"], "no config.json"),
         (["--model", "{model}", "--dtype", "int8"], "invalid choice"),
         (["--model", "{model}", "--max-batch-tokens", "0"], "max_batch_tokens must be >= 1"),
+        (["--model", "{model}", "--backend", "openai"], "--upstream URL goes with"),
+        (["--model", "{model}", "--upstream", "http://x"], "--upstream URL goes with"),
+        (["--model", "{model}", "--no-grpc"], "both front ends are off"),
     ],
 )
 def test_serve_refuses_bad_flags_with_a_clear_message(tiny_model_dir, tmp_path, flags, message):
@@ -103,3 +109,37 @@ def test_serve_refuses_bad_flags_with_a_clear_message(tiny_model_dir, tmp_path, 
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_http_only_server_answers_and_stops_on_sigterm(tiny_model_dir, sequences):
+    port = _free_port()
+    process = subprocess.Popen(
+        serve_command(tiny_model_dir, 0, "--no-grpc", "--http-port", str(port)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+            time.sleep(0.2)
+        answer = httpx.post(
+            f"{url}/v1/score", json={"sequences": [{"token_ids": sequences[0], "score_from": 1}]}
+        )
+        assert answer.status_code == 200
+        assert len(answer.json()["results"][0]["target_logprobs"]) == len(sequences[0]) - 1
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert f"listening on http://127.0.0.1:{port}" in output
+    assert "(gRPC)" not in output
