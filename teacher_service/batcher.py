@@ -245,7 +245,10 @@ class DynamicBatcher(Generic[Item, Result]):
             results = list(self._run_batch(items))
         except Exception as error:  # a forward can fail on one bad or huge input (OOM)
             if len(items) == 1:
-                log.exception("a sequence failed to run")
+                if getattr(error, "caused_by_request", False):  # e.g. a remote refusal
+                    log.info("a sequence was refused: %s", error)
+                else:
+                    log.exception("a sequence failed to run")
                 return [error]
             log.warning("a batch of %d failed (%s); retrying in halves", len(items), error)
             half = len(items) // 2

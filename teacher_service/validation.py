@@ -23,6 +23,8 @@ from teacher_service.scoring import ScoreOptions
 class RequestError(ValueError):
     """A request the service will not run. `too_large` ones break a configured limit."""
 
+    caused_by_request = True  # the batcher logs it without a traceback
+
     def __init__(self, message: str, *, too_large: bool = False) -> None:
         super().__init__(message)
         self.too_large = too_large
