@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from teacher_service.codec import torch_dtype
 from teacher_service.fingerprint import tokenizer_fingerprint
-from teacher_service.sampling import Completion, SamplingOptions, sample
+from teacher_service.sampling import Completion, SamplingOptions, next_token, sample
 from teacher_service.scoring import ScoreOptions, SequenceScores, score_rows
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,15 @@ class ScoreItem:
     score_from: int
     options: ScoreOptions
     candidate_ids: torch.Tensor | None = None  # int64 [L - score_from, m] or [m]
+    # also sample the token after the sequence, from the same forward pass (vLLM's
+    # max_tokens = 1 beside prompt_logprobs): the options and this item's own generator
+    sample_next: tuple[SamplingOptions, torch.Generator | None] | None = None
 
     @property
     def forward_len(self) -> int:
-        """Tokens fed to the model: the last token is only a target, never an input."""
-        return int(self.token_ids.numel()) - 1
+        """Tokens fed to the model: the last token is only a target, never an input, unless
+        the token after it is sampled too."""
+        return int(self.token_ids.numel()) - (0 if self.sample_next else 1)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -53,6 +57,7 @@ class HFBackend:
     name = "huggingface"
     # what Info reports and the engine checks requests against (a remote backend has fewer)
     capabilities = ("target", "topk", "candidates", "full", "ranks", "temperature", "generate")
+    samples_while_scoring = True  # ScoreItem.sample_next is honoured
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, model_id: str) -> None:
         self.model = model.eval()
@@ -96,7 +101,7 @@ class HFBackend:
         input_ids = torch.zeros((len(items), width), dtype=torch.long)
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)
         for row, item in enumerate(items):
-            input_ids[row, : item.forward_len] = item.token_ids[:-1]
+            input_ids[row, : item.forward_len] = item.token_ids[: item.forward_len]
             attention_mask[row, : item.forward_len] = 1
         logits = self.model(
             input_ids=input_ids.to(self.device),
@@ -105,17 +110,22 @@ class HFBackend:
         ).logits
         results = []
         for row, item in enumerate(items):
-            rows = slice(item.score_from - 1, item.forward_len)
+            length = int(item.token_ids.numel())
             candidates = item.candidate_ids
-            results.append(
-                score_rows(
-                    logits[row, rows],
-                    item.token_ids[item.score_from :].to(self.device),
-                    self.vocab_size,
-                    item.options,
-                    None if candidates is None else candidates.to(self.device),
-                )
+            scores = score_rows(
+                logits[row, item.score_from - 1 : length - 1],
+                item.token_ids[item.score_from :].to(self.device),
+                self.vocab_size,
+                item.options,
+                None if candidates is None else candidates.to(self.device),
             )
+            if item.sample_next is not None:
+                options, generator = item.sample_next
+                last = logits[row, length - 1 : length, : self.vocab_size]
+                scores.next_token_id = int(
+                    next_token(last, options.temperature, options.top_p, generator)
+                )
+            results.append(scores)
         return results
 
     def generate(

@@ -15,7 +15,7 @@ from teacher_service.batcher import DynamicBatcher, ModelWorker
 from teacher_service.config import ServerConfig
 from teacher_service.metrics import ServiceMetrics
 from teacher_service.proto import teacher_pb2 as pb
-from teacher_service.sampling import Completion, chunk_prompts, new_generator
+from teacher_service.sampling import Completion, SamplingOptions, chunk_prompts, new_generator
 from teacher_service.scoring import SequenceScores
 from teacher_service.validation import (
     ModelLimits,
@@ -76,10 +76,29 @@ class Engine:
             server_version=__version__,
         )
 
-    async def score(self, request: pb.ScoreRequest, *, ranks: bool = False) -> list[SequenceScores]:
-        """Validate and score; `ranks` also returns each actual token's rank (vLLM dialect)."""
+    async def score(
+        self,
+        request: pb.ScoreRequest,
+        *,
+        ranks: bool = False,
+        sample_next: SamplingOptions | None = None,
+    ) -> list[SequenceScores]:
+        """Validate and score; `ranks` also returns each actual token's rank (vLLM dialect).
+
+        `sample_next` also samples the token after each sequence from the same forward pass
+        (`next_token_id`; sequence n draws from its own generator, seeded seed + n, so the
+        result does not depend on what it is batched with). Local backends only.
+        """
         self._require_capabilities(request, ranks)
         items = parse_score_request(request, self.limits, ranks=ranks)
+        if sample_next is not None:
+            if not getattr(self.backend, "samples_while_scoring", False):
+                raise Unsupported(f"the {self.backend.name} backend cannot sample while scoring")
+            for n, item in enumerate(items):
+                seeded = SamplingOptions(
+                    1, sample_next.temperature, sample_next.top_p, (sample_next.seed + n) % 2**64
+                )
+                item.sample_next = (seeded, new_generator(seeded, self.backend.device))
         results = await self.batcher.submit(items)
         self.metrics.tokens_scored.inc(sum(int(r.target_logprobs.numel()) for r in results))
         return results

@@ -32,6 +32,7 @@ class SequenceScores:
     candidate_logprobs: torch.Tensor | None  # [T, m]
     full_logprobs: torch.Tensor | None  # [T, V]
     target_ranks: torch.Tensor | None = None  # [T] int32: 1 + tokens strictly more likely
+    next_token_id: int | None = None  # the token sampled after the sequence, when asked
 
 
 def score_rows(

@@ -7,6 +7,7 @@ import math
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import reference_logprobs
 
@@ -378,3 +379,45 @@ def test_malformed_json_is_400(http_url):
     assert "JSON" in answer.json()["error"]["message"]
     # and the service keeps answering
     assert post(http_url, prompt=[1, 5], max_tokens=1)["usage"]["completion_tokens"] == 1
+
+
+def test_one_token_beside_prompt_logprobs_comes_from_the_scoring_forward(
+    http_url, client, backend, sequences
+):
+    """TRL's request (max_tokens = 1 + prompt_logprobs) is served by one forward pass: the
+    token is drawn from the last position's distribution, greedy or seeded."""
+    prompts = [s[:6] for s in sequences[:4]]
+    greedy = httpx.post(
+        f"{http_url}/v1/completions",
+        json={
+            "prompt": prompts,
+            "max_tokens": 1,
+            "prompt_logprobs": 3,
+            "temperature": 0.0,
+            "return_token_ids": True,
+        },
+    ).json()
+    expected = client.generate(prompts, max_new_tokens=1, temperature=0.0)
+    assert [c["token_ids"] for c in greedy["choices"]] == [e.token_ids for e in expected]
+    seeded = httpx.post(
+        f"{http_url}/v1/completions",
+        json={
+            "prompt": prompts,
+            "max_tokens": 1,
+            "prompt_logprobs": 3,
+            "temperature": 0.7,
+            "seed": 11,
+            "return_token_ids": True,
+        },
+    ).json()
+    for n, (prompt, choice) in enumerate(zip(prompts, seeded["choices"])):
+        # independent: the next-token distribution from an unbatched in-process forward
+        with torch.inference_mode():
+            logits = backend.model(torch.tensor([prompt])).logits[0, -1, : backend.vocab_size]
+        probs = torch.softmax(logits.float() / 0.7, dim=-1).unsqueeze(0)
+        draw = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(11 + n))
+        assert choice["token_ids"] == [int(draw)]
+        positions = choice["prompt_logprobs"]
+        (want,) = client.score([prompt], 1, top_k=3, temperature=0.7)
+        got = [positions[i + 1][str(prompt[i + 1])]["logprob"] for i in range(len(prompt) - 1)]
+        np.testing.assert_allclose(got, want.target_logprobs, atol=1e-5)

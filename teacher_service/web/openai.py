@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from teacher_service.engine import Engine
 from teacher_service.proto import teacher_pb2 as pb
-from teacher_service.sampling import Completion
+from teacher_service.sampling import Completion, SamplingOptions
 from teacher_service.scoring import SequenceScores
 from teacher_service.validation import RequestError
 from teacher_service.web.app import http_status
@@ -204,6 +204,29 @@ def translated(error: RequestError, index: list[int]) -> InvalidField:
     return InvalidField(param, message, 413 if error.too_large else 422)
 
 
+def seed(body: CompletionBody) -> int:
+    """The request's seed, or a fresh one (vLLM samples anew for each unseeded request)."""
+    return secrets.randbits(64) if body.seed is None else body.seed % 2**64
+
+
+def fusable(
+    body: CompletionBody,
+    prompts: list[list[int]],
+    max_tokens: int,
+    top_k: int | None,
+    engine: Engine,
+) -> bool:
+    """One token after prompts that are scored anyway (TRL's get_sequence_logprobs): the
+    token is sampled from the scoring forward's last row instead of a second forward."""
+    return (
+        max_tokens == 1
+        and body.logprobs is None
+        and top_k is not None
+        and all(len(ids) > 1 for ids in prompts)
+        and getattr(engine.backend, "samples_while_scoring", False)
+    )
+
+
 async def generate(
     body: CompletionBody, prompts: list[list[int]], max_tokens: int, engine: Engine
 ) -> list[Completion]:
@@ -213,7 +236,7 @@ async def generate(
         prompts=[pb.Prompt(token_ids=ids) for ids in prompts],
         max_new_tokens=max_tokens,
         ignore_eos=body.ignore_eos,
-        seed=secrets.randbits(64) if body.seed is None else body.seed % 2**64,
+        seed=seed(body),
     )
     if body.temperature is not None:
         request.temperature = body.temperature
@@ -226,10 +249,16 @@ async def generate(
 
 
 async def score(
-    sequences: list[list[int]], first: int | list[int], top_k: int | None, t: float, engine: Engine
+    sequences: list[list[int]],
+    first: int | list[int],
+    top_k: int | None,
+    t: float,
+    engine: Engine,
+    sample_next: SamplingOptions | None = None,
 ) -> list[SequenceScores | None]:
     """One engine call for all sequences, scored from `first` on, so they batch together;
-    None where nothing is asked or there is nothing to score."""
+    None where nothing is asked or there is nothing to score. `sample_next` also samples
+    the token after each sequence in the same forward pass."""
     froms = [first] * len(sequences) if isinstance(first, int) else first
     index = [n for n, ids in enumerate(sequences) if froms[n] < len(ids)]
     results: list[SequenceScores | None] = [None] * len(sequences)
@@ -239,7 +268,8 @@ async def score(
     for n in index:
         request.sequences.add(token_ids=sequences[n], score_from=froms[n])
     try:
-        for n, result in zip(index, await engine.score(request, ranks=True), strict=True):
+        answers = await engine.score(request, ranks=True, sample_next=sample_next)
+        for n, result in zip(index, answers, strict=True):
             results[n] = result
     except RequestError as error:
         raise translated(error, index) from None
@@ -326,6 +356,20 @@ async def complete(body: CompletionBody, engine: Engine) -> bytes:
         sequences = [ids + f.token_ids for ids, f in zip(ids_list, finished)]
         first = 1 if prompt_k is not None else [len(ids) for ids in ids_list]
         scores = await score(sequences, first, top_k, temperature, engine)
+    elif fusable(body, ids_list, max_tokens, top_k, engine):  # TRL's request: one forward
+        options = SamplingOptions(
+            1,
+            1.0 if body.temperature is None else body.temperature,
+            1.0 if body.top_p is None else body.top_p,
+            seed(body),
+        )
+        scores = await score(ids_list, 1, top_k, temperature, engine, sample_next=options)
+        eos = set() if body.ignore_eos else engine.backend.eos_ids
+        sampled = [
+            Completion([s.next_token_id], "eos" if s.next_token_id in eos else "length")
+            for s in scores
+        ]
+        finished, sequences = [finish(c, stops, decode) for c in sampled], ids_list
     else:  # the prompts' log-probs need not wait for sampling: both at once
         both = await asyncio.gather(
             generate(body, ids_list, max_tokens, engine),
