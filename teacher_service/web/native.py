@@ -172,31 +172,17 @@ def wants_msgpack(request: Request) -> bool:
     return "msgpack" in request.headers.get("accept", "")
 
 
-_SCORE_DOC = {
-    "requestBody": {
-        "content": {
-            "application/json": {
-                "schema": ScoreBody.model_json_schema(ref_template="#/$defs/{model}")
-            },
-            MSGPACK: {"schema": {"type": "string", "format": "binary"}},
-        },
-        "required": True,
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a body read by hand: its JSON schema, or msgpack bytes."""
+    schema = model.model_json_schema(ref_template="#/$defs/{model}")
+    content = {
+        "application/json": {"schema": schema},
+        MSGPACK: {"schema": {"type": "string", "format": "binary"}},
     }
-}
-_GENERATE_DOC = {
-    "requestBody": {
-        "content": {
-            "application/json": {
-                "schema": GenerateBody.model_json_schema(ref_template="#/$defs/{model}")
-            },
-            MSGPACK: {"schema": {"type": "string", "format": "binary"}},
-        },
-        "required": True,
-    }
-}
+    return {"requestBody": {"content": content, "required": True}}
 
 
-@router.post("/score", openapi_extra=_SCORE_DOC)
+@router.post("/score", openapi_extra=_body_doc(ScoreBody))
 async def score(request: Request) -> Response:
     """The teacher's log-probs for each sequence from `score_from` on (gRPC `Score`)."""
     try:
@@ -211,7 +197,7 @@ async def score(request: Request) -> Response:
     return respond(request, content, packed)
 
 
-@router.post("/generate", openapi_extra=_GENERATE_DOC)
+@router.post("/generate", openapi_extra=_body_doc(GenerateBody))
 async def generate(request: Request) -> Response:
     """Sample completions of token-id prompts (gRPC `Generate`)."""
     try:
