@@ -8,7 +8,7 @@ benchmarks (service vs same-process teacher) and for exact, network-free tests.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -23,34 +23,6 @@ from teacher_service.client import (
 from teacher_service.codec import torch_dtype
 from teacher_service.sampling import SamplingOptions, new_generator
 from teacher_service.scoring import ScoreOptions
-
-
-class Teacher(Protocol):
-    def score(
-        self,
-        sequences: Sequence[Sequence[int]],
-        score_from: Sequence[int],
-        *,
-        top_k: int,
-        candidates: Any = None,
-        full: bool = False,
-        temperature: float = 1.0,
-        dtype: str = "float32",
-    ) -> list[ScoreResult]: ...
-
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-    ) -> list[GenerateResult]: ...
-
-    def check_tokenizer(self, tokenizer: Any) -> TeacherInfo: ...
-
-    def close(self) -> None: ...
 
 
 class InProcessTeacher:
@@ -155,3 +127,7 @@ def connect(address: str, in_process: str, *, timeout: float, device: str = "cpu
     if in_process:
         return InProcessTeacher.load(in_process, device=device)
     return TeacherClient(address, timeout=timeout)
+
+
+# what the trainer talks to: both offer score / generate / check_tokenizer / close
+Teacher = TeacherClient | InProcessTeacher

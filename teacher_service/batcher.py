@@ -163,7 +163,7 @@ class DynamicBatcher(Generic[Item, Result]):
         """Run now: the oldest waited enough, the budget is full, or every recent caller is in."""
         if now - self._queue[0].enqueued_at >= self._max_wait:
             return True
-        if sum(p.length for p in self._queue) >= self._budget:
+        if self.queued_tokens >= self._budget:
             return True
         return len({p.caller for p in self._queue}) >= self._expected_callers(now)
 
