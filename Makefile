@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tgi-client-venv demo test lint proto bench bench-trainer bench-http clean
+.PHONY: venv tgi-client-venv demo test lint proto bench bench-trainer bench-http models \
+	paper-table clean
 
 venv: $(STAMP)
 
@@ -53,6 +54,18 @@ bench-trainer: venv
 # Tokens/s and bytes/token: gRPC vs native HTTP (msgpack, JSON) vs /v1/completions.
 bench-http: venv
 	$(PY) bench/bench_http.py
+
+# Rebuild the built-in tasks' tokenizers, teachers and students from random weights by SFT
+# (models/ is committed, so this is only needed to reproduce them; ~30 min on 2 cores).
+models: venv
+	$(PY) -m student_trainer pretrain --task translation --role teacher --role student
+	$(PY) -m student_trainer pretrain --task arithmetic --role teacher --role student
+
+# The GKD paper's comparison on the built-in tasks -> docs/RESULTS.md, results/ (~N min).
+# Piecewise: `$(PY) -m student_trainer.paper_table --only translation/sft`; runs that have
+# a results/paper-runs/.../result.json are skipped, so an interrupted table resumes.
+paper-table: venv
+	$(PY) -m student_trainer.paper_table --jobs 2
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from student_trainer.config import ConfigError, load_config
 
@@ -33,6 +34,16 @@ def _eval(args: argparse.Namespace) -> None:
         )
     finally:
         trainer.close()
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from student_trainer.models import pretrain
+
+    for role in args.role:
+        out = pretrain(
+            args.task, role, root=args.models_dir, runs_dir=args.runs_dir, overrides=args.set or []
+        )
+        print(f"{args.task} {role}: {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", help="a checkpoint dir (default: student.model)")
     evaluate.add_argument("--split", default="validation", choices=["validation", "test"])
     evaluate.set_defaults(run=_eval)
+    pretrain = commands.add_parser(
+        "pretrain", help="train a built-in task's teacher or student from random weights (SFT)"
+    )
+    pretrain.add_argument("--task", required=True, help="translation or arithmetic")
+    pretrain.add_argument(
+        "--role",
+        action="append",
+        choices=["teacher", "student"],
+        required=True,
+        help="which model (repeatable); writes models/TASK/ROLE",
+    )
+    pretrain.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a key of configs/pretrain/TASK-ROLE.yaml (repeatable)",
+    )
+    pretrain.add_argument("--models-dir", type=Path, default=Path("models"), help="output root")
+    pretrain.add_argument(
+        "--runs-dir", type=Path, default=Path("runs/pretrain"), help="training runs go here"
+    )
+    pretrain.set_defaults(run=_pretrain)
     return parser
 
 

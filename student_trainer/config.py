@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class StudentConfig:
-    model: str = ".cache/tiny-student"  # a local directory (from_pretrained)
+    model: str = "models/translation/student"  # a local directory (from_pretrained)
     device: str = "cpu"  # cpu, cuda, cuda:N or auto
     dtype: str = "float32"  # weights are trained in this dtype
 
@@ -41,7 +41,7 @@ class TeacherConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "addition"
+    name: str = "translation"  # translation, arithmetic (tasks.py), or addition (tests)
     train_size: int = 2000
     validation_size: int = 64
     test_size: int = 64

@@ -34,7 +34,8 @@ def evaluate(
     eos_ids: frozenset[int],
     pad_id: int,
 ) -> dict[str, float]:
-    """{"metric": ..., and with a teacher "forward_kl", "reverse_kl", "divergence"}."""
+    """{"metric": the task's primary metric, each task metric by name, and with a teacher
+    "forward_kl", "reverse_kl", "divergence"}. Metrics are in percent."""
     if not examples:
         return {}
     task, rollout, method = TASKS[config.task.name], config.rollout, config.method
@@ -42,23 +43,17 @@ def evaluate(
     vocab = len(tokenizer)
     sampling = dict(vocab_size=vocab, eos_ids=eos_ids, pad_id=pad_id)
     generator = torch.Generator(device=device).manual_seed(config.run.seed + EVAL_SEED_OFFSET)
-    totals: dict[str, float] = {
-        "metric": 0.0,
-        "forward_kl": 0.0,
-        "reverse_kl": 0.0,
-        "divergence": 0.0,
-    }
+    totals = {"forward_kl": 0.0, "reverse_kl": 0.0, "divergence": 0.0}
+    predictions: list[str] = []
     tokens = 0
     size = config.optim.batch_size
     for start in range(0, len(examples), size):
         chunk = examples[start : start + size]
         prompts = [encode_prompt(tokenizer, e.prompt) for e in chunk]
         greedy = SamplingOptions(rollout.max_new_tokens, temperature=0.0)
-        for example, ids in zip(
-            chunk, sample_completions(model, prompts, greedy, generator=None, **sampling)
-        ):
-            text = tokenizer.decode([t for t in ids if t not in eos_ids], skip_special_tokens=True)
-            totals["metric"] += task.metric(text, example)
+        for ids in sample_completions(model, prompts, greedy, generator=None, **sampling):
+            kept = [t for t in ids if t not in eos_ids]
+            predictions.append(tokenizer.decode(kept, skip_special_tokens=True))
         if teacher is None:
             continue
         options = SamplingOptions(rollout.max_new_tokens, rollout.temperature, rollout.top_p)
@@ -79,7 +74,8 @@ def evaluate(
             )
             totals[name] += float(per_token.sum())
         tokens += batch.num_tokens
-    result = {"metric": totals["metric"] / len(examples)}
+    scores = task.score(predictions, examples)
+    result = {"metric": scores[task.metric_name], **scores}
     if teacher is not None:
         result.update({k: totals[k] / tokens for k in ("forward_kl", "reverse_kl", "divergence")})
     return result

@@ -1,16 +1,27 @@
-"""Built-in tasks: prompt/answer datasets with a metric and reward functions by name.
+"""Built-in tasks: seeded prompt/answer datasets with their metrics and rewards.
 
 A task is a seeded generator of examples, split three ways without overlap, plus the
-metric used to evaluate predictions. The built-in `addition` task (story problems like
-"Ada has 12 apples. Ben gives Ada 3 more, so Ada has" -> " 15.") is written in the same
-words the tiny models' tokenizer was trained on, so its prompts encode compactly.
+metrics that score a list of predictions and a reward for RL + GKD. Built in:
+
+- `translation`: a number in digits (up to 999,999,999) -> the same number in German words
+  (references by `num2words`). German writes numbers as long compounds with the units
+  before the tens ("zweiundvierzig Millionen einhundertfünftausend..."), so the model must
+  track place values over ~10 tokens and one early mistake derails the rest: the exposure
+  bias on-policy distillation is meant to fix. Metrics: exact match, chrF.
+- `arithmetic`: GSM8K-style word problems from templates, answered with a written chain
+  of thought ending in "The answer is N."; metric: final-answer accuracy.
+- `addition`: one-line sums in the tiny random test models' vocabulary (tests, smoke runs).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import sacrebleu
+from num2words import num2words
 
 from teacher_service.tiny_model import ITEMS, NAMES
 
@@ -37,9 +48,50 @@ def exact_match(prediction: str, example: Example) -> float:
     return float(normalize(prediction) == normalize(example.answer))
 
 
-REWARDS: dict[str, Callable[[str, Example], float]] = {"exact_match": exact_match}
+_FINAL_ANSWER = re.compile(r"The answer is (-?\d+)")
 
 
+def final_answer(text: str) -> str | None:
+    """The number after the last "The answer is", or None when there is none."""
+    found = _FINAL_ANSWER.findall(text)
+    return found[-1] if found else None
+
+
+def final_answer_correct(prediction: str, example: Example) -> float:
+    answer = final_answer(prediction)
+    return float(answer is not None and answer == final_answer(example.answer))
+
+
+def sentence_chrf(prediction: str, example: Example) -> float:
+    """chrF of one prediction in [0, 1] (sacrebleu's chrF, character 6-grams, beta 2)."""
+    return sacrebleu.sentence_chrf(normalize(prediction), [normalize(example.answer)]).score / 100
+
+
+def corpus_chrf(predictions: list[str], examples: list[Example]) -> float:
+    """Corpus-level chrF in [0, 100], as sacrebleu reports it for a test set."""
+    references = [normalize(e.answer) for e in examples]
+    return sacrebleu.corpus_chrf([normalize(p) for p in predictions], [references]).score
+
+
+def mean_of(score: Callable[[str, Example], float]) -> Callable[[list[str], list[Example]], float]:
+    """A per-example score averaged over the set, in percent."""
+
+    def metric(predictions: list[str], examples: list[Example]) -> float:
+        return 100.0 * sum(score(p, e) for p, e in zip(predictions, examples)) / len(examples)
+
+    return metric
+
+
+REWARDS: dict[str, Callable[[str, Example], float]] = {
+    "exact_match": exact_match,
+    "final_answer": final_answer_correct,
+    "chrf": sentence_chrf,
+}
+
+Metric = Callable[[list[str], list[Example]], float]
+
+
+# -- generators -----------------------------------------------------------------------------
 def _addition_example(rng: random.Random) -> Example:
     a, b = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
@@ -47,12 +99,80 @@ def _addition_example(rng: random.Random) -> Example:
     return Example(f"{a} has {n} {item}s. {b} gives {a} {m} more, so {a} has", f" {n + m}.")
 
 
+TRANSLATION_MAX = 999_999_999
+
+
+def _translation_example(rng: random.Random) -> Example:
+    number = rng.randint(1, TRANSLATION_MAX)
+    return Example(f"Number: {number}\nGerman:", " " + num2words(number, lang="de"))
+
+
+PEOPLE = ("Ava", "Ben", "Chloe", "Dev", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack", "Lena")
+THINGS = ("apple", "book", "card", "cookie", "egg", "marble", "pen", "shell", "sticker", "toy")
+
+
+def _arithmetic_example(rng: random.Random) -> Example:
+    """One of four two- or three-step templates, with the steps written out."""
+    a, b = rng.sample(PEOPLE, 2)
+    thing = rng.choice(THINGS)
+    kind = rng.randrange(4)
+    if kind == 0:
+        x, y = rng.randint(2, 9), rng.randint(2, 9)
+        z = rng.randint(1, x * y - 1)
+        question = (
+            f"{a} buys {x} bags of {thing}s with {y} {thing}s in each bag. {a} gives {z} "
+            f"{thing}s to {b}. How many {thing}s does {a} have now?"
+        )
+        steps = [f"{x} * {y} = {x * y}.", f"{x * y} - {z} = {x * y - z}."]
+        result = x * y - z
+    elif kind == 1:
+        x, y = rng.randint(2, 40), rng.randint(2, 30)
+        question = (
+            f"{a} has {x} {thing}s. {b} has {y} more {thing}s than {a}. How many {thing}s "
+            "do they have together?"
+        )
+        steps = [f"{x} + {y} = {x + y}.", f"{x} + {x + y} = {2 * x + y}."]
+        result = 2 * x + y
+    elif kind == 2:
+        k, q = rng.randint(2, 9), rng.randint(2, 9)
+        x = rng.randint(1, k * q - 1)
+        y = k * q - x
+        question = (
+            f"{a} has {x} {thing}s and finds {y} more. {a} shares them equally among {k} "
+            f"friends. How many {thing}s does each friend get?"
+        )
+        steps = [f"{x} + {y} = {k * q}.", f"{k * q} / {k} = {q}."]
+        result = q
+    else:
+        x, y, z = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 20)
+        w = rng.randint(1, x * y + z - 1)
+        question = (
+            f"{a} has {x} boxes with {y} {thing}s each and {z} more {thing}s on a shelf. "
+            f"{a} loses {w} {thing}s. How many {thing}s are left?"
+        )
+        steps = [f"{x} * {y} = {x * y}.", f"{x * y} + {z} = {x * y + z}."]
+        steps.append(f"{x * y + z} - {w} = {x * y + z - w}.")
+        result = x * y + z - w
+    return Example(
+        f"Question: {question}\nAnswer:", " " + " ".join(steps) + f" The answer is {result}."
+    )
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
-    metric_name: str
     make_example: Callable[[random.Random], Example]
-    metric: Callable[[str, Example], float]
+    metrics: dict[str, Metric]  # name -> corpus metric in percent; the first is the primary
+    reward: str  # the REWARDS entry that fits the task
+    max_new_tokens: int  # enough for the longest reference answer
+
+    @property
+    def metric_name(self) -> str:
+        return next(iter(self.metrics))
+
+    def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
+        """Every metric of the task on a prediction list (percent)."""
+        return {name: metric(predictions, examples) for name, metric in self.metrics.items()}
 
     def splits(self, train: int, validation: int, test: int, seed: int) -> Splits:
         """Distinct prompts drawn with `seed`: the same seed gives the same splits."""
@@ -73,5 +193,21 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "addition": Task("addition", "exact_match", _addition_example, exact_match),
+    "translation": Task(
+        "translation",
+        _translation_example,
+        {"exact_match": mean_of(exact_match), "chrf": corpus_chrf},
+        reward="exact_match",
+        max_new_tokens=32,
+    ),
+    "arithmetic": Task(
+        "arithmetic",
+        _arithmetic_example,
+        {"accuracy": mean_of(final_answer_correct)},
+        reward="final_answer",
+        max_new_tokens=40,
+    ),
+    "addition": Task(
+        "addition", _addition_example, {"exact_match": mean_of(exact_match)}, "exact_match", 16
+    ),
 }

@@ -12,6 +12,7 @@ Each optimizer step:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -460,6 +461,25 @@ def train(
         metrics.close()
         trainer.close()
     return result
+
+
+def evaluate_split(
+    config: TrainConfig,
+    split: str = "test",
+    *,
+    checkpoint: str | Path | None = None,
+    size: int | None = None,
+) -> dict[str, float]:
+    """The task metrics on the first `size` prompts of a split (default: all of it), and
+    divergences when config names a teacher, for student.model or a run's checkpoint."""
+    config = copy.deepcopy(config)
+    sizes = {"validation": config.task.validation_size, "test": config.task.test_size}
+    config.run.eval_size = sizes[split] if size is None else size
+    trainer = Trainer(config, resume=None if checkpoint is None else str(checkpoint))
+    try:
+        return trainer.evaluate(split)
+    finally:
+        trainer.close()
 
 
 def _prefixed(values: dict[str, float]) -> dict[str, float]:

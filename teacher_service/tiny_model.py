@@ -9,6 +9,7 @@ Both are written with save_pretrained and load through the ordinary from_pretrai
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +48,11 @@ def synthetic_corpus(num_sentences: int, seed: int) -> list[str]:
     return lines
 
 
-def train_tokenizer(vocab_size: int, seed: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE; encoding text prepends <bos>, as Llama tokenizers do."""
+def train_tokenizer(
+    vocab_size: int, seed: int, corpus: Iterable[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE on `corpus` (default: the synthetic story sentences); encoding text
+    prepends <bos>, as Llama tokenizers do."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -58,7 +62,7 @@ def train_tokenizer(vocab_size: int, seed: int) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(synthetic_corpus(4000, seed), trainer)
+    tokenizer.train_from_iterator(corpus or synthetic_corpus(4000, seed), trainer)
     bos_id = tokenizer.token_to_id("<bos>")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos_id)]
@@ -69,18 +73,22 @@ def train_tokenizer(vocab_size: int, seed: int) -> PreTrainedTokenizerFast:
 
 
 def build_tiny_model(
-    out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec(), tokenizer_from: Path | None = None
+    out_dir: str | Path,
+    spec: TinyModelSpec = TinyModelSpec(),
+    tokenizer_from: Path | None = None,
+    tokenizer: PreTrainedTokenizerFast | None = None,
 ) -> Path:
     """Write tokenizer + model (safetensors) to out_dir and return it.
 
-    `tokenizer_from` (a model directory) reuses that model's tokenizer, as a student must.
+    `tokenizer_from` (a model directory) reuses that model's tokenizer, as a student must;
+    `tokenizer` passes one in; without either, one is trained on the synthetic corpus.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if tokenizer_from is None:
-        tokenizer = train_tokenizer(spec.vocab_size, spec.seed)
-    else:
+    if tokenizer_from is not None:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_from, local_files_only=True)
+    elif tokenizer is None:
+        tokenizer = train_tokenizer(spec.vocab_size, spec.seed)
     padded_vocab = (len(tokenizer) // 64 + 1) * 64  # always at least one padded row
     config = LlamaConfig(
         vocab_size=padded_vocab,
@@ -101,3 +109,9 @@ def build_tiny_model(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# A smaller random student sharing the tiny model's tokenizer (tests, smoke runs).
+TINY_STUDENT_SPEC = TinyModelSpec(
+    hidden_size=32, intermediate_size=88, num_layers=1, num_heads=2, num_kv_heads=1, seed=1
+)

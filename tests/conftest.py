@@ -14,7 +14,7 @@ from teacher_service.client import TeacherClient
 from teacher_service.config import Limits, ServerConfig
 from teacher_service.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.server import BackgroundServer
-from teacher_service.tiny_model import build_tiny_model
+from teacher_service.tiny_model import TINY_STUDENT_SPEC, build_tiny_model
 
 TEXTS = [
     "Ada has 12 apples.",
@@ -33,11 +33,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def student_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """The demo's student: a smaller model sharing the tiny teacher's tokenizer."""
-    from student_trainer.demo import STUDENT_SPEC
-
+    """A smaller random model sharing the tiny teacher's tokenizer."""
     out = tmp_path_factory.mktemp("tiny-student")
-    return build_tiny_model(out, STUDENT_SPEC, tokenizer_from=tiny_model_dir)
+    return build_tiny_model(out, TINY_STUDENT_SPEC, tokenizer_from=tiny_model_dir)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ def small_config(out_dir: Path, student_dir: Path, *overrides: str) -> TrainConf
             "run.eval_size=0",
             "run.eval_every=0",
             "run.save_every=0",
+            "task.name=addition",
             "task.train_size=64",
             "optim.batch_size=4",
             "optim.steps=4",

@@ -1,0 +1,125 @@
+"""The built-in tasks' models: a BPE tokenizer per task, and a Llama teacher and student
+trained from scratch by SFT (`student-trainer pretrain`, `make models`).
+
+Each model directory is self-contained (config, safetensors weights, tokenizer) and loads
+through from_pretrained exactly as a user's own checkpoint does. The student starts from
+the same tokenizer as its teacher, as distillation on token log-probs requires.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from student_trainer.checkpoint import latest_checkpoint
+from student_trainer.config import ConfigError, load_config
+from student_trainer.tasks import TASKS
+from teacher_service.tiny_model import TinyModelSpec, build_tiny_model, train_tokenizer
+
+MODELS_DIR = Path("models")
+CONFIGS_DIR = Path("configs/pretrain")
+ROLES = ("teacher", "student")
+
+# Byte-level BPE sizes: small enough that a German number word is ~10 tokens, so one
+# early wrong token has a long continuation to derail (the exposure bias GKD targets).
+TOKENIZER_VOCAB = {"translation": 352, "arithmetic": 512, "addition": 512}
+TOKENIZER_CORPUS = 20_000  # training-split-style examples the BPE merges are learned on
+
+ARCHITECTURES = {
+    # 1.92M and 37k parameters with translation's 384-row embedding: the student is 1/52.
+    "teacher": TinyModelSpec(
+        hidden_size=192,
+        intermediate_size=512,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
+        max_seq_len=256,
+        init_std=0.02,
+        seed=0,
+    ),
+    "student": TinyModelSpec(
+        hidden_size=32,
+        intermediate_size=88,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        max_seq_len=256,
+        init_std=0.02,
+        seed=1,
+    ),
+}
+
+
+def model_dir(task: str, role: str, root: Path = MODELS_DIR) -> Path:
+    return root / task / role
+
+
+def build_tokenizer(task: str, out_dir: Path) -> PreTrainedTokenizerFast:
+    """The task's BPE tokenizer, learned on its own text (the training split's seed 0)."""
+    rng = random.Random(f"{task}:tokenizer")
+    make = TASKS[task].make_example
+    corpus = [e.prompt + e.answer for e in (make(rng) for _ in range(TOKENIZER_CORPUS))]
+    tokenizer = train_tokenizer(TOKENIZER_VOCAB[task], seed=0, corpus=corpus)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def parameter_count(path: Path) -> int:
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def pretrain(
+    task: str,
+    role: str,
+    *,
+    root: Path = MODELS_DIR,
+    overrides: list[str] = (),
+    runs_dir: Path = Path("runs/pretrain"),
+) -> Path:
+    """Train `role` for `task` from random weights by SFT; write root/task/role.
+
+    The run (metrics.jsonl, checkpoints) lives in runs_dir/task-role; the result is the
+    final checkpoint's model and tokenizer, plus pretrain.json (steps, parameters).
+    """
+    if task not in TASKS or task not in TOKENIZER_VOCAB:
+        raise ConfigError(f"task.name: {task!r} has no built-in models ({list(TOKENIZER_VOCAB)})")
+    if role not in ROLES:
+        raise ConfigError(f"role: {role!r} is not one of {ROLES}")
+    config_path = CONFIGS_DIR / f"{task}-{role}.yaml"
+    run_dir = runs_dir / f"{task}-{role}"
+    tokenizer_dir = root / task / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        build_tokenizer(task, tokenizer_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    init = build_tiny_model(run_dir / "init", ARCHITECTURES[role], tokenizer_from=tokenizer_dir)
+    config = load_config(
+        config_path,
+        [f"student.model={init}", f"run.out_dir={run_dir}", f"task.name={task}", *overrides],
+    )
+    if config.method.name != "sft":
+        raise ConfigError(f"method.name: {config_path} must train by sft, not {config.method.name}")
+    from student_trainer.train import train  # the heavy import only when training
+
+    result = train(config)
+    final = latest_checkpoint(run_dir)
+    out = model_dir(task, role, root)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for name in final.iterdir():
+        if name.name != "trainer_state.pt":
+            shutil.copy2(name, out / name.name)
+    summary = {
+        "task": task,
+        "role": role,
+        "parameters": parameter_count(out),
+        "steps": result.steps,
+        "config": str(config_path),
+        "validation": result.evaluations[-1],
+    }
+    (out / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return out
