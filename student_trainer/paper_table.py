@@ -100,9 +100,7 @@ def run_one(
 
     out = run_dir(task, method.label, seed, runs_dir)
     overrides = [*method.overrides(), f"run.seed={seed}", f"run.out_dir={out}"]
-    config = load_config(
-        CONFIGS_DIR / f"{task}.yaml", [*overrides, "run.progress=false", *extra]
-    )
+    config = load_config(CONFIGS_DIR / f"{task}.yaml", [*overrides, "run.progress=false", *extra])
     started = time.perf_counter()
     trained = train(config)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
