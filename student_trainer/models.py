@@ -26,32 +26,25 @@ ROLES = ("teacher", "student")
 
 # Byte-level BPE sizes: small enough that a German number word is ~10 tokens, so one
 # early wrong token has a long continuation to derail (the exposure bias GKD targets).
-TOKENIZER_VOCAB = {"translation": 352, "arithmetic": 512, "addition": 512}
-TOKENIZER_CORPUS = 20_000  # training-split-style examples the BPE merges are learned on
+TOKENIZER_VOCAB = {"translation": 352, "arithmetic": 512}
+TOKENIZER_CORPUS = 20_000  # generated examples (own seed) the BPE merges are learned on
 
-ARCHITECTURES = {
-    # 1.92M and 37k parameters with translation's 384-row embedding: the student is 1/52.
-    "teacher": TinyModelSpec(
-        hidden_size=192,
-        intermediate_size=512,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=4,
+
+def _llama(hidden: int, intermediate: int, layers: int, heads: int, seed: int) -> TinyModelSpec:
+    return TinyModelSpec(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
         max_seq_len=256,
         init_std=0.02,
-        seed=0,
-    ),
-    "student": TinyModelSpec(
-        hidden_size=32,
-        intermediate_size=88,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=2,
-        max_seq_len=256,
-        init_std=0.02,
-        seed=1,
-    ),
-}
+        seed=seed,
+    )
+
+
+# 1.92M and 37k parameters with translation's 384-row embedding: the student is 1/52.
+ARCHITECTURES = {"teacher": _llama(192, 512, 4, 4, seed=0), "student": _llama(32, 88, 1, 2, seed=1)}
 
 
 def model_dir(task: str, role: str, root: Path = MODELS_DIR) -> Path:
@@ -59,7 +52,7 @@ def model_dir(task: str, role: str, root: Path = MODELS_DIR) -> Path:
 
 
 def build_tokenizer(task: str, out_dir: Path) -> PreTrainedTokenizerFast:
-    """The task's BPE tokenizer, learned on its own text (the training split's seed 0)."""
+    """The task's BPE tokenizer, learned on text from the task's own generator."""
     rng = random.Random(f"{task}:tokenizer")
     make = TASKS[task].make_example
     corpus = [e.prompt + e.answer for e in (make(rng) for _ in range(TOKENIZER_CORPUS))]

@@ -174,9 +174,8 @@ def _pending(tasks: list[str], only: set[str], beta: float | None) -> list[tuple
     ]
 
 
-def run_grid(tasks: list[str], only: set[str], jobs: int) -> None:
+def run_grid(tasks: list[str], only: set[str], jobs: int, threads: int) -> None:
     """Phase 1 (everything not needing the best divergence), then phase 2 with it."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     context = get_context("spawn")
     with ProcessPoolExecutor(jobs, context, initializer=_init_worker, initargs=(threads,)) as pool:
         for task in tasks:
@@ -214,11 +213,14 @@ def main(argv: list[str] | None = None) -> None:
         help="run only these cells, e.g. translation/sft (repeatable); the report uses all",
     )
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report only")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    _init_worker(threads)  # the parent scores the references
     if not args.report_only:
-        run_grid(args.task or list(TASKS), set(args.only), args.jobs)
+        run_grid(args.task or list(TASKS), set(args.only), args.jobs, threads)
     from student_trainer.report import write_report
 
     write_report(" ".join(["make paper-table", *sys.argv[1:]]), time.perf_counter() - started)

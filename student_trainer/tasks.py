@@ -117,7 +117,7 @@ def _arithmetic_example(rng: random.Random) -> Example:
     thing = rng.choice(THINGS)
     kind = rng.randrange(4)
     if kind == 0:
-        x, y = rng.randint(2, 9), rng.randint(2, 9)
+        x, y = rng.randint(2, 12), rng.randint(2, 12)
         z = rng.randint(1, x * y - 1)
         question = (
             f"{a} buys {x} bags of {thing}s with {y} {thing}s in each bag. {a} gives {z} "
@@ -126,7 +126,7 @@ def _arithmetic_example(rng: random.Random) -> Example:
         steps = [f"{x} * {y} = {x * y}.", f"{x * y} - {z} = {x * y - z}."]
         result = x * y - z
     elif kind == 1:
-        x, y = rng.randint(2, 40), rng.randint(2, 30)
+        x, y = rng.randint(10, 99), rng.randint(5, 60)
         question = (
             f"{a} has {x} {thing}s. {b} has {y} more {thing}s than {a}. How many {thing}s "
             "do they have together?"
@@ -134,7 +134,7 @@ def _arithmetic_example(rng: random.Random) -> Example:
         steps = [f"{x} + {y} = {x + y}.", f"{x} + {x + y} = {2 * x + y}."]
         result = 2 * x + y
     elif kind == 2:
-        k, q = rng.randint(2, 9), rng.randint(2, 9)
+        k, q = rng.randint(2, 12), rng.randint(2, 12)
         x = rng.randint(1, k * q - 1)
         y = k * q - x
         question = (
@@ -144,7 +144,7 @@ def _arithmetic_example(rng: random.Random) -> Example:
         steps = [f"{x} + {y} = {k * q}.", f"{k * q} / {k} = {q}."]
         result = q
     else:
-        x, y, z = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 20)
+        x, y, z = rng.randint(2, 12), rng.randint(2, 12), rng.randint(1, 50)
         w = rng.randint(1, x * y + z - 1)
         question = (
             f"{a} has {x} boxes with {y} {thing}s each and {z} more {thing}s on a shelf. "
