@@ -11,13 +11,14 @@ class MetricsLog:
     """metrics.jsonl (one JSON object per step or evaluation), plus TensorBoard if installed."""
 
     def __init__(self, out_dir: Path, resumed_step: int) -> None:
+        """`resumed_step` 0 starts the log afresh; N keeps what was logged up to step N."""
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
         if self.path.exists():  # drop what a crashed run logged past its last checkpoint
             kept = [
                 line
                 for line in self.path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= resumed_step
+                if line and resumed_step > 0 and json.loads(line)["step"] <= resumed_step
             ]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.handle = self.path.open("a")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -101,6 +102,7 @@ def run_one(
     out = run_dir(task, method.label, seed, runs_dir)
     overrides = [*method.overrides(), f"run.seed={seed}", f"run.out_dir={out}"]
     config = load_config(CONFIGS_DIR / f"{task}.yaml", [*overrides, "run.progress=false", *extra])
+    shutil.rmtree(out, ignore_errors=True)  # a run killed part-way starts again from scratch
     started = time.perf_counter()
     trained = train(config)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

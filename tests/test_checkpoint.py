@@ -48,3 +48,21 @@ def test_crash_after_the_last_checkpoint_redoes_the_lost_steps(
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in records if "loss" in r] == straight.losses
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000004", "step-00000005"]
+
+
+def test_a_fresh_run_in_a_used_directory_starts_a_fresh_log(tmp_path):
+    """Only a resumed run keeps earlier records; a new run must not inherit step 0's."""
+    from student_trainer.metrics import MetricsLog
+
+    first = MetricsLog(tmp_path, 0)
+    first.write({"step": 0, "eval/metric": 1.0})
+    first.write({"step": 1, "loss": 2.0})
+    first.close()
+    resumed = MetricsLog(tmp_path, 1)
+    resumed.close()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    fresh = MetricsLog(tmp_path, 0)
+    fresh.write({"step": 0, "eval/metric": 3.0})
+    fresh.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 0, "eval/metric": 3.0}]
