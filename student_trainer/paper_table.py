@@ -124,15 +124,16 @@ def run_one(
 
 
 def reference(task: str, role: str, runs_dir: Path = RUNS_DIR) -> dict[str, Any]:
-    """The teacher's or the student initialisation's test metrics (greedy, no training)."""
+    """The teacher's or the student initialisation's test metrics (greedy, no training);
+    for the student also its divergences to the teacher on its own samples."""
     out = runs_dir / task / f"reference-{role}"
     cached = read_result(out)
     if cached is not None:
         return cached
-    config = load_config(
-        CONFIGS_DIR / f"{task}.yaml",
-        [f"student.model=models/{task}/{role}", "method.name=sft", "teacher.in_process="],
-    )
+    overrides = [f"student.model=models/{task}/{role}", "method.name=sft"]
+    if role == "teacher":
+        overrides.append("teacher.in_process=")  # no divergence of the teacher to itself
+    config = load_config(CONFIGS_DIR / f"{task}.yaml", overrides)
     from student_trainer.train import evaluate_split
 
     result = {"task": task, "role": role, "test": evaluate_split(config, "test")}

@@ -29,6 +29,7 @@ RESULTS_JSON = Path("results/paper_table.json")
 RESULTS_MD = Path("docs/RESULTS.md")
 CURVES_PNG = Path("docs/paper_curves.png")
 BEGIN, END = "<!-- paper-table:begin -->", "<!-- paper-table:end -->"
+DIVERGENCES = ("forward_kl", "reverse_kl")  # per token, on the student's samples (test)
 METRIC_LABELS = {"exact_match": "exact match", "chrf": "chrF", "accuracy": "accuracy"}
 
 
@@ -50,6 +51,7 @@ def table_rows(runs_dir: Path = RUNS_DIR) -> tuple[list[dict[str, Any]], dict[st
         if any(r is None for r in refs.values()):
             continue
         metrics = list(TASK_DEFS[task].metrics)
+        facts.setdefault("init", {})[task] = refs["student"]["test"]
         for role, name in (("teacher", "teacher"), ("student", "student_init")):
             rows += [
                 {"task": task, "method": name, "metric": m, "mean": refs[role]["test"][m]}
@@ -63,6 +65,7 @@ def table_rows(runs_dir: Path = RUNS_DIR) -> tuple[list[dict[str, Any]], dict[st
             facts["runs"] += len(results)
             facts["cells"][(task, method.label)] = {
                 "steps": results[0]["steps"],
+                **{k: statistics.mean(r["test"][k] for r in results) for k in DIVERGENCES},
                 "tokens": statistics.mean(r["tokens"] for r in results),
                 "curves": [r["validation_curve"] for r in results],
             }
@@ -97,7 +100,7 @@ def markdown_table(task: str, rows: list[dict[str, Any]], facts: dict[str, Any])
     head = ["method", "divergence", "λ"]
     for m in metrics:
         head += [f"{METRIC_LABELS[m]} (mean ± std)", "gap closed"]
-    head += ["steps", "tokens / run"]
+    head += ["fwd KL", "rev KL", "steps", "tokens / run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     refs = {
         (r["method"], r["metric"]): r["mean"] for r in rows if r["task"] == task and "std" not in r
@@ -106,6 +109,8 @@ def markdown_table(task: str, rows: list[dict[str, Any]], facts: dict[str, Any])
         cells = [name, "", ""]
         for m in metrics:
             cells += [f"{refs[(name, m)]:.2f}", ""]
+        init = facts["init"][task] if name == "student_init" else {}
+        cells += [f"{init[k]:.3f}" if k in init else "" for k in DIVERGENCES]
         lines.append("| " + " | ".join([*cells, "", ""]) + " |")
     labels = dict.fromkeys(r["label"] for r in rows if r["task"] == task and "label" in r)
     for label in labels:
@@ -116,6 +121,7 @@ def markdown_table(task: str, rows: list[dict[str, Any]], facts: dict[str, Any])
         for m in metrics:
             cells += [_cell(by_metric[m]), f"{by_metric[m]['gap_closed']:.0f}%"]
         cell = facts["cells"][(task, label)]
+        cells += [f"{cell[k]:.3f}" for k in DIVERGENCES]
         cells += [str(cell["steps"]), f"{cell['tokens']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -175,7 +181,9 @@ def generated_section(
         "Configs: `configs/paper/translation.yaml`, `configs/paper/arithmetic.yaml` (every "
         "method: same student initialisation, steps, prompts per step, learning rate). "
         "Metrics on the test split, greedy decoding; gap closed = (method - student init) / "
-        "(teacher - student init).",
+        "(teacher - student init). fwd KL / rev KL: per-token KL(teacher || student) and "
+        "KL(student || teacher) on the student's own samples (temperature 1) of the test "
+        "prompts, mean over seeds.",
     ]
     if beta is not None:
         parts.append(

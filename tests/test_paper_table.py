@@ -51,6 +51,7 @@ def _fake_runs(root: Path, values: dict[tuple[str, str], list[float]], refs) -> 
             out = run_dir(task, label, seed, root)
             out.mkdir(parents=True)
             metrics = {name: value + i for i, name in enumerate(TASKS[task].metrics)}
+            metrics.update(forward_kl=0.5 + seed, reverse_kl=0.25)
             result = {
                 "task": task,
                 "label": label,
@@ -69,6 +70,8 @@ def _fake_runs(root: Path, values: dict[tuple[str, str], list[float]], refs) -> 
         out = root / task / f"reference-{role}"
         out.mkdir(parents=True)
         metrics = {name: value + i for i, name in enumerate(TASKS[task].metrics)}
+        if role == "student":
+            metrics.update(forward_kl=0.75, reverse_kl=0.5)
         (out / "result.json").write_text(json.dumps({"task": task, "test": metrics}))
 
 
@@ -96,6 +99,8 @@ def test_rows_are_mean_std_and_gap_closed_of_the_runs(tmp_path):
     assert facts["runs"] == 3 * 9
     table = report.markdown_table("translation", rows, facts)
     assert "| on_policy_gkd | jsd(0.5) | 1 | 62.00 ± 2.00 | 53% |" in table
+    assert "| 1.500 | 0.250 | 10 | 101 |" in table  # mean KLs over seeds 0.5, 1.5, 2.5
+    assert "| student_init |  |  | 30.00 |  | 31.00 |  | 0.750 | 0.500 |" in table
 
 
 def test_best_beta_needs_every_seed_and_breaks_ties_by_declared_order(tmp_path):
