@@ -61,7 +61,7 @@ models: venv
 	$(PY) -m student_trainer pretrain --task translation --role teacher --role student
 	$(PY) -m student_trainer pretrain --task arithmetic --role teacher --role student
 
-# The GKD paper's comparison on the built-in tasks -> docs/RESULTS.md, results/ (~N min).
+# The GKD paper's comparison on the built-in tasks -> docs/RESULTS.md, results/ (16 min on 2 cores).
 # Piecewise: `$(PY) -m student_trainer.paper_table --only translation/sft`; runs that have
 # a results/paper-runs/.../result.json are skipped, so an interrupted table resumes.
 paper-table: venv
