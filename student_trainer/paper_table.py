@@ -74,7 +74,7 @@ def grid(task: str, best_beta: float | None) -> list[Method]:
     return methods
 
 
-TASKS = ("translation", "arithmetic")
+TABLE_TASKS = ("translation", "arithmetic")
 
 
 def run_dir(task: str, label: str, seed: int, runs_dir: Path = RUNS_DIR) -> Path:
@@ -207,7 +207,7 @@ def run_grid(tasks: list[str], only: set[str], jobs: int, threads: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="paper-table", description=__doc__)
-    parser.add_argument("--task", action="append", choices=TASKS, help="default: both")
+    parser.add_argument("--task", action="append", choices=TABLE_TASKS, help="default: both")
     parser.add_argument(
         "--only",
         action="append",
@@ -223,10 +223,11 @@ def main(argv: list[str] | None = None) -> None:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     _init_worker(threads)  # the parent scores the references
     if not args.report_only:
-        run_grid(args.task or list(TASKS), set(args.only), args.jobs, threads)
+        run_grid(args.task or list(TABLE_TASKS), set(args.only), args.jobs, threads)
     from student_trainer.report import write_report
 
-    write_report(" ".join(["make paper-table", *sys.argv[1:]]), time.perf_counter() - started)
+    elapsed = None if args.report_only else time.perf_counter() - started
+    write_report(" ".join(["make paper-table", *sys.argv[1:]]), elapsed)
 
 
 if __name__ == "__main__":
