@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from teacher_service.auth import TOKEN_ENV, read_token
 from teacher_service.config import Limits, ServerConfig
 from teacher_service.tiny_model import TinyModelSpec
 
@@ -35,6 +36,7 @@ def _serve(args: argparse.Namespace) -> None:
         backend=args.backend,
         upstream=args.upstream or "",
         http_port=args.http_port,
+        auth_token=read_token(args.auth_token_file),
     )
     serve(config)
 
@@ -79,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve HTTP here (native API, vLLM/OpenAI and TGI dialects, /metrics)",
     )
     serve.add_argument("--no-grpc", action="store_true", help="serve HTTP only")
+    serve.add_argument(
+        "--auth-token-file",
+        help="require this file's token as 'Authorization: Bearer <token>' on both front "
+        f"ends (health checks stay open); default: ${TOKEN_ENV} if set, else no auth",
+    )
     serve.add_argument(
         "--backend",
         default="huggingface",

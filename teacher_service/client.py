@@ -14,6 +14,7 @@ server's message naming the offending field.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 import time
@@ -25,6 +26,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from teacher_service.auth import TOKEN_ENV, bearer_metadata
 from teacher_service.codec import LOGPROB_DTYPES, decode_numpy, dtype_enum, encode_numpy
 from teacher_service.fingerprint import tokenizer_fingerprint
 from teacher_service.proto import teacher_pb2 as pb
@@ -289,8 +291,11 @@ class _ClientBase:
         timeout: float | None = DEFAULT_TIMEOUT,
         retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        token: str | None = None,
     ) -> None:
+        """`token`: the service's bearer token (default: $TEACHER_AUTH_TOKEN, if set)."""
         self.target = target
+        self._metadata = bearer_metadata(token if token is not None else os.environ.get(TOKEN_ENV))
         self.timeout = timeout
         self.retry = retry
         channel_factory = type(self)._channel_factory
@@ -312,7 +317,9 @@ class TeacherClient(_ClientBase):
         deadline, attempt = self._deadline(timeout), 0
         while True:
             try:
-                return getattr(self._stub, method)(request, timeout=_remaining(deadline))
+                return getattr(self._stub, method)(
+                    request, timeout=_remaining(deadline), metadata=self._metadata
+                )
             except grpc.RpcError as error:
                 delay = self.retry.next_delay(error, attempt, deadline)
                 if delay is None:
@@ -367,7 +374,9 @@ class TeacherClient(_ClientBase):
                         return
                 yield build_score_request(**call, request_id=str(index))
 
-        stream = self._stub.ScoreStream(requests(), timeout=_remaining(self._deadline(timeout)))
+        stream = self._stub.ScoreStream(
+            requests(), timeout=_remaining(self._deadline(timeout)), metadata=self._metadata
+        )
         ready: dict[int, pb.ScoreStreamResponse] = {}
         next_index = 0
         try:
@@ -454,7 +463,9 @@ class AsyncTeacherClient(_ClientBase):
         deadline, attempt = self._deadline(timeout), 0
         while True:
             try:
-                return await getattr(self._stub, method)(request, timeout=_remaining(deadline))
+                return await getattr(self._stub, method)(
+                    request, timeout=_remaining(deadline), metadata=self._metadata
+                )
             except grpc.aio.AioRpcError as error:
                 delay = self.retry.next_delay(error, attempt, deadline)
                 if delay is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class ServerConfig:
     backend: str = "huggingface"  # or "openai" / "tgi": front an upstream server
     upstream: str = ""  # the upstream's URL for a remote backend
     http_port: int | None = None  # serve the HTTP front end there (None: off; 0: a free port)
+    auth_token: str = field(default="", repr=False)  # require it as a bearer token ("" off)
 
     def __post_init__(self) -> None:
         if self.max_wait_ms < 0:

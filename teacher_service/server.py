@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from teacher_service.auth import TokenInterceptor
 from teacher_service.backend import HFBackend
 from teacher_service.batcher import BatcherClosed, BatcherOverloaded
 from teacher_service.codec import encode_torch
@@ -203,11 +204,13 @@ def _address(host: str, port: int) -> str:
 async def _start_grpc(
     engine: Engine, config: ServerConfig
 ) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
+    interceptors = [TokenInterceptor(config.auth_token)] if config.auth_token else []
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.limits.max_message_bytes),
             ("grpc.max_send_message_length", config.limits.max_message_bytes),
-        ]
+        ],
     )
     pb_grpc.add_TeacherServicer_to_server(TeacherServicer(engine), server)
     health = health_aio.HealthServicer()
@@ -239,18 +242,21 @@ async def start_server(config: ServerConfig, backend) -> RunningServer:
         if config.grpc:
             grpc_server, port, health = await _start_grpc(engine, config)
         if config.http_port is not None:
-            http = await HttpServer.start(engine, config.host, config.http_port)
+            http = await HttpServer.start(
+                engine, config.host, config.http_port, auth_token=config.auth_token
+            )
     except BaseException:
         if grpc_server is not None:
             await grpc_server.stop(0)
         await engine.close()
         raise
     log.info(
-        "teacher service: gRPC %s, HTTP %s (model %s, %s)",
+        "teacher service: gRPC %s, HTTP %s (model %s, %s, auth %s)",
         "off" if port is None else f"{config.host}:{port}",
         "off" if http is None else f"{config.host}:{http.port}",
         backend.model_id,
         backend.device,
+        "bearer token" if config.auth_token else "off",
     )
     return RunningServer(engine, grpc_server, port, health, http)
 

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from teacher_service import __version__
+from teacher_service.auth import HTTP_OPEN_PATHS, REFUSED, bearer_matches
 from teacher_service.batcher import BatcherClosed, BatcherOverloaded
 from teacher_service.engine import Engine
 from teacher_service.validation import RequestError
@@ -39,7 +40,7 @@ def http_status(error: BaseException) -> tuple[int, str]:
     return 500, f"the teacher failed on this request: {type(error).__name__}: {error}"
 
 
-def create_app(engine: Engine) -> FastAPI:
+def create_app(engine: Engine, *, auth_token: str = "") -> FastAPI:
     from teacher_service.web import native, openai, tgi
 
     app = FastAPI(
@@ -51,6 +52,21 @@ def create_app(engine: Engine) -> FastAPI:
     )
     app.state.engine = engine
     app.state.shutting_down = False
+
+    if auth_token:
+
+        @app.middleware("http")
+        async def authenticate(request: Request, call_next):
+            """Runs before the body is read: a refused request never reaches the engine."""
+            if request.url.path in HTTP_OPEN_PATHS or bearer_matches(
+                request.headers.get("authorization"), auth_token
+            ):
+                return await call_next(request)
+            return JSONResponse(
+                status_code=401,
+                content={"error": REFUSED},
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     @app.middleware("http")
     async def observe(request: Request, call_next):

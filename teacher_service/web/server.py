@@ -24,8 +24,10 @@ class HttpServer:
         self._server, self._task, self.port, self.app = server, task, port, app
 
     @classmethod
-    async def start(cls, engine: Engine, host: str, port: int) -> HttpServer:
-        app = create_app(engine)
+    async def start(
+        cls, engine: Engine, host: str, port: int, *, auth_token: str = ""
+    ) -> HttpServer:
+        app = create_app(engine, auth_token=auth_token)
         config = uvicorn.Config(
             app, host=host, port=port, lifespan="off", access_log=False, log_level="warning"
         )

@@ -1,0 +1,63 @@
+"""Optional bearer-token authentication, the same for both front ends.
+
+With a token configured, every gRPC call must carry the metadata `authorization: Bearer
+<token>` and every HTTP request the header `Authorization: Bearer <token>`; anything else
+is refused (UNAUTHENTICATED / 401) before it is parsed or queued, so it never reaches the
+batcher. Health checks stay open: Kubernetes probes and Docker's HEALTHCHECK send no
+credentials. Tokens are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+
+import grpc
+
+TOKEN_ENV = "TEACHER_AUTH_TOKEN"  # what the client side and `--auth-token-file` fall back on
+GRPC_OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+HTTP_OPEN_PATHS = frozenset({"/health"})
+REFUSED = "missing or invalid bearer token (send 'authorization: Bearer <token>')"
+
+
+def read_token(path: str | Path | None) -> str:
+    """The token from a file (whitespace stripped), else $TEACHER_AUTH_TOKEN, else ""."""
+    if path:
+        token = Path(path).read_text().strip()
+        if not token:
+            raise ValueError(f"auth token file {path} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV, "")
+
+
+def bearer_matches(header: str | None, token: str) -> bool:
+    scheme, _, value = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        value.strip().encode(), token.encode()
+    )
+
+
+async def _refuse(request, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED)
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call but health checks unless it carries the bearer token."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+        self._refusal = grpc.unary_unary_rpc_method_handler(_refuse)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(GRPC_OPEN_PREFIXES):
+            return await continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if bearer_matches(metadata.get("authorization"), self._token):
+            return await continuation(handler_call_details)
+        return self._refusal
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The call metadata a client sends (None without a token)."""
+    return (("authorization", f"Bearer {token}"),) if token else None
