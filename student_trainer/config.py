@@ -37,6 +37,12 @@ class TeacherConfig:
     timeout_s: float = 300.0  # per call, retries included
     connect_timeout_s: float = 120.0  # how long to wait for the service at startup
     dtype: str = "float32"  # wire dtype of the teacher's log-probs
+    # TLS to the service: on when tls or any file is set (the bearer token, if the service
+    # wants one, comes from $TEACHER_AUTH_TOKEN: secrets stay out of config files)
+    tls: bool = False
+    tls_ca: str = ""  # verify the service against this CA (system roots if empty)
+    tls_cert: str = ""  # mutual TLS: this client's certificate chain ...
+    tls_key: str = ""  # ... and its key
 
 
 @dataclass

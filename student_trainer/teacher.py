@@ -122,11 +122,14 @@ def _numpy(tensor: torch.Tensor | None):
     return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
-def connect(address: str, in_process: str, *, timeout: float, device: str = "cpu") -> Teacher:
-    """The in-process teacher when a model directory is given, else the service's client."""
+def connect(
+    address: str, in_process: str, *, timeout: float, device: str = "cpu", **tls: Any
+) -> Teacher:
+    """The in-process teacher when a model directory is given, else the service's client
+    (`tls`: TeacherClient's tls, tls_ca, tls_cert, tls_key)."""
     if in_process:
         return InProcessTeacher.load(in_process, device=device)
-    return TeacherClient(address, timeout=timeout)
+    return TeacherClient(address, timeout=timeout, **tls)
 
 
 # what the trainer talks to: both offer score / generate / check_tokenizer / close

@@ -164,7 +164,8 @@ class Trainer:
         t = self.config.teacher
         if not self.config.uses_teacher and not (t.address or t.in_process):
             return None
-        teacher = connect(t.address, t.in_process, timeout=t.timeout_s)
+        tls = dict(tls=t.tls, tls_ca=t.tls_ca, tls_cert=t.tls_cert, tls_key=t.tls_key)
+        teacher = connect(t.address, t.in_process, timeout=t.timeout_s, **tls)
         try:
             if isinstance(teacher, TeacherClient):
                 log.info("waiting for the teacher service at %s", t.address)

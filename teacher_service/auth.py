@@ -1,4 +1,8 @@
-"""Optional bearer-token authentication, the same for both front ends.
+"""Optional TLS and bearer-token authentication, the same for both front ends.
+
+TLS: the server presents `cert`/`key` (PEM) on gRPC and HTTP; with `client_ca` it also
+requires client certificates signed by that CA (mutual TLS). Clients verify the server
+against `ca` (or the system roots) and present their own certificate for mutual TLS.
 
 With a token configured, every gRPC call must carry the metadata `authorization: Bearer
 <token>` and every HTTP request the header `Authorization: Bearer <token>`; anything else
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import ssl
 from pathlib import Path
 
 import grpc
@@ -56,6 +61,37 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         if bearer_matches(metadata.get("authorization"), self._token):
             return await continuation(handler_call_details)
         return self._refusal
+
+
+def _read(path: str) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def grpc_server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials(
+        [(_read(key), _read(cert))],
+        root_certificates=_read(client_ca),
+        require_client_auth=bool(client_ca),
+    )
+
+
+def grpc_channel_credentials(
+    ca: str = "", cert: str = "", key: str = ""
+) -> grpc.ChannelCredentials:
+    """Verify the server against `ca` (system roots if ""); present cert/key if given."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca), private_key=_read(key), certificate_chain=_read(cert)
+    )
+
+
+def uvicorn_tls_options(cert: str, key: str, client_ca: str = "") -> dict:
+    """uvicorn.Config keywords for the same certificate (and client CA) as gRPC."""
+    if not cert:
+        return {}
+    options = {"ssl_certfile": cert, "ssl_keyfile": key}
+    if client_ca:
+        options.update(ssl_ca_certs=client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return options
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:

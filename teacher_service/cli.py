@@ -37,6 +37,9 @@ def _serve(args: argparse.Namespace) -> None:
         upstream=args.upstream or "",
         http_port=args.http_port,
         auth_token=read_token(args.auth_token_file),
+        tls_cert=args.tls_cert or "",
+        tls_key=args.tls_key or "",
+        tls_client_ca=args.tls_client_ca or "",
     )
     serve(config)
 
@@ -85,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--auth-token-file",
         help="require this file's token as 'Authorization: Bearer <token>' on both front "
         f"ends (health checks stay open); default: ${TOKEN_ENV} if set, else no auth",
+    )
+    serve.add_argument("--tls-cert", help="PEM certificate chain: serve TLS on both front ends")
+    serve.add_argument("--tls-key", help="the certificate's PEM private key")
+    serve.add_argument(
+        "--tls-client-ca", help="mutual TLS: require client certificates signed by this CA"
     )
     serve.add_argument(
         "--backend",

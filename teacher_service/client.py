@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from teacher_service.auth import TOKEN_ENV, bearer_metadata
+from teacher_service.auth import TOKEN_ENV, bearer_metadata, grpc_channel_credentials
 from teacher_service.codec import LOGPROB_DTYPES, decode_numpy, dtype_enum, encode_numpy
 from teacher_service.fingerprint import tokenizer_fingerprint
 from teacher_service.proto import teacher_pb2 as pb
@@ -282,7 +282,7 @@ def _error(method: str, error: grpc.RpcError) -> TeacherServiceError:
 class _ClientBase:
     """What both flavours share: target, default deadline, retry policy, one channel."""
 
-    _channel_factory: Any  # grpc.insecure_channel or grpc.aio.insecure_channel
+    _grpc: Any  # the grpc module (blocking) or grpc.aio: where the channel factories live
 
     def __init__(
         self,
@@ -292,14 +292,24 @@ class _ClientBase:
         retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         token: str | None = None,
+        tls: bool = False,
+        tls_ca: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
     ) -> None:
-        """`token`: the service's bearer token (default: $TEACHER_AUTH_TOKEN, if set)."""
+        """`token`: the service's bearer token (default: $TEACHER_AUTH_TOKEN, if set).
+        TLS is on with `tls` or any tls_* file: the server is verified against `tls_ca`
+        (system roots if none), and tls_cert/tls_key are presented for mutual TLS."""
         self.target = target
         self._metadata = bearer_metadata(token if token is not None else os.environ.get(TOKEN_ENV))
         self.timeout = timeout
         self.retry = retry
-        channel_factory = type(self)._channel_factory
-        self._channel = channel_factory(target, options=_channel_options(max_message_bytes, retry))
+        options = _channel_options(max_message_bytes, retry)
+        if tls or tls_ca or tls_cert:
+            credentials = grpc_channel_credentials(tls_ca, tls_cert, tls_key)
+            self._channel = self._grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = self._grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.TeacherStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -311,7 +321,7 @@ class _ClientBase:
 class TeacherClient(_ClientBase):
     """Blocking client; thread-safe (one HTTP/2 connection shared by all threads)."""
 
-    _channel_factory = grpc.insecure_channel
+    _grpc = grpc
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         deadline, attempt = self._deadline(timeout), 0
@@ -457,7 +467,7 @@ class AsyncTeacherClient(_ClientBase):
     `score` calls pipelines them.
     """
 
-    _channel_factory = grpc.aio.insecure_channel
+    _grpc = grpc.aio
 
     async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         deadline, attempt = self._deadline(timeout), 0

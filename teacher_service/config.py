@@ -43,6 +43,9 @@ class ServerConfig:
     upstream: str = ""  # the upstream's URL for a remote backend
     http_port: int | None = None  # serve the HTTP front end there (None: off; 0: a free port)
     auth_token: str = field(default="", repr=False)  # require it as a bearer token ("" off)
+    tls_cert: str = ""  # PEM certificate chain: serve TLS on both front ends ("" off)
+    tls_key: str = ""  # its private key
+    tls_client_ca: str = ""  # require client certificates signed by this CA (mutual TLS)
 
     def __post_init__(self) -> None:
         if self.max_wait_ms < 0:
@@ -57,5 +60,9 @@ class ServerConfig:
             raise ValueError(f"backend must be huggingface, openai or tgi, got {self.backend!r}")
         if (self.backend != "huggingface") != bool(self.upstream):
             raise ValueError("--upstream URL goes with --backend openai or tgi (and only them)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if not self.grpc and self.http_port is None:
             raise ValueError("both front ends are off: serve gRPC, HTTP (--http-port) or both")

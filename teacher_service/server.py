@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from teacher_service.auth import TokenInterceptor
+from teacher_service.auth import TokenInterceptor, grpc_server_credentials, uvicorn_tls_options
 from teacher_service.backend import HFBackend
 from teacher_service.batcher import BatcherClosed, BatcherOverloaded
 from teacher_service.codec import encode_torch
@@ -226,7 +226,13 @@ async def _start_grpc(
     )
     address = _address(config.host, config.port)
     try:
-        port = server.add_insecure_port(address)
+        if config.tls_cert:
+            credentials = grpc_server_credentials(
+                config.tls_cert, config.tls_key, config.tls_client_ca
+            )
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as error:
         raise OSError(f"cannot listen on {address}: {error} (is the port in use?)") from None
     await server.start()
@@ -242,8 +248,9 @@ async def start_server(config: ServerConfig, backend) -> RunningServer:
         if config.grpc:
             grpc_server, port, health = await _start_grpc(engine, config)
         if config.http_port is not None:
+            tls = uvicorn_tls_options(config.tls_cert, config.tls_key, config.tls_client_ca)
             http = await HttpServer.start(
-                engine, config.host, config.http_port, auth_token=config.auth_token
+                engine, config.host, config.http_port, auth_token=config.auth_token, tls=tls
             )
     except BaseException:
         if grpc_server is not None:
@@ -251,12 +258,13 @@ async def start_server(config: ServerConfig, backend) -> RunningServer:
         await engine.close()
         raise
     log.info(
-        "teacher service: gRPC %s, HTTP %s (model %s, %s, auth %s)",
+        "teacher service: gRPC %s, HTTP %s (model %s, %s, auth %s, TLS %s)",
         "off" if port is None else f"{config.host}:{port}",
         "off" if http is None else f"{config.host}:{http.port}",
         backend.model_id,
         backend.device,
         "bearer token" if config.auth_token else "off",
+        ("mutual" if config.tls_client_ca else "on") if config.tls_cert else "off",
     )
     return RunningServer(engine, grpc_server, port, health, http)
 
@@ -320,9 +328,10 @@ class BackgroundServer:
 
     @property
     def http_url(self) -> str:
-        """http://host:port of the HTTP front end."""
+        """http(s)://host:port of the HTTP front end."""
         assert self.running is not None and self.running.http_port is not None, "no HTTP server"
-        return f"http://{_address(self._config.host, self.running.http_port)}"
+        scheme = "https" if self._config.tls_cert else "http"
+        return f"{scheme}://{_address(self._config.host, self.running.http_port)}"
 
     def call(self, coroutine):
         """Run a coroutine on the server's loop and wait for its result."""

@@ -25,11 +25,18 @@ class HttpServer:
 
     @classmethod
     async def start(
-        cls, engine: Engine, host: str, port: int, *, auth_token: str = ""
+        cls, engine: Engine, host: str, port: int, *, auth_token: str = "", tls: dict | None = None
     ) -> HttpServer:
+        """`tls`: uvicorn's ssl_* keywords (auth.uvicorn_tls_options); empty serves HTTP."""
         app = create_app(engine, auth_token=auth_token)
         config = uvicorn.Config(
-            app, host=host, port=port, lifespan="off", access_log=False, log_level="warning"
+            app,
+            host=host,
+            port=port,
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            **(tls or {}),
         )
         server = _Uvicorn(config)
         task = asyncio.create_task(server.serve(), name="http-server")
