@@ -14,8 +14,10 @@ server's message naming the offending field.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -267,6 +269,43 @@ def _channel_options(max_message_bytes: int, retry: RetryPolicy) -> list[tuple[s
     ]
 
 
+TEACHER_SERVICE = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
+POOL_SERVICE_CONFIG = json.dumps(
+    {
+        # spread calls over every replica; skip one whose health check is not SERVING (a
+        # replica draining on SIGTERM reports NOT_SERVING before it stops)
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": TEACHER_SERVICE},
+    }
+)
+
+
+def channel_target(address: str | Sequence[str]) -> tuple[str, bool]:
+    """(gRPC target, is a pool) for one replica or several.
+
+    Several replicas are a list or a comma-separated string of host:port: each host is
+    resolved once, here, into gRPC's static `ipv4:`/`ipv6:` list. `dns:///name:port`
+    (a Kubernetes headless Service) is a pool gRPC's own resolver keeps up to date.
+    """
+    endpoints = [address] if isinstance(address, str) else list(address)
+    endpoints = [e.strip() for item in endpoints for e in item.split(",") if e.strip()]
+    if len(endpoints) == 1:
+        return endpoints[0], endpoints[0].startswith("dns:")
+    families: dict[str, list[str]] = {"ipv4": [], "ipv6": []}
+    for endpoint in endpoints:
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"teacher endpoint {endpoint!r}: expected host:port")
+        host = host.strip("[]")
+        for family, _, _, _, sockaddr in socket.getaddrinfo(host, int(port)):
+            if family == socket.AF_INET6:
+                families["ipv6"].append(f"[{sockaddr[0]}]:{port}")
+            else:
+                families["ipv4"].append(f"{sockaddr[0]}:{port}")
+    scheme = "ipv4" if families["ipv4"] else "ipv6"
+    return f"{scheme}:" + ",".join(dict.fromkeys(families[scheme])), True
+
+
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
@@ -286,7 +325,7 @@ class _ClientBase:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         retry: RetryPolicy = RetryPolicy(),
@@ -297,19 +336,24 @@ class _ClientBase:
         tls_cert: str = "",
         tls_key: str = "",
     ) -> None:
-        """`token`: the service's bearer token (default: $TEACHER_AUTH_TOKEN, if set).
+        """`target`: host:port, or a pool of replicas (a list or "a:1,b:2" of host:port, or
+        dns:///name:port); calls go round-robin to the healthy ones, and a call that fails
+        with UNAVAILABLE (a replica died) is retried on another, with the same result.
+        `token`: the service's bearer token (default: $TEACHER_AUTH_TOKEN, if set).
         TLS is on with `tls` or any tls_* file: the server is verified against `tls_ca`
         (system roots if none), and tls_cert/tls_key are presented for mutual TLS."""
-        self.target = target
+        self.target, pool = channel_target(target)
         self._metadata = bearer_metadata(token if token is not None else os.environ.get(TOKEN_ENV))
         self.timeout = timeout
         self.retry = retry
         options = _channel_options(max_message_bytes, retry)
+        if pool:
+            options.append(("grpc.service_config", POOL_SERVICE_CONFIG))
         if tls or tls_ca or tls_cert:
             credentials = grpc_channel_credentials(tls_ca, tls_cert, tls_key)
-            self._channel = self._grpc.secure_channel(target, credentials, options=options)
+            self._channel = self._grpc.secure_channel(self.target, credentials, options=options)
         else:
-            self._channel = self._grpc.insecure_channel(target, options=options)
+            self._channel = self._grpc.insecure_channel(self.target, options=options)
         self._stub = pb_grpc.TeacherStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
