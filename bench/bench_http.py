@@ -29,9 +29,9 @@ import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_service import ServerProcess, bench_spec, ensure_bench_model, free_port
+from bench_service import ServerProcess, bench_spec, ensure_bench_model
 
-from teacher_service.cli import serve_command
+from teacher_service.cli import free_port, serve_command
 from teacher_service.client import build_score_request
 from teacher_service.proto import teacher_pb2_grpc as pb_grpc
 

@@ -39,7 +39,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from teacher_service.backend import HFBackend, ScoreItem
+from teacher_service.cli import free_port
 from teacher_service.client import TeacherClient, TeacherServiceError, build_score_request
 from teacher_service.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.scoring import ScoreOptions, score_rows
@@ -113,12 +113,6 @@ def ensure_bench_model(spec: TinyModelSpec) -> Path:
 
 
 # --- the server process ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

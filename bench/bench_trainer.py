@@ -38,7 +38,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_service import ROOT, ServerProcess, free_port
+from bench_service import ROOT, ServerProcess
 from trl_reference import trl_step_seconds
 
 from student_trainer.config import load_config
@@ -46,7 +46,7 @@ from student_trainer.data import encode_prompt
 from student_trainer.tasks import TASKS
 from student_trainer.teacher import InProcessTeacher
 from student_trainer.train import Trainer
-from teacher_service.cli import serve_command
+from teacher_service.cli import free_port, serve_command
 from teacher_service.tiny_model import TinyModelSpec, build_tiny_model
 
 WARMUP_STEPS = 2

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -25,16 +24,10 @@ from transformers.utils import logging as transformers_logging
 
 from student_trainer.config import TrainConfig, load_config
 from student_trainer.train import evaluate_split, train
-from teacher_service.cli import serve_command
+from teacher_service.cli import free_port, serve_command
 from teacher_service.client import TeacherClient
 
 METRIC_LABELS = {"exact_match": "exact match (%)", "chrf": "chrF", "accuracy": "accuracy (%)"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _step(text: str) -> None:
@@ -61,7 +54,7 @@ def run(config_path: Path, teacher_dir: Path, steps: int | None) -> None:
     started = time.perf_counter()
     config = load_config(config_path)
     _require_models(teacher_dir, Path(config.student.model))
-    port = _free_port()
+    port = free_port()
     _step(f"starting teacher-service on 127.0.0.1:{port} (model {teacher_dir})")
     server = subprocess.Popen(
         serve_command(teacher_dir, port),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -50,6 +51,13 @@ def _tiny_model(args: argparse.Namespace) -> None:
     spec = TinyModelSpec(**{f.name: getattr(args, f.name) for f in fields(TinyModelSpec)})
     out = build_tiny_model(args.out_dir, spec, tokenizer_from=args.tokenizer_from)
     print(f"wrote a tiny Llama model and its BPE tokenizer to {out}")
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for serve_command's callers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def serve_command(model_dir: str | Path, port: int, *extra: str) -> list[str]:

@@ -4,7 +4,6 @@ never written to the service's output."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 
@@ -14,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from teacher_service.auth import bearer_matches
-from teacher_service.cli import serve_command
+from teacher_service.cli import free_port, serve_command
 from teacher_service.client import TeacherClient, TeacherServiceError
 from tests.conftest import start_background_server
 
@@ -91,16 +90,10 @@ def test_http_refuses_without_the_token_and_serves_with_it(guarded, sequences):
     assert len(calls) == before + 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_the_token_never_appears_in_the_service_output(tiny_model_dir, tmp_path, sequences):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    port, http_port = _free_port(), _free_port()
+    port, http_port = free_port(), free_port()
     command = serve_command(tiny_model_dir, port, "--http-port", str(http_port))
     command += ["--auth-token-file", str(token_file)]
     command[command.index("WARNING")] = "DEBUG"  # the chattiest logging there is

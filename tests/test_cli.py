@@ -14,10 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from teacher_service.cli import serve_command
+from teacher_service.cli import free_port, serve_command
 from teacher_service.client import TeacherClient
 from tests.conftest import reference_logprobs
-from tests.test_client import _free_port
 
 
 def test_tiny_model_command_writes_a_model_that_from_pretrained_loads(tmp_path):
@@ -52,7 +51,7 @@ def test_tiny_model_command_writes_a_model_that_from_pretrained_loads(tmp_path):
 
 
 def test_serve_scores_and_shuts_down_cleanly_on_sigterm(tiny_model_dir, backend, sequences):
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -112,7 +111,7 @@ def test_serve_refuses_bad_flags_with_a_clear_message(tiny_model_dir, tmp_path, 
 
 
 def test_http_only_server_answers_and_stops_on_sigterm(tiny_model_dir, sequences):
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         serve_command(tiny_model_dir, 0, "--no-grpc", "--http-port", str(port)),
         stdout=subprocess.PIPE,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -10,6 +9,7 @@ import grpc
 import pytest
 from transformers import AutoTokenizer
 
+from teacher_service.cli import free_port
 from teacher_service.client import (
     RetryPolicy,
     TeacherClient,
@@ -51,14 +51,8 @@ def test_tokenizer_handshake_rejects_same_size_with_other_tokens(client, backend
         client.check_tokenizer(other)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_unavailable_is_retried_until_the_server_comes_up(tiny_model_dir, backend, sequences):
-    port = _free_port()
+    port = free_port()
     config = ServerConfig(model=str(tiny_model_dir), port=port)
     late = BackgroundServer(config, backend)
     starter = threading.Timer(1.0, late.start)
@@ -76,7 +70,7 @@ def test_unavailable_is_retried_until_the_server_comes_up(tiny_model_dir, backen
 
 
 def test_unavailable_gives_up_after_max_retries_and_within_the_deadline():
-    port = _free_port()  # nothing listens here
+    port = free_port()  # nothing listens here
     retry = RetryPolicy(max_retries=3, initial_backoff=0.01, max_backoff=0.02)
     with TeacherClient(f"127.0.0.1:{port}", retry=retry, timeout=10) as teacher:
         with pytest.raises(TeacherServiceError) as caught:
@@ -106,7 +100,7 @@ def test_retry_policy_only_retries_unavailable():
 
 
 def test_a_client_recovers_soon_after_its_teacher_restarts(tiny_model_dir, backend, sequences):
-    port = _free_port()
+    port = free_port()
     config = ServerConfig(model=str(tiny_model_dir), port=port)
     retry = RetryPolicy(max_retries=1000, initial_backoff=0.05, max_backoff=0.2)
     with TeacherClient(f"127.0.0.1:{port}", retry=retry, timeout=30) as teacher:

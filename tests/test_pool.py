@@ -5,7 +5,6 @@ replica that comes back gets calls again."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 
@@ -13,20 +12,14 @@ import httpx
 import pytest
 
 from student_trainer.train import Trainer, train
-from teacher_service.cli import serve_command
+from teacher_service.cli import free_port, serve_command
 from teacher_service.client import TeacherClient, channel_target
 from tests.trainer_helpers import small_config
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Replica:
     def __init__(self, model_dir) -> None:
-        self.model_dir, self.port, self.http_port = model_dir, _free_port(), _free_port()
+        self.model_dir, self.port, self.http_port = model_dir, free_port(), free_port()
         self.process: subprocess.Popen | None = None
 
     @property

@@ -179,9 +179,9 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path, backend):
 
 
 def test_unreachable_service_is_named(tmp_path, student_model_dir):
-    from tests.test_client import _free_port
+    from teacher_service.cli import free_port
 
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     config = small_config(
         tmp_path, student_model_dir, f"teacher.address={address}", "teacher.connect_timeout_s=1"
     )
