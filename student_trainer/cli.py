@@ -16,9 +16,12 @@ def _config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> None:
+    from student_trainer.distributed import from_environment
     from student_trainer.train import train
 
     result = train(_config(args), resume=args.resume)
+    if not from_environment().is_main:  # under torchrun, rank 0 speaks for the run
+        return
     print(f"trained to step {result.steps}; metrics in {result.out_dir / 'metrics.jsonl'}")
     if result.evaluations:
         print(json.dumps(result.evaluations[-1]))

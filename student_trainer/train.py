@@ -12,6 +12,7 @@ Each optimizer step:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -27,12 +28,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from student_trainer.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from student_trainer.config import ConfigError, TrainConfig, to_dict
 from student_trainer.data import ExampleStream, encode_answer, encode_prompt
+from student_trainer.distributed import (
+    World,
+    destroy_process_group,
+    device_for,
+    from_environment,
+    init_process_group,
+)
 from student_trainer.evaluate import evaluate
 from student_trainer.losses import token_level_loss
 from student_trainer.metrics import MetricsLog
@@ -53,6 +62,8 @@ from teacher_service.codec import torch_dtype
 from teacher_service.sampling import SamplingOptions
 
 log = logging.getLogger(__name__)
+# rank r samples with its own stream, seeded run.seed + r * RANK_SEED_STRIDE (rank 0: run.seed)
+RANK_SEED_STRIDE = 1_000_003
 
 
 class Deferred:
@@ -102,14 +113,30 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 
 class Trainer:
-    """Holds the run's state; `train()` and the CLI's `eval` are thin wrappers around it."""
+    """Holds the run's state; `train()` and the CLI's `eval` are thin wrappers around it.
+
+    Under torchrun it is one rank of a data-parallel world (distributed.py says who does
+    what); alone it is a world of one and nothing distributed happens.
+    """
 
     def __init__(
-        self, config: TrainConfig, *, resume: str | None = None, teacher: Teacher | None = None
+        self,
+        config: TrainConfig,
+        *,
+        resume: str | None = None,
+        teacher: Teacher | None = None,
+        world: World | None = None,
     ) -> None:
         self.config = config
         self.out_dir = Path(config.run.out_dir)
-        self.device = resolve_device(config.student.device)
+        self.world = world if world is not None else from_environment()
+        if config.optim.batch_size < self.world.size:
+            raise ConfigError(
+                f"optim.batch_size: {config.optim.batch_size} prompts per micro-batch cannot be "
+                f"shared by {self.world.size} ranks (it is the global batch: >= 1 per rank)"
+            )
+        self.device = device_for(self.world, resolve_device(config.student.device))
+        init_process_group(self.world, self.device)
         checkpoint = self._resolve_resume(resume)
         source = checkpoint or config.student.model
         if not (Path(source) / "config.json").is_file():
@@ -118,6 +145,11 @@ class Trainer:
         self.model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype(config.student.dtype), local_files_only=True
         ).to(self.device)
+        # the module that computes gradients: DDP all-reduces them during backward
+        self.trained: torch.nn.Module = self.model
+        if self.world.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.trained = DistributedDataParallel(self.model, device_ids=ids)
         self.vocab = len(self.tokenizer)
         rows = self.model.get_output_embeddings().weight.shape[0]
         if rows < self.vocab:
@@ -141,7 +173,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, o.warmup_steps, o.steps, o.schedule)
         )
-        self.rollout_generator = torch.Generator(device=self.device).manual_seed(config.run.seed)
+        self.rollout_generator = torch.Generator(device=self.device).manual_seed(
+            config.run.seed + RANK_SEED_STRIDE * self.world.rank
+        )
         self.mixing = random.Random(config.run.seed)  # Algorithm 1's coin, one per step
         self.step = 0
         if checkpoint:
@@ -199,7 +233,12 @@ class Trainer:
         state = load_state(checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.rollout_generator.set_state(state["rollout_generator"])
+        # one sampling stream per rank of the saving world; ranks it did not have start fresh
+        streams = state.get("rollout_generators", [state.get("rollout_generator")])
+        if self.world.rank < len(streams) and streams[self.world.rank] is not None:
+            self.rollout_generator.set_state(streams[self.world.rank])
+        else:
+            log.info("rank %d: a new sampling stream (the checkpoint had none)", self.world.rank)
         self.mixing.setstate(state["mixing"])
         self.stream.load_state_dict(state["data"])
         torch.set_rng_state(state["torch"])
@@ -210,12 +249,16 @@ class Trainer:
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", checkpoint, self.step)
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Every rank must call it (their sampling streams are gathered); rank 0 writes."""
+        streams = self.world.gather(self.rollout_generator.get_state().cpu())
+        if not self.world.is_main:
+            return None
         state = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rollout_generator": self.rollout_generator.get_state(),
+            "rollout_generators": streams,
             "mixing": self.mixing.getstate(),
             "data": self.stream.state_dict(),
             "torch": torch.get_rng_state(),
@@ -265,8 +308,8 @@ class Trainer:
         ids = rows.topk(self.config.method.student_candidates, dim=-1).indices.cpu()
         return list(ids.split(batch.loss_mask.sum(dim=1).tolist()))
 
-    def _forward(self, batch: Batch) -> torch.Tensor:
-        out = self.model(
+    def _forward(self, batch: Batch, module: torch.nn.Module | None = None) -> torch.Tensor:
+        out = (module or self.model)(
             input_ids=batch.input_ids.to(self.device),
             attention_mask=batch.attention_mask.to(self.device),
         )
@@ -291,7 +334,7 @@ class Trainer:
         distill = m.name == "gkd"
         micro_batches = []
         for index in range(o.grad_accum):
-            examples = self.stream.take(o.batch_size)
+            examples = self.world.shard(self.stream.take(o.batch_size))
             group = m.samples_per_prompt if on_policy else 1
             examples = [e for e in examples for _ in range(group)]
             prompts = [encode_prompt(self.tokenizer, e.prompt) for e in examples]
@@ -322,33 +365,43 @@ class Trainer:
         on_policy = m.name == "gkd" and self.mixing.random() < m.lmbda
         self.model.train()
         micro_batches = self._prepare(on_policy)
-        total_tokens = sum(mb.batch.num_tokens for mb in micro_batches)
+        # the whole world's completion tokens: every rank's loss is a share of one mean
+        (total,) = self.world.sum([sum(mb.batch.num_tokens for mb in micro_batches)], self.device)
+        total_tokens = int(total)
         loss_sum = divergence_sum = 0.0
         latency = wait = 0.0
         rewards: list[float] = []
-        for mb in micro_batches:
-            logits = self._forward(mb.batch)
-            rows, targets = completion_rows(logits, mb.batch)
-            if mb.scores is None:  # sft / seqkd: next-token NLL on the given outputs
-                per_token = -token_logprobs(rows, targets)
-            else:
-                waited = time.perf_counter()
-                results, seconds = mb.scores.result()
-                wait += time.perf_counter() - waited
-                latency += seconds
-                teacher = TeacherRows.from_results(results, mb.candidates).to(self.device)
-                per_token, div = divergence(rows, targets, teacher, m)
-                divergence_sum += float(div.sum())
-                if mb.rewards is not None:
-                    advantages = group_advantages(mb.rewards, m.samples_per_prompt)
-                    per_token = m.alpha * per_token + (1 - m.alpha) * reward_loss(
-                        rows, targets, mb.batch, advantages.to(self.device)
-                    )
-                    rewards.extend(mb.rewards)
-            mask = torch.ones_like(per_token, dtype=torch.bool)
-            loss = token_level_loss(per_token, mask, total_tokens)
-            loss.backward()
+        for index, mb in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            # DDP all-reduces during the last micro-batch's backward only (it averages:
+            # hence the world size factor, which turns the average back into the sum)
+            accumulate = self.world.distributed and not last
+            with self.trained.no_sync() if accumulate else contextlib.nullcontext():
+                logits = self._forward(mb.batch, self.trained)
+                rows, targets = completion_rows(logits, mb.batch)
+                if mb.scores is None:  # sft / seqkd: next-token NLL on the given outputs
+                    per_token = -token_logprobs(rows, targets)
+                else:
+                    waited = time.perf_counter()
+                    results, seconds = mb.scores.result()
+                    wait += time.perf_counter() - waited
+                    latency += seconds
+                    teacher = TeacherRows.from_results(results, mb.candidates).to(self.device)
+                    per_token, div = divergence(rows, targets, teacher, m)
+                    divergence_sum += float(div.sum())
+                    if mb.rewards is not None:
+                        advantages = group_advantages(mb.rewards, m.samples_per_prompt)
+                        per_token = m.alpha * per_token + (1 - m.alpha) * reward_loss(
+                            rows, targets, mb.batch, advantages.to(self.device)
+                        )
+                        rewards.extend(mb.rewards)
+                mask = torch.ones_like(per_token, dtype=torch.bool)
+                loss = token_level_loss(per_token, mask, total_tokens)
+                (loss * self.world.size).backward()
             loss_sum += float(loss.detach())
+        loss_sum, divergence_sum, reward_sum, reward_count = self.world.sum(
+            [loss_sum, divergence_sum, sum(rewards), len(rewards)], self.device
+        )
         o = self.config.optim
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), o.max_grad_norm if o.max_grad_norm > 0 else float("inf")
@@ -376,8 +429,8 @@ class Trainer:
                 teacher_wait_s=wait,
                 hidden_fraction=max(0.0, 1 - wait / latency) if latency > 0 else 0.0,
             )
-        if rewards:
-            record["reward"] = sum(rewards) / len(rewards)
+        if reward_count:
+            record["reward"] = reward_sum / reward_count
         return record
 
     def evaluate(self, split: str = "validation") -> dict[str, float]:
@@ -401,6 +454,7 @@ class Trainer:
         self.executor.shutdown(wait=True)
         if self.teacher is not None:
             self.teacher.close()
+        destroy_process_group(self.world)
 
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:
@@ -419,37 +473,46 @@ def train(
     teacher: Teacher | None = None,
     stop_after: int | None = None,
 ) -> TrainResult:
-    """Run (or continue) training to config.optim.steps; `stop_after` ends early (tests)."""
+    """Run (or continue) training to config.optim.steps; `stop_after` ends early (tests).
+
+    Under torchrun every rank runs this; rank 0 alone evaluates, logs and shows progress.
+    """
     trainer = Trainer(config, resume=resume, teacher=teacher)
-    run, total = config.run, config.optim.steps
-    metrics = MetricsLog(trainer.out_dir, trainer.step)
-    (trainer.out_dir / "config.yaml").write_text(json.dumps(to_dict(config), indent=2))
+    run, total, main = config.run, config.optim.steps, trainer.world.is_main
+    metrics = MetricsLog(trainer.out_dir, trainer.step) if main else None
+    if main:
+        (trainer.out_dir / "config.yaml").write_text(json.dumps(to_dict(config), indent=2))
     result = TrainResult(trainer.out_dir, trainer.step)
     last = total if stop_after is None else min(total, stop_after)
+
+    def log_evaluation() -> None:
+        if metrics is not None:
+            evaluation = {"step": trainer.step, **_prefixed(trainer.evaluate())}
+            metrics.write(evaluation)
+            result.evaluations.append(evaluation)
+            if trainer.step:
+                bar.write(_describe(evaluation))
+
     try:
-        if trainer.step == 0:
-            first = {"step": 0, **_prefixed(trainer.evaluate())}
-            metrics.write(first)
-            result.evaluations.append(first)
         bar = tqdm(
             total=total,
             initial=trainer.step,
-            disable=not run.progress,
+            disable=not (run.progress and main),
             desc="train",
             dynamic_ncols=True,
         )
+        if trainer.step == 0:
+            log_evaluation()
         while trainer.step < last:
             record = trainer.train_step()
-            metrics.write(record)
+            if metrics is not None:
+                metrics.write(record)
             result.losses.append(record["loss"])
             bar.update(1)
             bar.set_postfix(_postfix(record), refresh=False)
             done = trainer.step == total
             if done or (run.eval_every and trainer.step % run.eval_every == 0):
-                evaluation = {"step": trainer.step, **_prefixed(trainer.evaluate())}
-                metrics.write(evaluation)
-                result.evaluations.append(evaluation)
-                bar.write(_describe(evaluation))
+                log_evaluation()
             if (
                 done
                 or trainer.step == last
@@ -457,9 +520,11 @@ def train(
             ):
                 trainer.save()
         bar.close()
+        trainer.world.barrier()  # no rank leaves while rank 0 still writes
         result.steps = trainer.step
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         trainer.close()
     return result
 

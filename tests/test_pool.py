@@ -5,45 +5,14 @@ replica that comes back gets calls again."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
-import httpx
 import pytest
 
 from student_trainer.train import Trainer, train
-from teacher_service.cli import free_port, serve_command
 from teacher_service.client import TeacherClient, channel_target
+from tests.replicas import Replica
 from tests.trainer_helpers import small_config
-
-
-class Replica:
-    def __init__(self, model_dir) -> None:
-        self.model_dir, self.port, self.http_port = model_dir, free_port(), free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> Replica:
-        command = serve_command(self.model_dir, self.port, "--http-port", str(self.http_port))
-        self.process = subprocess.Popen(command)
-        with TeacherClient(self.address, timeout=60) as client:
-            client.wait_until_serving(timeout=120)
-        return self
-
-    def requests(self) -> float:
-        text = httpx.get(f"http://127.0.0.1:{self.http_port}/metrics").text
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("teacher_requests_total{") and 'frontend="grpc"' in line
-        )
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait()
 
 
 @pytest.fixture
