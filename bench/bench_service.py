@@ -115,6 +115,24 @@ def ensure_bench_model(spec: TinyModelSpec) -> Path:
 # --- the server process ----------------------------------------------------------------------
 
 
+def server_memory(pid: int) -> dict[str, float | None]:
+    """The server's peak resident memory (Linux /proc) and its GPU memory (nvidia-smi)."""
+    rss = None
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            rss = int(line.split()[1]) / 1024
+    gpu = None
+    try:
+        query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"]
+        for line in subprocess.run(query, capture_output=True, text=True).stdout.splitlines():
+            found, used = (part.strip() for part in line.split(","))
+            if int(found) == pid:
+                gpu = float(used.split()[0])
+    except (OSError, ValueError):
+        pass
+    return {"rss_peak_mib": rss, "gpu_mib": gpu}
+
+
 @dataclass
 class ServerProcess:
     """`python -m teacher_service serve ...` as a child process, its output in a log file."""
@@ -463,6 +481,7 @@ def main() -> None:
             )
         wire_batch = wire_bytes_per_token(address, sequences, args.top_k)
         wire_small = wire_bytes_per_token(address, small[:1], args.top_k)
+        memory = server_memory(server.process.pid)
     finally:
         server.stop()
 
@@ -527,6 +546,11 @@ def main() -> None:
         f"service, {c} clients / in-process score_batch of {c}: {batching_recovered:.2f} (how much "
         "of the model's own batching gain the batcher recovers across clients)"
     )
+    print(
+        f"server memory: peak RSS {memory['rss_peak_mib']:,.0f} MiB"
+        + (f", GPU {memory['gpu_mib']:,.0f} MiB" if memory["gpu_mib"] is not None else "")
+        + " (what one replica of this model needs, for sizing)"
+    )
     failed = [m.name for m in measurements if m.passed is False]
     print("\nall targets met" if not failed else "\nFAILED: " + "; ".join(failed))
     noisy = [m.name for m in measurements if len(m.rounds) > 1 and m.spread > NOISY_SPREAD]
@@ -556,6 +580,7 @@ def main() -> None:
             ],
             "service_over_forward_and_score": service_overhead,
             "clients_over_in_process_batch": batching_recovered,
+            "server_memory_mib": memory,
             "all_passed": not failed,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
