@@ -1,4 +1,4 @@
-"""`teacher-service`: serve a model, or write the tiny test model."""
+"""`teacher-service`: serve a model, check a server's health, or write the tiny test model."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_wait_ms=args.max_wait_ms,
         limits=limits,
         grace_seconds=args.grace_seconds,
+        max_connection_age_s=args.max_connection_age_s,
         grpc=not args.no_grpc,
         backend=args.backend,
         upstream=args.upstream or "",
@@ -43,6 +44,44 @@ def _serve(args: argparse.Namespace) -> None:
         tls_client_ca=args.tls_client_ca or "",
     )
     serve(config)
+
+
+def _health(args: argparse.Namespace) -> None:
+    """One grpc.health.v1 Check: exit 0 only on SERVING, else 1 with the reason on stderr.
+    Docker's HEALTHCHECK and compose run this (Docker reserves exit code 2); it imports
+    no torch, so probing every few seconds stays cheap."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from teacher_service.auth import grpc_channel_credentials
+
+    if args.tls or args.tls_ca or args.tls_cert:
+        credentials = grpc_channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+        name = args.tls_server_name
+        options = [("grpc.ssl_target_name_override", name)] if name else None
+        channel = grpc.secure_channel(args.address, credentials, options)
+    else:
+        channel = grpc.insecure_channel(args.address)
+    service = args.service or "(server)"
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            reason = {
+                grpc.StatusCode.UNAVAILABLE: f"cannot reach {args.address}",
+                grpc.StatusCode.DEADLINE_EXCEEDED: f"no answer within {args.timeout:g}s",
+                grpc.StatusCode.NOT_FOUND: f"the server does not know service {service}",
+            }.get(error.code(), "health check failed")
+            detail = f"{error.code().name}: {error.details()}" if error.details() else ""
+            message = f"teacher-service health: {reason} ({detail or error.code().name})"
+            print(message, file=sys.stderr)
+            sys.exit(1)
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address} {service}: {status}")
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        sys.exit(1)
 
 
 def _tiny_model(args: argparse.Namespace) -> None:
@@ -148,7 +187,37 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.grace_seconds,
         help="time in-flight requests get to finish on SIGTERM",
     )
+    serve.add_argument(
+        "--max-connection-age-s",
+        type=float,
+        default=defaults.max_connection_age_s,
+        help="close each gRPC connection after this long, so that clients of a dns:/// pool "
+        "re-resolve and spread onto replicas added since (in-flight calls get "
+        "--grace-seconds); 0 = never",
+    )
     serve.set_defaults(run=_serve)
+
+    health = commands.add_parser(
+        "health", help="exit 0 if a server's gRPC health service reports SERVING, else 1"
+    )
+    health.add_argument("--address", default=f"127.0.0.1:{defaults.port}", help="host:port")
+    health.add_argument(
+        "--service",
+        default="",
+        help="the service to ask about: '' (default) is the whole server, "
+        "teacher.v1.Teacher the scoring service; both turn NOT_SERVING on SIGTERM",
+    )
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    health.add_argument("--tls", action="store_true", help="TLS, verified against system roots")
+    health.add_argument("--tls-ca", default="", help="TLS: verify the server against this CA")
+    health.add_argument("--tls-cert", default="", help="mutual TLS: this client's certificate")
+    health.add_argument("--tls-key", default="", help="mutual TLS: its private key")
+    health.add_argument(
+        "--tls-server-name",
+        default="",
+        help="the name the server's certificate carries, when --address differs",
+    )
+    health.set_defaults(run=_health)
 
     tiny = commands.add_parser(
         "tiny-model", help="write a small random-weight Llama + BPE tokenizer"

@@ -38,6 +38,10 @@ class ServerConfig:
     max_wait_ms: float = 20.0  # the longest the oldest queued sequence waits for company
     limits: Limits = Limits()
     grace_seconds: float = 5.0  # in-flight requests finish on shutdown for this long
+    # close each gRPC connection after this long (GOAWAY; in-flight calls get grace_seconds),
+    # so clients reconnect and re-resolve dns:/// names: replicas added later get traffic.
+    # 0: connections live for ever
+    max_connection_age_s: float = 0.0
     grpc: bool = True  # serve the gRPC front end on `port`
     backend: str = "huggingface"  # or "openai" / "tgi": front an upstream server
     upstream: str = ""  # the upstream's URL for a remote backend
@@ -48,6 +52,8 @@ class ServerConfig:
     tls_client_ca: str = ""  # require client certificates signed by this CA (mutual TLS)
 
     def __post_init__(self) -> None:
+        if self.max_connection_age_s < 0:
+            raise ValueError(f"max_connection_age_s must be >= 0, got {self.max_connection_age_s}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.dtype not in ("float32", "float16", "bfloat16"):

@@ -205,13 +205,16 @@ async def _start_grpc(
     engine: Engine, config: ServerConfig
 ) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     interceptors = [TokenInterceptor(config.auth_token)] if config.auth_token else []
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", config.limits.max_message_bytes),
-            ("grpc.max_send_message_length", config.limits.max_message_bytes),
-        ],
-    )
+    options = [
+        ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+        ("grpc.max_send_message_length", config.limits.max_message_bytes),
+    ]
+    if config.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000)),
+        ]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     pb_grpc.add_TeacherServicer_to_server(TeacherServicer(engine), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -12,10 +12,10 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+if TYPE_CHECKING:  # imported where used: the CLI imports this module and must start fast
+    from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 NAMES = ("Ada", "Ben", "Cleo", "Dara", "Emil", "Fay", "Gus", "Hana", "Ivo", "Juno")
@@ -53,6 +53,9 @@ def train_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Byte-level BPE on `corpus` (default: the synthetic story sentences); encoding text
     prepends <bos>, as Llama tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -83,6 +86,9 @@ def build_tiny_model(
     `tokenizer_from` (a model directory) reuses that model's tokenizer, as a student must;
     `tokenizer` passes one in; without either, one is trained on the synthetic corpus.
     """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer_from is not None:

@@ -142,3 +142,45 @@ def test_http_only_server_answers_and_stops_on_sigterm(tiny_model_dir, sequences
     assert process.returncode == 0, output
     assert f"listening on http://127.0.0.1:{port}" in output
     assert "(gRPC)" not in output
+
+
+def health(*flags: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "teacher_service", "health", *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_health_command_exits_0_only_when_serving(server):
+    """What Docker's HEALTHCHECK runs, against the tiny model served on loopback."""
+    done = health("--address", server.address)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{server.address} (server): SERVING"
+    done = health("--address", server.address, "--service", "teacher.v1.Teacher")
+    assert done.returncode == 0 and "teacher.v1.Teacher: SERVING" in done.stdout
+    unknown = health("--address", server.address, "--service", "no.such.Service")
+    assert unknown.returncode == 1
+    assert "does not know service no.such.Service" in unknown.stderr
+    nobody = health("--address", f"127.0.0.1:{free_port()}", "--timeout", "2")
+    assert nobody.returncode == 1 and nobody.stdout == ""
+    assert "cannot reach 127.0.0.1:" in nobody.stderr
+
+
+def test_health_command_exits_1_when_not_serving():
+    """A draining server reports NOT_SERVING: the check must fail, not just connect."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health as grpc_health
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    bare = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = grpc_health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, bare)
+    port = bare.add_insecure_port("127.0.0.1:0")
+    bare.start()
+    try:
+        done = health("--address", f"127.0.0.1:{port}")
+    finally:
+        bare.stop(None)
+    assert done.returncode == 1
+    assert done.stdout.strip() == f"127.0.0.1:{port} (server): NOT_SERVING"

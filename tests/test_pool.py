@@ -78,3 +78,29 @@ def test_calls_spread_and_a_returning_replica_is_used_again(replicas, sequences)
             client.score(sequences, 1, top_k=3)
             time.sleep(0.05)
         assert first.requests() > 0
+
+
+def test_aged_connections_are_replaced_without_failing_a_call(tiny_model_dir, backend, sequences):
+    """--max-connection-age-s: the server closes each connection after that long (this is
+    what makes dns:/// clients re-resolve and find new replicas); calls carry on unharmed."""
+    from tests.conftest import start_background_server
+
+    server = start_background_server(
+        tiny_model_dir, backend, max_connection_age_s=0.3, grace_seconds=2.0
+    )
+    try:
+        with TeacherClient(server.address, timeout=30) as client:
+            states = []
+            client._channel.subscribe(states.append)
+            expected = client.score(sequences, [1] * len(sequences), top_k=4)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                results = client.score(sequences, [1] * len(sequences), top_k=4)
+                assert [r.topk_ids.tolist() for r in results] == [
+                    r.topk_ids.tolist() for r in expected
+                ]
+            # READY, then IDLE once the server sent GOAWAY, then READY again: reconnected
+            ready = [i for i, state in enumerate(states) if state.name == "READY"]
+            assert len(ready) >= 2, states
+    finally:
+        server.stop()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -166,3 +168,19 @@ def test_the_trainer_reaches_a_tls_service_with_a_token(
         assert train(config).steps == 2
     finally:
         server.stop()
+
+
+def test_health_command_speaks_mutual_tls(tiny_model_dir, backend, pki):
+    """`teacher-service health` (the Docker HEALTHCHECK) against a TLS + client-CA server."""
+    server = _server(tiny_model_dir, backend, pki, tls_client_ca=str(pki["ca"]))
+    command = [sys.executable, "-m", "teacher_service", "health", "--address", server.address]
+    command += ["--tls-ca", str(pki["ca"]), "--timeout", "5"]
+    identity = ["--tls-cert", str(pki["client"]), "--tls-key", str(pki["client_key"])]
+    try:
+        served = subprocess.run(command + identity, capture_output=True, text=True, timeout=60)
+        anonymous = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    finally:
+        server.stop()
+    assert served.returncode == 0, served.stderr
+    assert served.stdout.strip().endswith("SERVING")
+    assert anonymous.returncode == 1 and "cannot reach" in anonymous.stderr
