@@ -30,10 +30,12 @@ def test_shards_partition_the_global_batch():
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny_model_dir):
-    replica = Replica(tiny_model_dir).start()
-    yield replica
-    replica.kill()
+def pool(tiny_model_dir):
+    """Two teacher replicas: every rank of a run sends its calls to the pool."""
+    replicas = [Replica(tiny_model_dir).start() for _ in range(2)]
+    yield replicas
+    for replica in replicas:
+        replica.kill()
 
 
 def run_trainer(out_dir: Path, overrides: list[str], nproc: int = 1, resume: str = "") -> list:
@@ -61,10 +63,10 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(checkpoint / "model.safetensors")
 
 
-def overrides(teacher: Replica, student_dir: Path, *extra: str) -> list[str]:
+def overrides(pool: list[Replica], student_dir: Path, *extra: str) -> list[str]:
     return [
         f"student.model={student_dir}",
-        f"teacher.address={teacher.address}",
+        "teacher.address=" + ",".join(replica.address for replica in pool),
         "task.name=addition",
         "task.train_size=64",
         "optim.batch_size=5",  # shared 3 + 2: uneven shards weigh by tokens, not by rank
@@ -81,9 +83,9 @@ def overrides(teacher: Replica, student_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_two_processes_equal_one_and_resume_in_one(teacher, student_model_dir, tmp_path):
+def test_two_processes_equal_one_and_resume_in_one(pool, student_model_dir, tmp_path):
     # supervised KD (lambda 0): the data decide every token, so the runs must agree exactly
-    settings = overrides(teacher, student_model_dir, "method.lmbda=0")
+    settings = overrides(pool, student_model_dir, "method.lmbda=0")
     alone = run_trainer(tmp_path / "one", settings)
     pair = run_trainer(tmp_path / "two", settings, nproc=2)
     assert sorted(losses(pair)) == list(range(1, STEPS + 1))
@@ -111,10 +113,13 @@ def test_two_processes_equal_one_and_resume_in_one(teacher, student_model_dir, t
 
 
 def test_on_policy_ranks_sample_apart_and_checkpoint_every_stream(
-    teacher, student_model_dir, tmp_path
+    pool, student_model_dir, tmp_path
 ):
-    settings = overrides(teacher, student_model_dir, "optim.steps=2", "run.eval_size=0")
+    settings = overrides(pool, student_model_dir, "optim.steps=2", "run.eval_size=0")
+    before = [replica.requests() for replica in pool]
     records = run_trainer(tmp_path / "two", settings, nproc=2)
+    # both ranks' scoring calls were spread over both replicas
+    assert all(replica.requests() > count for replica, count in zip(pool, before))
     assert sorted(losses(records)) == [1, 2]
     assert all(r["on_policy"] for r in records if "loss" in r)
     (checkpoint,) = checkpoint_dirs(tmp_path / "two")

@@ -386,13 +386,19 @@ def test_selectors_pick_the_teacher_pods(name):
 
 
 # -- the trainer ---------------------------------------------------------------------------
+def trainer_job(name: str):
+    """The rendered documents, the Job's pod spec, its trainer container, and torchrun's
+    and student-trainer's parsed arguments."""
+    docs = render(name)
+    pod = find(docs, "Job", "student-trainer")["spec"]["template"]["spec"]
+    trainer = container(pod, "trainer")
+    launch, args = parse_torchrun(trainer["args"])
+    return docs, pod, trainer, launch, args
+
+
 @pytest.mark.parametrize("name", sorted(RENDERS))
 def test_trainer_config_loads_and_points_at_the_headless_service(name, tmp_path):
-    docs = render(name)
-    job = find(docs, "Job", "student-trainer")
-    pod = job["spec"]["template"]["spec"]
-    trainer = container(pod, "trainer")
-    _, args = parse_torchrun(trainer["args"])
+    docs, pod, trainer, _, args = trainer_job(name)
     config = effective_config(docs, args, tmp_path)
     assert config.uses_teacher and not config.teacher.in_process
 
@@ -419,12 +425,8 @@ def test_trainer_config_loads_and_points_at_the_headless_service(name, tmp_path)
 
 @pytest.mark.parametrize("name", sorted(RENDERS))
 def test_trainer_job_runs_torchrun_student_trainer_train_and_resumes(name, tmp_path):
-    docs = render(name)
-    job = find(docs, "Job", "student-trainer")
-    pod = job["spec"]["template"]["spec"]
-    trainer = container(pod, "trainer")
+    docs, pod, trainer, launch, args = trainer_job(name)
     assert trainer["command"] == ["torchrun"]
-    launch, args = parse_torchrun(trainer["args"])
     assert args.command == "train" and args.resume == "auto"
     assert launch.nnodes == "1:1"  # one pod; several nodes: examples/pytorchjob.yaml
     nproc = int(launch.nproc_per_node)
@@ -439,6 +441,7 @@ def test_trainer_job_runs_torchrun_student_trainer_train_and_resumes(name, tmp_p
         assert cpu_cores(trainer["resources"]["requests"]["cpu"]) >= nproc
 
     # a failed pod is retried, and a retry must be a fresh pod that resumes
+    job = find(docs, "Job", "student-trainer")
     assert job["spec"]["backoffLimit"] >= 1 and pod["restartPolicy"] == "Never"
     (token,) = [e for e in trainer["env"] if e["name"] == "TEACHER_AUTH_TOKEN"]
     assert token["valueFrom"]["secretKeyRef"] == {
