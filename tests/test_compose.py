@@ -435,3 +435,26 @@ def test_the_docs_compose_instructions_match_the_files(doc):
         assert f"`{host}`" in text, f"{doc} does not say the teacher publishes {host}"
     model = flag(teacher["command"], "--model").removeprefix("/models/")
     assert f"models/{model}" in text
+
+
+def test_the_compose_trainer_runs_the_demo_with_container_paths():
+    """configs/compose.yaml is configs/demo.yaml but for where things are in a container
+    (and no progress bars in logs): the two cannot drift apart unnoticed."""
+    from student_trainer.config import load_config, to_dict
+
+    demo = to_dict(load_config(REPO / "configs" / "demo.yaml"))
+    compose = to_dict(load_config(REPO / "configs" / "compose.yaml"))
+    container_keys = {
+        ("student", "model"),
+        ("teacher", "address"),
+        ("run", "out_dir"),
+        ("run", "progress"),
+    }
+    differ = {
+        (section, key)
+        for section, values in demo.items()
+        for key, value in values.items()
+        if compose[section][key] != value
+    }
+    assert differ == container_keys
+    assert compose["student"]["model"] == "/models/" + demo["student"]["model"].split("models/")[1]
