@@ -69,10 +69,12 @@ bench-http: venv
 	$(PY) bench/bench_http.py
 
 # Rebuild the built-in tasks' tokenizers, teachers and students from random weights by SFT
-# (models/ is committed, so this is only needed to reproduce them; ~30 min on 2 cores).
+# (models/ is committed, so this is only needed to reproduce them; ~90 min on 2 cores).
 models: venv
 	$(PY) -m student_trainer pretrain --task translation --role teacher --role student
 	$(PY) -m student_trainer pretrain --task arithmetic --role teacher --role student
+	$(PY) -m student_trainer pretrain --task records --role teacher --role student-small \
+		--role student-medium --role student-large
 
 # The GKD paper's comparison on the built-in tasks -> docs/RESULTS.md, results/ (16 min on 2 cores).
 # Piecewise: `$(PY) -m student_trainer.paper_table --only translation/sft`; runs that have

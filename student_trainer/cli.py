@@ -85,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = commands.add_parser(
         "pretrain", help="train a built-in task's teacher or student from random weights (SFT)"
     )
-    pretrain.add_argument("--task", required=True, help="translation or arithmetic")
+    pretrain.add_argument("--task", required=True, help="translation, arithmetic or records")
     pretrain.add_argument(
         "--role",
         action="append",
-        choices=["teacher", "student"],
         required=True,
-        help="which model (repeatable); writes models/TASK/ROLE",
+        help="which model (repeatable): teacher or student; for records teacher, "
+        "student-small, student-medium, student-large; writes models/TASK/ROLE",
     )
     pretrain.add_argument(
         "--set",

@@ -1,8 +1,9 @@
-"""Evaluation on held-out prompts: the task metric and the divergence to the teacher.
+"""Evaluation on held-out prompts: the task metrics and the divergence to the teacher.
 
-The metric uses the student's greedy completions. The divergences use the student's own
-samples (rollout temperature, a fixed seed so every evaluation sees comparable draws),
-scored by the teacher: the on-policy quantity that distillation drives down.
+As the GKD paper does, the metrics are computed twice: on the student's greedy
+completions, and on its samples at the rollout temperature (`sampled_<metric>`), drawn
+from a fixed seed so every evaluation sees comparable draws. The divergences use those
+same samples, scored by the teacher: the on-policy quantity that distillation drives down.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def evaluate(
     eos_ids: frozenset[int],
     pad_id: int,
 ) -> dict[str, float]:
-    """{"metric": the task's primary metric, each task metric by name, and with a teacher
-    "forward_kl", "reverse_kl", "divergence"}. Metrics are in percent."""
+    """{"metric": the task's primary metric (greedy), each task metric by name (greedy),
+    "sampled_metric" and "sampled_<name>" (sampled), and with a teacher "forward_kl",
+    "reverse_kl", "divergence"}. Metrics are in percent."""
     if not examples:
         return {}
     task, rollout, method = TASKS[config.task.name], config.rollout, config.method
@@ -45,19 +47,20 @@ def evaluate(
     generator = torch.Generator(device=device).manual_seed(config.run.seed + EVAL_SEED_OFFSET)
     totals = {"forward_kl": 0.0, "reverse_kl": 0.0, "divergence": 0.0}
     predictions: list[str] = []
+    sampled: list[str] = []
     tokens = 0
     size = config.optim.batch_size
     for start in range(0, len(examples), size):
         chunk = examples[start : start + size]
         prompts = [encode_prompt(tokenizer, e.prompt) for e in chunk]
         greedy = SamplingOptions(rollout.max_new_tokens, temperature=0.0)
-        for ids in sample_completions(model, prompts, greedy, generator=None, **sampling):
-            kept = [t for t in ids if t not in eos_ids]
-            predictions.append(tokenizer.decode(kept, skip_special_tokens=True))
-        if teacher is None:
-            continue
+        completions = sample_completions(model, prompts, greedy, generator=None, **sampling)
+        predictions += [_decode(tokenizer, ids, eos_ids) for ids in completions]
         options = SamplingOptions(rollout.max_new_tokens, rollout.temperature, rollout.top_p)
         samples = sample_completions(model, prompts, options, generator=generator, **sampling)
+        sampled += [_decode(tokenizer, ids, eos_ids) for ids in samples]
+        if teacher is None:
+            continue
         batch = build_batch(prompts, samples, eos_ids=eos_ids, pad_id=pad_id)
         results = teacher.score(
             batch.sequences, batch.prompt_lens, top_k=method.top_k, temperature=method.temperature
@@ -76,6 +79,13 @@ def evaluate(
         tokens += batch.num_tokens
     scores = task.score(predictions, examples)
     result = {"metric": scores[task.metric_name], **scores}
+    sampled_scores = task.score(sampled, examples)
+    result["sampled_metric"] = sampled_scores[task.metric_name]
+    result.update({f"sampled_{name}": value for name, value in sampled_scores.items()})
     if teacher is not None:
         result.update({k: totals[k] / tokens for k in ("forward_kl", "reverse_kl", "divergence")})
     return result
+
+
+def _decode(tokenizer: Any, ids: list[int], eos_ids: frozenset[int]) -> str:
+    return tokenizer.decode([t for t in ids if t not in eos_ids], skip_special_tokens=True)

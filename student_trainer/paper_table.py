@@ -1,14 +1,21 @@
 """`make paper-table`: the GKD paper's comparison reproduced on the built-in tasks.
 
-The grid is declared here, before any result is seen, and every method gets the same
-student initialisation (models/TASK/student, an SFT student), the same teacher, the same
-optimizer steps, prompts per step, learning rate and schedule (configs/paper/TASK.yaml).
-Only the method keys differ. Two choices depend on results, by a rule fixed in advance:
-the "best divergence" is the on-policy GKD divergence with the highest mean validation
-metric on translation; it is used for lambda = 0.5 and for the arithmetic task.
+The grid is declared here, before any result is seen (docs/RESULTS.md states the
+protocol). Within a task every method gets the same student initialisation
+(models/TASK/STUDENT, an SFT student), the same teacher, the same optimizer steps, prompts
+per step, learning rate and schedule (configs/paper/TASK.yaml); only the method keys
+differ. Three choices depend on results, each by a rule fixed in advance:
 
-Each run writes results/paper-runs/TASK/LABEL/seed-N/result.json and is skipped when that file
-exists, so the table can be built piecewise (`--only`) and an interrupted run resumes.
+- the records task's shared learning rate: the value of LR_SWEEP with the best mean final
+  validation metric over the SWEEP_METHODS at SWEEP_STUDENT (seed 0), for every method;
+- the "best divergence" of a task: its on-policy divergence with the best mean final
+  validation metric (all seeds) at the task's SELECTION student; it is used for
+  lambda = 0.5 (mixed), and translation's for arithmetic's on-policy run;
+- nothing else: every run the grid names is run and reported.
+
+Each run writes results/paper-runs/TASK/STUDENT/LABEL/seed-N/result.json and is skipped when
+that file exists, so the table can be built piecewise (`--only`) and an interrupted run
+resumes. Runs are started as soon as the rules they depend on can be applied.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import shutil
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -33,7 +40,25 @@ from student_trainer.config import load_config
 SEEDS = (0, 1, 2)
 RUNS_DIR = Path("results/paper-runs")  # result.json files are committed; the rest is not
 CONFIGS_DIR = Path("configs/paper")
-ON_POLICY_BETAS = (0.0, 1.0, 0.1, 0.5, 0.9)  # forward KL, reverse KL, JSD(0.1 / 0.5 / 0.9)
+# task -> the students (model directories under models/TASK/) the grid runs at
+STUDENTS = {
+    "translation": ("student",),
+    "arithmetic": ("student",),
+    "records": ("student-small", "student-medium", "student-large"),
+}
+TABLE_TASKS = tuple(STUDENTS)
+# on-policy divergences by beta: 0 forward KL, 1 reverse KL, between: generalized JSD
+ON_POLICY_BETAS = {"translation": (0.0, 1.0, 0.1, 0.5, 0.9), "records": (0.0, 0.5, 1.0)}
+# where a task's best divergence is chosen: (task, student)
+SELECTION = {
+    "translation": ("translation", "student"),
+    "arithmetic": ("translation", "student"),
+    "records": ("records", "student-medium"),
+}
+LR_SWEEP = {"records": (3e-4, 1e-3, 3e-3)}
+# the commit that declared this grid's protocol (docs/RESULTS.md) before its first run
+PROTOCOL_COMMIT = ""
+SWEEP_STUDENT = "student-medium"
 
 
 @dataclass(frozen=True)
@@ -60,25 +85,30 @@ class Method:
         return ["method.name=gkd", f"method.beta={self.beta}", f"method.lmbda={self.lmbda}"]
 
 
+SWEEP_METHODS = (Method("sft"), Method("on_policy_gkd", 0.5, 1.0))  # one off-, one on-policy
+
+
 def grid(task: str, best_beta: float | None) -> list[Method]:
-    """The methods run for `task`; those needing the best divergence only once it is known."""
-    if task == "translation":
-        methods = [Method("sft"), Method("seqkd"), Method("supervised_kd", 0.0, 0.0)]
-        methods += [Method("on_policy_gkd", beta, 1.0) for beta in ON_POLICY_BETAS]
+    """The methods run for `task` (at each of its students); those needing the best
+    divergence only once it is known."""
+    if task == "arithmetic":
+        methods = [Method("sft"), Method("supervised_kd", 0.0, 0.0)]
         if best_beta is not None:
-            methods.append(Method("mixed_gkd", best_beta, 0.5))
+            methods.append(Method("on_policy_gkd", best_beta, 1.0))
         return methods
-    methods = [Method("sft"), Method("supervised_kd", 0.0, 0.0)]
+    methods = [Method("sft"), Method("seqkd"), Method("supervised_kd", 0.0, 0.0)]
+    methods += [Method("on_policy_gkd", beta, 1.0) for beta in ON_POLICY_BETAS[task]]
     if best_beta is not None:
-        methods.append(Method("on_policy_gkd", best_beta, 1.0))
+        methods.append(Method("mixed_gkd", best_beta, 0.5))
     return methods
 
 
-TABLE_TASKS = ("translation", "arithmetic")
+def run_dir(task: str, student: str, label: str, seed: int, runs_dir: Path = RUNS_DIR) -> Path:
+    return runs_dir / task / student / label / f"seed-{seed}"
 
 
-def run_dir(task: str, label: str, seed: int, runs_dir: Path = RUNS_DIR) -> Path:
-    return runs_dir / task / label / f"seed-{seed}"
+def sweep_dir(task: str, lr: float, label: str, runs_dir: Path = RUNS_DIR) -> Path:
+    return runs_dir / task / "lr-sweep" / f"lr-{lr:g}" / label
 
 
 def read_result(path: Path) -> dict[str, Any] | None:
@@ -86,21 +116,38 @@ def read_result(path: Path) -> dict[str, Any] | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def _validation_curve(metrics_file: Path) -> list[list[float]]:
+def _validation_curves(metrics_file: Path) -> dict[str, list[list[float]]]:
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-    return [[r["step"], r["eval/metric"]] for r in records if "eval/metric" in r]
+    return {
+        decoding: [[r["step"], r[key]] for r in records if key in r]
+        for decoding, key in (("greedy", "eval/metric"), ("sample", "eval/sampled_metric"))
+    }
 
 
 def run_one(
-    task: str, method: Method, seed: int, runs_dir: Path = RUNS_DIR, extra: list[str] = ()
+    task: str,
+    student: str,
+    method: Method,
+    seed: int,
+    out: Path,
+    *,
+    lr: float,
+    test: bool = True,
+    extra: list[str] = (),
 ) -> dict[str, Any]:
-    """Train one (task, method, seed) from the shared student init; score it on test.
-    `extra` overrides come last (tests shrink the budget with them)."""
+    """Train one (task, student, method, seed) from the shared student init; score it on
+    test unless `test` is False (the sweep). `extra` overrides come last (tests shrink the
+    budget with them)."""
     from student_trainer.checkpoint import latest_checkpoint
     from student_trainer.train import evaluate_split, train
 
-    out = run_dir(task, method.label, seed, runs_dir)
-    overrides = [*method.overrides(), f"run.seed={seed}", f"run.out_dir={out}"]
+    overrides = [
+        *method.overrides(),
+        f"student.model=models/{task}/{student}",
+        f"run.seed={seed}",
+        f"run.out_dir={out}",
+        f"optim.lr={lr}",
+    ]
     config = load_config(CONFIGS_DIR / f"{task}.yaml", [*overrides, "run.progress=false", *extra])
     shutil.rmtree(out, ignore_errors=True)  # a run killed part-way starts again from scratch
     started = time.perf_counter()
@@ -108,24 +155,27 @@ def run_one(
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     result = {
         "task": task,
+        "student": student,
         "label": method.label,
         "method": method.method,
         "divergence": method.divergence,
         "lambda": method.lmbda,
         "seed": seed,
+        "lr": config.optim.lr,
         "steps": trained.steps,
         "tokens": sum(r.get("tokens", 0) for r in records),
-        "validation_curve": _validation_curve(out / "metrics.jsonl"),
-        "test": evaluate_split(config, "test", checkpoint=latest_checkpoint(out)),
+        "validation_curves": _validation_curves(out / "metrics.jsonl"),
     }
+    if test:
+        result["test"] = evaluate_split(config, "test", checkpoint=latest_checkpoint(out))
     result["wall_s"] = time.perf_counter() - started
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 def reference(task: str, role: str, runs_dir: Path = RUNS_DIR) -> dict[str, Any]:
-    """The teacher's or the student initialisation's test metrics (greedy, no training);
-    for the student also its divergences to the teacher on its own samples."""
+    """The teacher's or a student initialisation's test metrics (greedy and sampled, no
+    training); for a student also its divergences to the teacher on its own samples."""
     out = runs_dir / task / f"reference-{role}"
     cached = read_result(out)
     if cached is not None:
@@ -142,17 +192,96 @@ def reference(task: str, role: str, runs_dir: Path = RUNS_DIR) -> dict[str, Any]
     return result
 
 
-def best_beta(runs_dir: Path = RUNS_DIR) -> float | None:
-    """The on-policy divergence with the best mean final validation metric on translation
-    (all seeds must be done); ties go to the earlier entry of ON_POLICY_BETAS."""
+def final_validation(result: dict[str, Any]) -> float:
+    """The selection statistic: the validation metric (greedy) at the end of the run."""
+    return result["validation_curves"]["greedy"][-1][1]
+
+
+def chosen_lr(task: str, runs_dir: Path = RUNS_DIR) -> float | None:
+    """The swept learning rate with the best mean final validation metric over the
+    SWEEP_METHODS (ties: the smaller rate); None until every sweep run is done. Tasks
+    without a sweep use their config's optim.lr."""
+    if task not in LR_SWEEP:
+        return load_config(CONFIGS_DIR / f"{task}.yaml").optim.lr
     means = {}
-    for beta in ON_POLICY_BETAS:
-        label = Method("on_policy_gkd", beta, 1.0).label
-        results = [read_result(run_dir("translation", label, s, runs_dir)) for s in SEEDS]
+    for lr in LR_SWEEP[task]:
+        results = [read_result(sweep_dir(task, lr, m.label, runs_dir)) for m in SWEEP_METHODS]
         if any(r is None for r in results):
             return None
-        means[beta] = statistics.mean(r["validation_curve"][-1][1] for r in results)
-    return max(ON_POLICY_BETAS, key=lambda beta: (means[beta], -ON_POLICY_BETAS.index(beta)))
+        means[lr] = statistics.mean(final_validation(r) for r in results)
+    return max(sorted(means), key=lambda lr: (means[lr], -lr))
+
+
+def best_beta(task: str, runs_dir: Path = RUNS_DIR) -> float | None:
+    """The on-policy divergence with the best mean final validation metric at the task's
+    SELECTION student (all seeds must be done); ties go to the earlier declared entry."""
+    where, student = SELECTION[task]
+    betas = ON_POLICY_BETAS[where]
+    means = {}
+    for beta in betas:
+        label = Method("on_policy_gkd", beta, 1.0).label
+        results = [read_result(run_dir(where, student, label, s, runs_dir)) for s in SEEDS]
+        if any(r is None for r in results):
+            return None
+        means[beta] = statistics.mean(final_validation(r) for r in results)
+    return max(betas, key=lambda beta: (means[beta], -betas.index(beta)))
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run the protocol calls for, with where it writes."""
+
+    task: str
+    student: str
+    method: Method
+    seed: int
+    out: Path
+    lr: float
+    test: bool = True  # False: a sweep run, judged on validation only
+
+    @property
+    def cell(self) -> str:
+        return f"{self.task}/{self.method.label}"
+
+    def describe(self) -> str:
+        where = self.student if self.test else f"lr-sweep {self.lr:g}"
+        return f"{self.task}/{where}/{self.method.label} seed {self.seed}"
+
+
+def planned_runs(tasks: list[str], runs_dir: Path = RUNS_DIR) -> list[Run]:
+    """Every run whose rules can be applied with the results on disk, done or not; the
+    runs that decide a rule (sweep, divergence selection) first."""
+    runs = []
+    for task in tasks:
+        for lr in LR_SWEEP.get(task, ()):
+            runs += [
+                Run(task, SWEEP_STUDENT, m, 0, sweep_dir(task, lr, m.label, runs_dir), lr, False)
+                for m in SWEEP_METHODS
+            ]
+        lr = chosen_lr(task, runs_dir)
+        if lr is None:
+            continue
+        beta = best_beta(task, runs_dir)
+        runs += [
+            Run(
+                task,
+                student,
+                method,
+                seed,
+                run_dir(task, student, method.label, seed, runs_dir),
+                lr,
+            )
+            for student in STUDENTS[task]
+            for method in grid(task, beta)
+            for seed in SEEDS
+        ]
+    return sorted(runs, key=lambda run: not _decides_a_rule(run))
+
+
+def _decides_a_rule(run: Run) -> bool:
+    where, student = SELECTION[run.task]
+    selecting = (run.task, run.student) == (where, student) and run.method.method == "on_policy_gkd"
+    return not run.test or selecting
 
 
 def _init_worker(threads: int) -> None:
@@ -166,54 +295,58 @@ def _init_worker(threads: int) -> None:
     transformers_logging.set_verbosity_error()
 
 
-def _pending(tasks: list[str], only: set[str], beta: float | None) -> list[tuple[str, Method, int]]:
-    return [
-        (task, method, seed)
-        for task in tasks
-        for method in grid(task, beta)
-        for seed in SEEDS
-        if (not only or f"{task}/{method.label}" in only)
-        and read_result(run_dir(task, method.label, seed)) is None
-    ]
+def _execute(run: Run) -> dict[str, Any]:
+    return run_one(run.task, run.student, run.method, run.seed, run.out, lr=run.lr, test=run.test)
 
 
 def run_grid(tasks: list[str], only: set[str], jobs: int, threads: int) -> None:
-    """Phase 1 (everything not needing the best divergence), then phase 2 with it."""
+    """Keep `jobs` processes busy with every pending run; whenever one finishes, plan again,
+    since its result may decide a rule that later runs wait for."""
     context = get_context("spawn")
     with ProcessPoolExecutor(jobs, context, initializer=_init_worker, initargs=(threads,)) as pool:
-        for task in tasks:
-            for role in ("teacher", "student"):
-                reference(task, role)
-        for phase in (1, 2):
-            beta = best_beta()
-            if phase == 2 and beta is None:
-                print("best divergence unknown (translation on-policy runs missing): stopping")
-                return
-            work = _pending(tasks, only, beta)
-            if phase == 2:
-                print(f"best on-policy divergence on translation (validation): beta={beta:g}")
-            futures = [pool.submit(run_one, *item) for item in work]
-            bar = tqdm(total=len(futures), desc=f"paper table, phase {phase}", unit="run")
-            for future in futures:
-                result = future.result()
+        references = [
+            pool.submit(reference, task, role)
+            for task in tasks
+            for role in ("teacher", *STUDENTS[task])
+        ]
+        running: dict[Future, Run] = {}
+        attempted: set[Path] = set()
+        bar = tqdm(total=0, desc="paper table", unit="run")
+        while True:
+            for run in planned_runs(tasks):
+                wanted = not only or run.cell in only
+                if run.out not in attempted and wanted and read_result(run.out) is None:
+                    attempted.add(run.out)
+                    running[pool.submit(_execute, run)] = run
+                    bar.total += 1
+                    bar.refresh()
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run, result = running.pop(future), future.result()
                 bar.update(1)
-                bar.write(
-                    f"{result['task']}/{result['label']} seed {result['seed']}: "
-                    f"test {json.dumps({k: round(v, 3) for k, v in result['test'].items()})} "
-                    f"in {result['wall_s']:.0f} s"
-                )
-            bar.close()
+                shown = result.get("test") or {"validation": final_validation(result)}
+                rounded = {k: round(v, 2) for k, v in shown.items() if "metric" not in k}
+                bar.write(f"{run.describe()}: {json.dumps(rounded)} in {result['wall_s']:.0f} s")
+        bar.close()
+        for future in references:
+            future.result()
+    for task in tasks:
+        if chosen_lr(task) is None or best_beta(task) is None:
+            print(f"{task}: selection runs missing (see --only): later cells not planned yet")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="paper-table", description=__doc__)
-    parser.add_argument("--task", action="append", choices=TABLE_TASKS, help="default: both")
+    parser.add_argument("--task", action="append", choices=TABLE_TASKS, help="default: all")
     parser.add_argument(
         "--only",
         action="append",
         default=[],
         metavar="TASK/LABEL",
-        help="run only these cells, e.g. translation/sft (repeatable); the report uses all",
+        help="run only these cells (at every student of the task), e.g. records/sft "
+        "(repeatable); the report uses all",
     )
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")

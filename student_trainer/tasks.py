@@ -10,6 +10,10 @@ metrics that score a list of predictions and a reward for RL + GKD. Built in:
   bias on-policy distillation is meant to fix. Metrics: exact match, chrF.
 - `arithmetic`: GSM8K-style word problems from templates, answered with a written chain
   of thought ending in "The answer is N."; metric: final-answer accuracy.
+- `records`: data-to-text (records.py): a venue's attributes -> an English description, with
+  thousands of valid renderings per record; metrics: faithful (parsed back, every
+  attribute exactly right), chrF against eight references. `records_task` builds variants
+  from the generator's parameters (attribute counts, seat numbers, one rendering only).
 - `addition`: one-line sums in the tiny random test models' vocabulary (tests, smoke runs).
 """
 
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 import sacrebleu
 from num2words import num2words
 
+from student_trainer import records
 from teacher_service.tiny_model import ITEMS, NAMES
 
 
@@ -69,8 +74,14 @@ def sentence_chrf(prediction: str, example: Example) -> float:
 
 def corpus_chrf(predictions: list[str], examples: list[Example]) -> float:
     """Corpus-level chrF in [0, 100], as sacrebleu reports it for a test set."""
-    references = [normalize(e.answer) for e in examples]
-    return sacrebleu.corpus_chrf([normalize(p) for p in predictions], [references]).score
+    return multi_reference_chrf(predictions, [[e.answer] for e in examples])
+
+
+def multi_reference_chrf(predictions: list[str], references: list[list[str]]) -> float:
+    """Corpus chrF with the same number of references per prediction: sacrebleu takes,
+    sentence by sentence, the reference with the best chrF."""
+    streams = [[normalize(refs[i]) for refs in references] for i in range(len(references[0]))]
+    return sacrebleu.corpus_chrf([normalize(p) for p in predictions], streams).score
 
 
 def mean_of(score: Callable[[str, Example], float]) -> Callable[[list[str], list[Example]], float]:
@@ -82,10 +93,16 @@ def mean_of(score: Callable[[str, Example], float]) -> Callable[[list[str], list
     return metric
 
 
+def faithful(prediction: str, example: Example) -> float:
+    """1.0 when a records description parses back to exactly the prompt's record."""
+    return float(records.faithful(prediction, example.prompt))
+
+
 REWARDS: dict[str, Callable[[str, Example], float]] = {
     "exact_match": exact_match,
     "final_answer": final_answer_correct,
     "chrf": sentence_chrf,
+    "faithful": faithful,
 }
 
 Metric = Callable[[list[str], list[Example]], float]
@@ -192,6 +209,22 @@ class Task:
         )
 
 
+def records_task(name: str, generator: records.RecordsTask) -> Task:
+    """A data-to-text task from a parameterised records generator."""
+
+    def chrf(predictions: list[str], examples: list[Example]) -> float:
+        references = [generator.references(e.prompt, e.answer) for e in examples]
+        return multi_reference_chrf(predictions, references)
+
+    return Task(
+        name,
+        lambda rng: Example(*generator.example(rng)),
+        {"faithful": mean_of(faithful), "chrf": chrf},
+        reward="faithful",
+        max_new_tokens=96,
+    )
+
+
 TASKS: dict[str, Task] = {
     "translation": Task(
         "translation",
@@ -207,6 +240,7 @@ TASKS: dict[str, Task] = {
         reward="final_answer",
         max_new_tokens=40,
     ),
+    "records": records_task("records", records.RecordsTask()),
     "addition": Task(
         "addition", _addition_example, {"exact_match": mean_of(exact_match)}, "exact_match", 16
     ),

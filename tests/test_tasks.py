@@ -22,7 +22,7 @@ from student_trainer.tasks import (
     mean_of,
 )
 
-REAL_TASKS = ("translation", "arithmetic")
+REAL_TASKS = ("translation", "arithmetic", "records")
 
 
 @pytest.mark.parametrize("name", REAL_TASKS)

@@ -77,3 +77,9 @@ def test_missing_student_model_is_named(tmp_path):
         "train", "--set", f"student.model={tmp_path / 'nope'}", "--set", "method.name=sft"
     )
     assert done.returncode == 2 and "student.model:" in done.stderr
+
+
+def test_pretrain_names_the_roles_a_task_has(tmp_path):
+    done = run_cli("pretrain", "--task", "records", "--role", "student", "--models-dir", tmp_path)
+    assert done.returncode == 2
+    assert "role: 'student' is not one of ['teacher', 'student-small'" in done.stderr
