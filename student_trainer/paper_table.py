@@ -57,7 +57,7 @@ SELECTION = {
 }
 LR_SWEEP = {"records": (3e-4, 1e-3, 3e-3)}
 # the commit that declared this grid's protocol (docs/RESULTS.md) before its first run
-PROTOCOL_COMMIT = ""
+PROTOCOL_COMMIT = "a462faa6cfcc"
 SWEEP_STUDENT = "student-medium"
 
 
