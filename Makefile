@@ -76,7 +76,7 @@ models: venv
 	$(PY) -m student_trainer pretrain --task records --role teacher --role student-small \
 		--role student-medium --role student-large
 
-# The GKD paper's comparison on the built-in tasks -> docs/RESULTS.md, results/ (16 min on 2 cores).
+# The GKD paper's comparison on the built-in tasks -> docs/RESULTS.md, results/ (about 110 min on 2 cores).
 # Piecewise: `$(PY) -m student_trainer.paper_table --only translation/sft`; runs that have
 # a results/paper-runs/.../result.json are skipped, so an interrupted table resumes.
 paper-table: venv

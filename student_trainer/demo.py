@@ -27,7 +27,12 @@ from student_trainer.train import evaluate_split, train
 from teacher_service.cli import free_port, serve_command
 from teacher_service.client import TeacherClient
 
-METRIC_LABELS = {"exact_match": "exact match (%)", "chrf": "chrF", "accuracy": "accuracy (%)"}
+METRIC_LABELS = {
+    "exact_match": "exact match (%)",
+    "chrf": "chrF",
+    "accuracy": "accuracy (%)",
+    "faithful": "faithful (%)",
+}
 
 
 def _step(text: str) -> None:
@@ -85,13 +90,14 @@ def run(config_path: Path, teacher_dir: Path, steps: int | None) -> None:
     before, after = result.evaluations[0], result.evaluations[-1]
     print(
         f"\n    {config.task.name}, {config.run.eval_size} held-out (validation) prompts, "
-        "greedy decoding:"
+        f"greedy decoding and samples at temperature {config.rollout.temperature:g}:"
     )
     print(f"    {'':34s} {'teacher':>8s} {'before':>8s} {'after':>8s}")
-    metric_names = [k for k in teacher if k != "metric"]
+    metric_names = [k for k in teacher if k not in ("metric", "sampled_metric")]
     for name in metric_names:
         key = f"eval/{name}"
-        label = METRIC_LABELS.get(name, name)
+        label = METRIC_LABELS.get(name.removeprefix("sampled_"), name)
+        label = f"{label}, sampled" if name.startswith("sampled_") else label
         print(f"    {label:34s} {teacher[name]:8.2f} {before[key]:8.2f} {after[key]:8.2f}")
     for key, label in (
         ("eval/forward_kl", "forward KL(teacher || student)"),

@@ -3,10 +3,10 @@
 A record (a venue with 2 to 6 of 7 attributes, in the manner of the E2E NLG challenge) is
 rendered as a short English description. One record has thousands of valid renderings:
 three opening sentences, any order of the attributes, one or two attributes a sentence,
-two subjects, three phrasings of every attribute (six for the seats, in digits or words). The teacher learns the whole
-distribution, so at every choice point it spreads its probability over the valid options:
-the "dark knowledge" that supervised KD and on-policy distillation can transfer and a
-single reference cannot.
+two subjects, three phrasings of every attribute (six for the seats, in digits or words).
+The teacher learns the whole distribution, so at every choice point it spreads its
+probability over the valid options: the "dark knowledge" that supervised KD and on-policy
+distillation can transfer and a single reference cannot.
 
 Every output is scored by parsing it back (`parse`) with the grammar that generates it:
 *faithful* when it is well-formed (every sentence parses) and states every attribute of
