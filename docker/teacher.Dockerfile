@@ -31,6 +31,6 @@ EXPOSE 50051 8000
 # the gRPC health service (no credentials needed, also with an auth token set)
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["teacher-service", "health", "--address", "127.0.0.1:50051"]
-CMD ["teacher-service", "serve", "--model", "/models/translation/teacher", \
+CMD ["teacher-service", "serve", "--model", "/models/records/teacher", \
      "--host", "0.0.0.0", "--port", "50051", "--http-port", "8000", "--device", "cpu", \
      "--dtype", "float32"]

@@ -30,11 +30,12 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from student_trainer.train import Trainer
 
-    trainer = Trainer(_config(args), resume=args.checkpoint)
+    config = _config(args)
+    trainer = Trainer(config, resume=args.checkpoint)
+    prompts = min(config.run.eval_size, len(getattr(trainer.splits, args.split)))
     try:
-        print(
-            json.dumps({"step": trainer.step, "split": args.split, **trainer.evaluate(args.split)})
-        )
+        scores = trainer.evaluate(args.split)
+        print(json.dumps({"step": trainer.step, "split": args.split, "prompts": prompts, **scores}))
     finally:
         trainer.close()
 
@@ -80,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
     evaluate = with_config("eval", "evaluate the student: task metric and divergence to teacher")
     evaluate.add_argument("--checkpoint", help="a checkpoint dir (default: student.model)")
-    evaluate.add_argument("--split", default="validation", choices=["validation", "test"])
+    evaluate.add_argument(
+        "--split",
+        default="validation",
+        choices=["validation", "test"],
+        help="scored on its first run.eval_size prompts (--set run.eval_size=N for more)",
+    )
     evaluate.set_defaults(run=_eval)
     pretrain = commands.add_parser(
         "pretrain", help="train a built-in task's teacher or student from random weights (SFT)"

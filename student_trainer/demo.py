@@ -1,11 +1,13 @@
 """`make demo`: the mission end to end on the built-in default (configs/demo.yaml).
 
-The translation task's teacher (a 1.9M-parameter Llama trained by SFT) and its student
-(37k parameters, the same BPE tokenizer, also SFT) are committed under models/translation
+The records task's teacher (a 2.0M-parameter Llama trained by SFT) and its medium student
+(111k parameters, the same tokenizer, also SFT) are committed under models/records
 (`make models` rebuilds them). The demo starts `teacher-service serve` with the teacher on
-loopback, scores the teacher on held-out prompts, runs on-policy GKD of the student
-against the service, prints teacher / student before / student after, and stops the
-service with SIGTERM. Metrics land in runs/demo/metrics.jsonl.
+loopback, scores the teacher on held-out prompts, distils the student on-policy against the
+service, then trains the same student by SFT for the same steps, batch and learning rate
+(the baseline a user would otherwise run), and prints teacher / before / on-policy / SFT.
+This is the cell of the paper table (docs/RESULTS.md) where on-policy distillation pays
+most. The service stops with SIGTERM. Metrics land in runs/demo/{on-policy,sft}/metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from transformers.utils import logging as transformers_logging
 
 from student_trainer.config import TrainConfig, load_config
-from student_trainer.train import evaluate_split, train
+from student_trainer.train import TrainResult, evaluate_split, train
 from teacher_service.cli import free_port, serve_command
 from teacher_service.client import TeacherClient
 
@@ -33,6 +35,10 @@ METRIC_LABELS = {
     "accuracy": "accuracy (%)",
     "faithful": "faithful (%)",
 }
+DIVERGENCE_LABELS = {
+    "eval/forward_kl": "forward KL(teacher || student)",
+    "eval/reverse_kl": "reverse KL(student || teacher)",
+}
 
 
 def _step(text: str) -> None:
@@ -40,7 +46,7 @@ def _step(text: str) -> None:
 
 
 def _teacher_scores(config: TrainConfig, teacher_dir: Path) -> dict[str, float]:
-    """The teacher's own greedy answers on the prompts the student is evaluated on."""
+    """The teacher's own answers on the prompts the student is evaluated on."""
     as_student = copy.deepcopy(config)
     as_student.student.model = str(teacher_dir)
     as_student.method.name = "sft"
@@ -52,6 +58,36 @@ def _require_models(*dirs: Path) -> None:
     for path in dirs:
         if not (path / "config.json").is_file():
             raise SystemExit(f"{path} is missing: run `make models` to build it (SFT)")
+
+
+def _sft_baseline(config: TrainConfig) -> TrainConfig:
+    """The same run but for what the student learns from: the dataset's references."""
+    baseline = copy.deepcopy(config)
+    baseline.method.name = "sft"
+    baseline.run.out_dir = str(Path(config.run.out_dir).parent / "sft")
+    return baseline
+
+
+def _print_table(
+    config: TrainConfig, teacher: dict[str, float], on_policy: TrainResult, sft: TrainResult
+) -> None:
+    before = on_policy.evaluations[0]
+    after = {"on-policy": on_policy.evaluations[-1], "SFT": sft.evaluations[-1]}
+    print(
+        f"\n    {config.task.name}, {config.run.eval_size} held-out (validation) prompts; "
+        f"greedy decoding, and one sample per prompt at temperature "
+        f"{config.rollout.temperature:g}:"
+    )
+    print(f"    {'':34s} {'teacher':>9s} {'before':>9s} {'on-policy':>9s} {'SFT':>9s}")
+    for name in (k for k in teacher if k not in ("metric", "sampled_metric")):
+        key = f"eval/{name}"
+        label = METRIC_LABELS.get(name.removeprefix("sampled_"), name)
+        label = f"{label}, sampled" if name.startswith("sampled_") else label
+        cells = " ".join(f"{run[key]:9.2f}" for run in (before, *after.values()))
+        print(f"    {label:34s} {teacher[name]:9.2f} {cells}")
+    for key, label in DIVERGENCE_LABELS.items():
+        cells = " ".join(f"{run[key]:9.4f}" for run in (before, *after.values()))
+        print(f"    {label:34s} {'':>9s} {cells}")
 
 
 def run(config_path: Path, teacher_dir: Path, steps: int | None) -> None:
@@ -72,58 +108,46 @@ def run(config_path: Path, teacher_dir: Path, steps: int | None) -> None:
         if steps is not None:
             overrides.append(f"optim.steps={steps}")
         config = load_config(config_path, overrides)
-        shutil.rmtree(config.run.out_dir, ignore_errors=True)  # the demo always starts fresh
+        baseline = _sft_baseline(config)
+        for run_config in (config, baseline):  # the demo always starts fresh
+            shutil.rmtree(run_config.run.out_dir, ignore_errors=True)
         _step(f"scoring the teacher on {config.run.eval_size} held-out prompts")
         teacher = _teacher_scores(config, teacher_dir)
-        m = config.method
+        m, o = config.method, config.optim
         _step(
-            f"on-policy GKD of {config.student.model}: lambda={m.lmbda}, beta={m.beta} "
-            f"(generalized JSD) on the teacher's top-{m.top_k} + tail, {config.optim.steps} "
-            f"steps x {config.optim.grad_accum} micro-batch x {config.optim.batch_size} prompts"
+            f"on-policy GKD of {config.student.model} through the service: lambda={m.lmbda}, "
+            f"beta={m.beta:g} (generalized JSD; 1 = reverse KL) over the {m.support} "
+            f"vocabulary, {o.steps} steps x {o.batch_size} prompts, lr {o.lr:g}"
         )
-        result = train(config)
-        records = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").open()]
+        on_policy = train(config)
+        _step("baseline: SFT of the same student on the references, same steps, batch and lr")
+        sft = train(baseline)
     finally:
         _step("stopping the service (SIGTERM)")
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
-    before, after = result.evaluations[0], result.evaluations[-1]
-    print(
-        f"\n    {config.task.name}, {config.run.eval_size} held-out (validation) prompts, "
-        f"greedy decoding and samples at temperature {config.rollout.temperature:g}:"
-    )
-    print(f"    {'':34s} {'teacher':>8s} {'before':>8s} {'after':>8s}")
-    metric_names = [k for k in teacher if k not in ("metric", "sampled_metric")]
-    for name in metric_names:
-        key = f"eval/{name}"
-        label = METRIC_LABELS.get(name.removeprefix("sampled_"), name)
-        label = f"{label}, sampled" if name.startswith("sampled_") else label
-        print(f"    {label:34s} {teacher[name]:8.2f} {before[key]:8.2f} {after[key]:8.2f}")
-    for key, label in (
-        ("eval/forward_kl", "forward KL(teacher || student)"),
-        ("eval/reverse_kl", "reverse KL(student || teacher)"),
-        ("eval/divergence", f"generalized JSD(beta={m.beta})"),
-    ):
-        print(f"    {label:34s} {'':>8s} {before[key]:8.4f} {after[key]:8.4f}")
+    _print_table(config, teacher, on_policy, sft)
+    records = [json.loads(line) for line in (on_policy.out_dir / "metrics.jsonl").open()]
     steps_run = [r for r in records if "loss" in r]
     hidden = sum(r["hidden_fraction"] for r in steps_run) / len(steps_run)
     print(
-        "\n    divergences: per token, on the student's own samples, scored by the teacher "
-        f"(top-{m.top_k} + tail bucket).\n"
-        f"    teacher latency hidden behind student work: {hidden:.0%} (mean over steps)"
+        "\n    divergences: per token, on the student's own samples, scored by the teacher.\n"
+        f"    on-policy: teacher latency hidden behind student work: {hidden:.0%} (mean).\n"
+        "    The full table (3 tasks, 3 records students, 7 methods, 3 seeds, 1,000 test\n"
+        "    prompts): `make paper-table` (docs/RESULTS.md)."
     )
     if code != 0:
         raise SystemExit(f"teacher-service exited with {code}")
     _step(
-        f"done in {time.perf_counter() - started:.0f} s; metrics in "
-        f"{result.out_dir / 'metrics.jsonl'}, checkpoints in {result.out_dir / 'checkpoints'}"
+        f"done in {time.perf_counter() - started:.0f} s; metrics and checkpoints in "
+        f"{on_policy.out_dir} and {sft.out_dir}"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
-    parser.add_argument("--teacher", type=Path, default=Path("models/translation/teacher"))
+    parser.add_argument("--teacher", type=Path, default=Path("models/records/teacher"))
     parser.add_argument("--steps", type=int, help="override optim.steps")
     args = parser.parse_args()
     run(args.config, args.teacher, args.steps)

@@ -160,7 +160,7 @@ def test_comparisons_apply_the_two_standard_error_rule(tmp_path):
         tmp_path, values, {("translation", "teacher"): 90.0, ("translation", "student"): 30.0}
     )
     rows, _ = report.table_rows(tmp_path)
-    lines = report.claim_lines("translation", "student", rows, 0.5)
+    lines = report.claim_lines("translation", "student", rows, report.protocol_pairs(0.5))
     sft_sd, kd_sd = statistics.stdev([50.0, 51.0, 52.0]), statistics.stdev([50.0, 55.0, 63.0])
     two_se = 2 * (2.0**2 / 3 + kd_sd**2 / 3) ** 0.5  # 62 - 56 = 6 is within it
     assert (

@@ -61,6 +61,7 @@ def test_train_resume_and_eval(tmp_path, tiny_model_dir, student_model_dir):
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert result["step"] == 3 and result["split"] == "test"
+    assert result["prompts"] == 4  # run.eval_size of the test split's 64 prompts
     assert {"metric", "forward_kl", "reverse_kl", "divergence"} <= result.keys()
 
 
