@@ -10,10 +10,12 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# torch first and pinned (constraints.txt): the CPU build on local disk, never a newer one.
-$(STAMP): pyproject.toml constraints.txt
+# torch first and pinned (constraints.txt): the CPU build on local disk, never a newer one;
+# then the client distribution (./teacher-client), which the service and trainer depend on.
+$(STAMP): pyproject.toml teacher-client/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
+	$(PIP) -e ./teacher-client
 	$(PIP) -e '.[dev]'
 	touch $(STAMP)
 
@@ -53,7 +55,7 @@ test: venv tgi-client-venv kustomize
 lint: venv
 	$(PY) -m ruff check .
 
-# Regenerate teacher_service/proto/ from protos/teacher.proto (tests fail when it is stale).
+# Regenerate teacher-client/teacher_client/proto/ from protos/teacher.proto (tests fail when it is stale).
 proto: venv
 	$(PY) scripts/gen_proto.py
 

@@ -31,9 +31,9 @@ from transformers.utils import logging as hf_logging
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_service import ServerProcess, bench_spec, ensure_bench_model
 
+from teacher_client import build_score_request
+from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.cli import free_port, serve_command
-from teacher_service.client import build_score_request
-from teacher_service.proto import teacher_pb2_grpc as pb_grpc
 
 MSGPACK = "application/msgpack"
 

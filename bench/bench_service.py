@@ -53,10 +53,10 @@ import grpc
 import torch
 from transformers.utils import logging as hf_logging
 
+from teacher_client import TeacherClient, TeacherServiceError, build_score_request
+from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.backend import HFBackend, ScoreItem
 from teacher_service.cli import free_port
-from teacher_service.client import TeacherClient, TeacherServiceError, build_score_request
-from teacher_service.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.scoring import ScoreOptions, score_rows
 from teacher_service.tiny_model import TinyModelSpec, build_tiny_model
 

@@ -16,9 +16,10 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/torch.txt
 COPY pyproject.toml README.md ./
+COPY teacher-client teacher-client
 COPY teacher_service teacher_service
 COPY student_trainer student_trainer
-RUN pip install -c /tmp/torch.txt .
+RUN pip install -c /tmp/torch.txt ./teacher-client .
 
 FROM ${BASE_IMAGE} AS runtime
 RUN useradd --create-home --uid 10001 --user-group app && mkdir /models

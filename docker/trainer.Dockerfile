@@ -15,9 +15,10 @@ WORKDIR /src
 ARG TORCH_VERSION=2.13.0
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==${TORCH_VERSION}
 COPY constraints.txt pyproject.toml README.md ./
+COPY teacher-client teacher-client
 COPY teacher_service teacher_service
 COPY student_trainer student_trainer
-RUN pip install -c constraints.txt . && pip check
+RUN pip install -c constraints.txt ./teacher-client . && pip check
 
 FROM ${PYTHON_IMAGE} AS runtime
 # /runs belongs to the app user, so a named volume mounted there starts out writable

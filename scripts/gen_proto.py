@@ -1,4 +1,4 @@
-"""Regenerate the Python gRPC code in teacher_service/proto/ from protos/teacher.proto.
+"""Regenerate the gRPC code in teacher-client/teacher_client/proto/ from protos/teacher.proto.
 
 `make proto` runs this; tests/test_proto.py runs it into a temporary folder and fails
 when the committed code differs (a stale contract). The `-I<package path>=protos`
@@ -14,7 +14,8 @@ from pathlib import Path
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_DIR = "teacher_service/proto"
+CLIENT_ROOT = "teacher-client"  # the client distribution owns the generated stubs
+PACKAGE_DIR = "teacher_client/proto"
 
 
 def generate(out_root: Path) -> list[Path]:
@@ -37,7 +38,9 @@ def generate(out_root: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=ROOT, help="root to write PACKAGE_DIR under")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / CLIENT_ROOT, help="root to write PACKAGE_DIR under"
+    )
     for path in generate(parser.parse_args().out):
         print(f"wrote {path}", file=sys.stderr)
 

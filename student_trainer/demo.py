@@ -26,8 +26,8 @@ from transformers.utils import logging as transformers_logging
 
 from student_trainer.config import TrainConfig, load_config
 from student_trainer.train import TrainResult, evaluate_split, train
+from teacher_client import TeacherClient
 from teacher_service.cli import free_port, serve_command
-from teacher_service.client import TeacherClient
 
 METRIC_LABELS = {
     "exact_match": "exact match (%)",

@@ -19,7 +19,7 @@ from student_trainer.losses import (
     sparse_generalized_jsd,
 )
 from student_trainer.rollouts import Batch
-from teacher_service.client import ScoreResult
+from teacher_client import ScoreResult
 
 
 @dataclass

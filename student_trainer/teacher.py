@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 
-from teacher_service.backend import HFBackend, ScoreItem
-from teacher_service.client import (
+from teacher_client import (
     GenerateResult,
     ScoreResult,
     TeacherClient,
     TeacherInfo,
     compare_tokenizer,
 )
+from teacher_service.backend import HFBackend, ScoreItem
 from teacher_service.codec import torch_dtype
 from teacher_service.sampling import SamplingOptions, new_generator
 from teacher_service.scoring import ScoreOptions

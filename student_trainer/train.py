@@ -56,8 +56,8 @@ from student_trainer.objective import (
 from student_trainer.rollouts import Batch, build_batch, sample_completions
 from student_trainer.tasks import REWARDS, TASKS, Example
 from student_trainer.teacher import Teacher, connect
+from teacher_client import TeacherClient, TeacherServiceError, TokenizerMismatchError
 from teacher_service.backend import eos_token_ids, resolve_device
-from teacher_service.client import TeacherClient, TeacherServiceError, TokenizerMismatchError
 from teacher_service.codec import torch_dtype
 from teacher_service.sampling import SamplingOptions
 

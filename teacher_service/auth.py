@@ -20,7 +20,8 @@ from pathlib import Path
 
 import grpc
 
-TOKEN_ENV = "TEACHER_AUTH_TOKEN"  # what the client side and `--auth-token-file` fall back on
+from teacher_client.auth import TOKEN_ENV, read_pem
+
 GRPC_OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 HTTP_OPEN_PATHS = frozenset({"/health"})
 REFUSED = "missing or invalid bearer token (send 'authorization: Bearer <token>')"
@@ -63,24 +64,11 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         return self._refusal
 
 
-def _read(path: str) -> bytes | None:
-    return Path(path).read_bytes() if path else None
-
-
 def grpc_server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(
-        [(_read(key), _read(cert))],
-        root_certificates=_read(client_ca),
+        [(read_pem(key), read_pem(cert))],
+        root_certificates=read_pem(client_ca),
         require_client_auth=bool(client_ca),
-    )
-
-
-def grpc_channel_credentials(
-    ca: str = "", cert: str = "", key: str = ""
-) -> grpc.ChannelCredentials:
-    """Verify the server against `ca` (system roots if ""); present cert/key if given."""
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read(ca), private_key=_read(key), certificate_chain=_read(cert)
     )
 
 
@@ -92,8 +80,3 @@ def uvicorn_tls_options(cert: str, key: str, client_ca: str = "") -> dict:
     if client_ca:
         options.update(ssl_ca_certs=client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
     return options
-
-
-def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
-    """The call metadata a client sends (None without a token)."""
-    return (("authorization", f"Bearer {token}"),) if token else None

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from teacher_client.fingerprint import tokenizer_fingerprint
 from teacher_service.codec import torch_dtype
-from teacher_service.fingerprint import tokenizer_fingerprint
 from teacher_service.sampling import Completion, SamplingOptions, next_token, sample
 from teacher_service.scoring import ScoreOptions, SequenceScores, score_rows
 

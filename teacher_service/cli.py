@@ -53,7 +53,7 @@ def _health(args: argparse.Namespace) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from teacher_service.auth import grpc_channel_credentials
+    from teacher_client.auth import grpc_channel_credentials
 
     if args.tls or args.tls_ca or args.tls_cert:
         credentials = grpc_channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)

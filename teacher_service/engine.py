@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from teacher_client.proto import teacher_pb2 as pb
 from teacher_service import __version__
 from teacher_service.backend import ScoreItem
 from teacher_service.batcher import DynamicBatcher, ModelWorker
 from teacher_service.config import ServerConfig
 from teacher_service.metrics import ServiceMetrics
-from teacher_service.proto import teacher_pb2 as pb
 from teacher_service.sampling import Completion, SamplingOptions, chunk_prompts, new_generator
 from teacher_service.scoring import SequenceScores
 from teacher_service.validation import (

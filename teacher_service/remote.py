@@ -26,8 +26,8 @@ import httpx
 import torch
 from transformers import AutoTokenizer
 
+from teacher_client.fingerprint import tokenizer_fingerprint
 from teacher_service.backend import ScoreItem
-from teacher_service.fingerprint import tokenizer_fingerprint
 from teacher_service.sampling import Completion, SamplingOptions
 from teacher_service.scoring import SequenceScores
 from teacher_service.validation import RequestError

@@ -23,14 +23,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from teacher_client.proto import teacher_pb2 as pb
+from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.auth import TokenInterceptor, grpc_server_credentials, uvicorn_tls_options
 from teacher_service.backend import HFBackend
 from teacher_service.batcher import BatcherClosed, BatcherOverloaded
 from teacher_service.codec import encode_torch
 from teacher_service.config import ServerConfig
 from teacher_service.engine import Engine, Unsupported
-from teacher_service.proto import teacher_pb2 as pb
-from teacher_service.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.scoring import SequenceScores
 from teacher_service.validation import RequestError
 from teacher_service.web.server import HttpServer

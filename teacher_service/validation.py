@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from teacher_client.codec import LOGPROB_DTYPES, CodecError, decode_numpy, dtype_name
+from teacher_client.proto import teacher_pb2 as pb
 from teacher_service.backend import ScoreItem
-from teacher_service.codec import LOGPROB_DTYPES, CodecError, decode_numpy, dtype_name, torch_dtype
+from teacher_service.codec import torch_dtype
 from teacher_service.config import Limits
-from teacher_service.proto import teacher_pb2 as pb
 from teacher_service.sampling import SamplingOptions
 from teacher_service.scoring import ScoreOptions
 

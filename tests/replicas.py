@@ -6,8 +6,8 @@ import subprocess
 
 import httpx
 
+from teacher_client import TeacherClient
 from teacher_service.cli import free_port, serve_command
-from teacher_service.client import TeacherClient
 
 
 class Replica:

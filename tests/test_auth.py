@@ -12,9 +12,9 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from teacher_client import TeacherClient, TeacherServiceError
 from teacher_service.auth import bearer_matches
 from teacher_service.cli import free_port, serve_command
-from teacher_service.client import TeacherClient, TeacherServiceError
 from tests.conftest import start_background_server
 
 TOKEN = "s3cret-token-value"

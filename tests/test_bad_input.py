@@ -11,11 +11,11 @@ import grpc
 import numpy as np
 import pytest
 
-from teacher_service.client import TeacherClient, TeacherServiceError
-from teacher_service.codec import encode_numpy
+from teacher_client import TeacherClient, TeacherServiceError
+from teacher_client.codec import encode_numpy
+from teacher_client.proto import teacher_pb2 as pb
+from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.config import Limits
-from teacher_service.proto import teacher_pb2 as pb
-from teacher_service.proto import teacher_pb2_grpc as pb_grpc
 from tests.conftest import reference_logprobs, start_background_server
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from teacher_client import TeacherClient
 from teacher_service.cli import free_port, serve_command
-from teacher_service.client import TeacherClient
 from tests.conftest import reference_logprobs
 
 

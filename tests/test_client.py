@@ -9,15 +9,15 @@ import grpc
 import pytest
 from transformers import AutoTokenizer
 
-from teacher_service.cli import free_port
-from teacher_service.client import (
+from teacher_client import (
     RetryPolicy,
     TeacherClient,
     TeacherServiceError,
     TokenizerMismatchError,
 )
+from teacher_client.fingerprint import tokenizer_fingerprint
+from teacher_service.cli import free_port
 from teacher_service.config import ServerConfig
-from teacher_service.fingerprint import tokenizer_fingerprint
 from teacher_service.server import BackgroundServer
 from teacher_service.tiny_model import train_tokenizer
 

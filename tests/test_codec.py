@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from teacher_service.codec import CodecError, decode_numpy, encode_numpy, encode_torch
-from teacher_service.proto import teacher_pb2 as pb
+from teacher_client.codec import CodecError, decode_numpy, encode_numpy
+from teacher_client.proto import teacher_pb2 as pb
+from teacher_service.codec import encode_torch
 
 
 @pytest.mark.parametrize(

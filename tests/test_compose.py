@@ -24,7 +24,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from student_trainer.checkpoint import checkpoint_dirs
-from teacher_service.auth import bearer_metadata, read_token
+from teacher_client.auth import bearer_metadata
+from teacher_service.auth import read_token
 from teacher_service.cli import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from teacher_service.client import TeacherClient, TeacherServiceError
+from teacher_client import TeacherClient, TeacherServiceError
 from teacher_service.config import Limits
 from tests.conftest import start_background_server
 

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from student_trainer.train import Trainer, train
-from teacher_service.client import TeacherClient, channel_target
+from teacher_client import TeacherClient
+from teacher_client.pool import channel_target
 from tests.replicas import Replica
 from tests.trainer_helpers import small_config
 

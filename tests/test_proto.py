@@ -21,14 +21,14 @@ def test_generated_code_is_current_with_the_proto(tmp_path):
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gen_proto.py"), "--out", str(tmp_path)], check=True
     )
-    generated = sorted((tmp_path / "teacher_service" / "proto").glob("teacher_pb2*"))
+    generated = sorted((tmp_path / "teacher_client" / "proto").glob("teacher_pb2*"))
     assert [p.name for p in generated] == [
         "teacher_pb2.py",
         "teacher_pb2.pyi",
         "teacher_pb2_grpc.py",
     ]
     for fresh in generated:
-        committed = ROOT / "teacher_service" / "proto" / fresh.name
+        committed = ROOT / "teacher-client" / "teacher_client" / "proto" / fresh.name
         assert committed.read_bytes() == fresh.read_bytes(), (
             f"{committed} is stale: run `make proto` after editing protos/teacher.proto"
         )

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from teacher_service.client import TeacherClient, TeacherServiceError
+from teacher_client import TeacherClient, TeacherServiceError
 from teacher_service.remote import OpenAIBackend, TGIBackend
 from tests.conftest import start_background_server
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from teacher_service.client import AsyncTeacherClient
+from teacher_client import AsyncTeacherClient
 from tests.conftest import reference_logprobs
 
 ATOL = 1e-5

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from teacher_service.client import TeacherClient, TeacherServiceError
+from teacher_client import TeacherClient, TeacherServiceError
 from tests.conftest import start_background_server
 
 TOKEN = "tls-test-token"

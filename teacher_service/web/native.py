@@ -18,8 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from teacher_service.codec import CodecError, dtype_enum, encode_numpy, encode_torch
-from teacher_service.proto import teacher_pb2 as pb
+from teacher_client.codec import CodecError, dtype_enum, encode_numpy
+from teacher_client.proto import teacher_pb2 as pb
+from teacher_service.codec import encode_torch
 from teacher_service.scoring import SequenceScores
 from teacher_service.web.app import BodyError, http_status
 

@@ -48,8 +48,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from teacher_client.proto import teacher_pb2 as pb
 from teacher_service.engine import Engine
-from teacher_service.proto import teacher_pb2 as pb
 from teacher_service.sampling import Completion, SamplingOptions
 from teacher_service.scoring import SequenceScores
 from teacher_service.validation import RequestError

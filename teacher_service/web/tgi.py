@@ -33,9 +33,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from teacher_client.proto import teacher_pb2 as pb
 from teacher_service import __version__
 from teacher_service.engine import Engine
-from teacher_service.proto import teacher_pb2 as pb
 from teacher_service.validation import RequestError
 from teacher_service.web.app import BodyError, http_status
 

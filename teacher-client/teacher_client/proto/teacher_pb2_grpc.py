@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from teacher_service.proto import teacher_pb2 as teacher__service_dot_proto_dot_teacher__pb2
+from teacher_client.proto import teacher_pb2 as teacher__client_dot_proto_dot_teacher__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in teacher_service/proto/teacher_pb2_grpc.py depends on'
+        + ' but the generated code in teacher_client/proto/teacher_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class TeacherStub:
         """
         self.Info = channel.unary_unary(
                 '/teacher.v1.Teacher/Info',
-                request_serializer=teacher__service_dot_proto_dot_teacher__pb2.InfoRequest.SerializeToString,
-                response_deserializer=teacher__service_dot_proto_dot_teacher__pb2.InfoResponse.FromString,
+                request_serializer=teacher__client_dot_proto_dot_teacher__pb2.InfoRequest.SerializeToString,
+                response_deserializer=teacher__client_dot_proto_dot_teacher__pb2.InfoResponse.FromString,
                 _registered_method=True)
         self.Score = channel.unary_unary(
                 '/teacher.v1.Teacher/Score',
-                request_serializer=teacher__service_dot_proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
-                response_deserializer=teacher__service_dot_proto_dot_teacher__pb2.ScoreResponse.FromString,
+                request_serializer=teacher__client_dot_proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=teacher__client_dot_proto_dot_teacher__pb2.ScoreResponse.FromString,
                 _registered_method=True)
         self.ScoreStream = channel.stream_stream(
                 '/teacher.v1.Teacher/ScoreStream',
-                request_serializer=teacher__service_dot_proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
-                response_deserializer=teacher__service_dot_proto_dot_teacher__pb2.ScoreStreamResponse.FromString,
+                request_serializer=teacher__client_dot_proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=teacher__client_dot_proto_dot_teacher__pb2.ScoreStreamResponse.FromString,
                 _registered_method=True)
         self.Generate = channel.unary_unary(
                 '/teacher.v1.Teacher/Generate',
-                request_serializer=teacher__service_dot_proto_dot_teacher__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=teacher__service_dot_proto_dot_teacher__pb2.GenerateResponse.FromString,
+                request_serializer=teacher__client_dot_proto_dot_teacher__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=teacher__client_dot_proto_dot_teacher__pb2.GenerateResponse.FromString,
                 _registered_method=True)
 
 
@@ -94,23 +94,23 @@ def add_TeacherServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=teacher__service_dot_proto_dot_teacher__pb2.InfoRequest.FromString,
-                    response_serializer=teacher__service_dot_proto_dot_teacher__pb2.InfoResponse.SerializeToString,
+                    request_deserializer=teacher__client_dot_proto_dot_teacher__pb2.InfoRequest.FromString,
+                    response_serializer=teacher__client_dot_proto_dot_teacher__pb2.InfoResponse.SerializeToString,
             ),
             'Score': grpc.unary_unary_rpc_method_handler(
                     servicer.Score,
-                    request_deserializer=teacher__service_dot_proto_dot_teacher__pb2.ScoreRequest.FromString,
-                    response_serializer=teacher__service_dot_proto_dot_teacher__pb2.ScoreResponse.SerializeToString,
+                    request_deserializer=teacher__client_dot_proto_dot_teacher__pb2.ScoreRequest.FromString,
+                    response_serializer=teacher__client_dot_proto_dot_teacher__pb2.ScoreResponse.SerializeToString,
             ),
             'ScoreStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ScoreStream,
-                    request_deserializer=teacher__service_dot_proto_dot_teacher__pb2.ScoreRequest.FromString,
-                    response_serializer=teacher__service_dot_proto_dot_teacher__pb2.ScoreStreamResponse.SerializeToString,
+                    request_deserializer=teacher__client_dot_proto_dot_teacher__pb2.ScoreRequest.FromString,
+                    response_serializer=teacher__client_dot_proto_dot_teacher__pb2.ScoreStreamResponse.SerializeToString,
             ),
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=teacher__service_dot_proto_dot_teacher__pb2.GenerateRequest.FromString,
-                    response_serializer=teacher__service_dot_proto_dot_teacher__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=teacher__client_dot_proto_dot_teacher__pb2.GenerateRequest.FromString,
+                    response_serializer=teacher__client_dot_proto_dot_teacher__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,8 +138,8 @@ class Teacher:
             request,
             target,
             '/teacher.v1.Teacher/Info',
-            teacher__service_dot_proto_dot_teacher__pb2.InfoRequest.SerializeToString,
-            teacher__service_dot_proto_dot_teacher__pb2.InfoResponse.FromString,
+            teacher__client_dot_proto_dot_teacher__pb2.InfoRequest.SerializeToString,
+            teacher__client_dot_proto_dot_teacher__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -165,8 +165,8 @@ class Teacher:
             request,
             target,
             '/teacher.v1.Teacher/Score',
-            teacher__service_dot_proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
-            teacher__service_dot_proto_dot_teacher__pb2.ScoreResponse.FromString,
+            teacher__client_dot_proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
+            teacher__client_dot_proto_dot_teacher__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -192,8 +192,8 @@ class Teacher:
             request_iterator,
             target,
             '/teacher.v1.Teacher/ScoreStream',
-            teacher__service_dot_proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
-            teacher__service_dot_proto_dot_teacher__pb2.ScoreStreamResponse.FromString,
+            teacher__client_dot_proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
+            teacher__client_dot_proto_dot_teacher__pb2.ScoreStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -219,8 +219,8 @@ class Teacher:
             request,
             target,
             '/teacher.v1.Teacher/Generate',
-            teacher__service_dot_proto_dot_teacher__pb2.GenerateRequest.SerializeToString,
-            teacher__service_dot_proto_dot_teacher__pb2.GenerateResponse.FromString,
+            teacher__client_dot_proto_dot_teacher__pb2.GenerateRequest.SerializeToString,
+            teacher__client_dot_proto_dot_teacher__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

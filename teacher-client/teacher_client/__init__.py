@@ -1,0 +1,51 @@
+"""teacher-client: call a teacher service from any trainer, without torch.
+
+    from teacher_client import TeacherClient
+
+    client = TeacherClient("localhost:50051")
+    client.check_tokenizer(tokenizer)          # refuses a teacher that means other tokens
+    results = client.score(sequences, score_from, top_k=64)
+    results[0].topk_logprobs                   # numpy [T, 64]
+
+Depends on grpcio, gRPC's health-checking stubs, protobuf and numpy only. The scoring
+semantics and the wire format are in docs/design.md of the teacher-service repository.
+"""
+
+from teacher_client.client import (
+    DEFAULT_TIMEOUT,
+    AsyncTeacherClient,
+    TeacherClient,
+    TeacherServiceError,
+)
+from teacher_client.codec import CodecError, decode_numpy, encode_numpy
+from teacher_client.fingerprint import tokenizer_fingerprint
+from teacher_client.messages import (
+    GenerateResult,
+    ScoreResult,
+    TeacherInfo,
+    TokenizerMismatchError,
+    build_generate_request,
+    build_score_request,
+    compare_tokenizer,
+)
+from teacher_client.retry import RetryPolicy
+
+__version__ = "0.1.0"
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "AsyncTeacherClient",
+    "CodecError",
+    "GenerateResult",
+    "RetryPolicy",
+    "ScoreResult",
+    "TeacherClient",
+    "TeacherInfo",
+    "TeacherServiceError",
+    "TokenizerMismatchError",
+    "build_generate_request",
+    "build_score_request",
+    "compare_tokenizer",
+    "decode_numpy",
+    "encode_numpy",
+    "tokenizer_fingerprint",
+]
