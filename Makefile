@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tgi-client-venv kustomize demo test lint proto bench bench-trainer bench-http models \
+.PHONY: venv client-venv tgi-client-venv kustomize demo test lint proto bench bench-trainer bench-http models \
 	paper-table clean
 
 venv: $(STAMP)
@@ -18,6 +18,21 @@ $(STAMP): pyproject.toml teacher-client/pyproject.toml constraints.txt
 	$(PIP) -e ./teacher-client
 	$(PIP) -e '.[dev]'
 	touch $(STAMP)
+
+# The client distribution alone, as a user of another framework installs it (no torch):
+# tests/test_client_package.py scores through it. Rebuilt whenever the client changes.
+CLIENT_VENV := .cache/client-venv
+CLIENT_STAMP := $(CLIENT_VENV)/.installed
+CLIENT_SOURCES := teacher-client/pyproject.toml $(shell find teacher-client/teacher_client -name '*.py*')
+
+client-venv: $(CLIENT_STAMP)
+
+$(CLIENT_STAMP): $(CLIENT_SOURCES)
+	rm -rf $(CLIENT_VENV)
+	$(PYTHON) -m venv $(CLIENT_VENV)
+	$(CLIENT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		-c constraints.txt './teacher-client[tokenizers]'
+	touch $(CLIENT_STAMP)
 
 # Hugging Face's own TGI client, for tests/test_http_tgi.py: it pins huggingface_hub<1.0,
 # which transformers 5 in .venv cannot take, so it lives in a venv of its own (no torch).
@@ -49,7 +64,7 @@ $(TGI_CLIENT_STAMP):
 demo: venv
 	$(PY) -m student_trainer.demo
 
-test: venv tgi-client-venv kustomize
+test: venv client-venv tgi-client-venv kustomize
 	$(PY) -m pytest -q
 
 lint: venv

@@ -4,6 +4,7 @@
 
     client = TeacherClient("localhost:50051")
     client.check_tokenizer(tokenizer)          # refuses a teacher that means other tokens
+                                               # (LocalTokenizer.from_dir: no transformers)
     results = client.score(sequences, score_from, top_k=64)
     results[0].topk_logprobs                   # numpy [T, 64]
 
@@ -29,6 +30,7 @@ from teacher_client.messages import (
     compare_tokenizer,
 )
 from teacher_client.retry import RetryPolicy
+from teacher_client.tokenizer import LocalTokenizer
 
 __version__ = "0.1.0"
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "AsyncTeacherClient",
     "CodecError",
     "GenerateResult",
+    "LocalTokenizer",
     "RetryPolicy",
     "ScoreResult",
     "TeacherClient",

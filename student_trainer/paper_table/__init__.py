@@ -20,12 +20,10 @@ resumes. Runs are started as soon as the rules they depend on can be applied.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import statistics
-import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -284,7 +282,7 @@ def _decides_a_rule(run: Run) -> bool:
     return not run.test or selecting
 
 
-def _init_worker(threads: int) -> None:
+def init_worker(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -303,7 +301,7 @@ def run_grid(tasks: list[str], only: set[str], jobs: int, threads: int) -> None:
     """Keep `jobs` processes busy with every pending run; whenever one finishes, plan again,
     since its result may decide a rule that later runs wait for."""
     context = get_context("spawn")
-    with ProcessPoolExecutor(jobs, context, initializer=_init_worker, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(jobs, context, initializer=init_worker, initargs=(threads,)) as pool:
         references = [
             pool.submit(reference, task, role)
             for task in tasks
@@ -335,33 +333,3 @@ def run_grid(tasks: list[str], only: set[str], jobs: int, threads: int) -> None:
     for task in tasks:
         if chosen_lr(task) is None or best_beta(task) is None:
             print(f"{task}: selection runs missing (see --only): later cells not planned yet")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="paper-table", description=__doc__)
-    parser.add_argument("--task", action="append", choices=TABLE_TASKS, help="default: all")
-    parser.add_argument(
-        "--only",
-        action="append",
-        default=[],
-        metavar="TASK/LABEL",
-        help="run only these cells (at every student of the task), e.g. records/sft "
-        "(repeatable); the report uses all",
-    )
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
-    parser.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
-    parser.add_argument("--report-only", action="store_true", help="rebuild the report only")
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    _init_worker(threads)  # the parent scores the references
-    if not args.report_only:
-        run_grid(args.task or list(TABLE_TASKS), set(args.only), args.jobs, threads)
-    from student_trainer.report import write_report
-
-    elapsed = None if args.report_only else time.perf_counter() - started
-    write_report(" ".join(["make paper-table", *sys.argv[1:]]), elapsed)
-
-
-if __name__ == "__main__":
-    main()

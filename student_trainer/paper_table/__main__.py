@@ -1,0 +1,44 @@
+"""`python -m student_trainer.paper_table` (`make paper-table`): run the grid, then the report.
+
+The entry point lives apart from the grid (student_trainer/paper_table/__init__.py) because
+the report imports the grid: the grid must not import the report back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from student_trainer import paper_table
+from student_trainer.paper_table import TABLE_TASKS, init_worker, run_grid
+from student_trainer.report import write_report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="paper-table", description=paper_table.__doc__)
+    parser.add_argument("--task", action="append", choices=TABLE_TASKS, help="default: all")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TASK/LABEL",
+        help="run only these cells (at every student of the task), e.g. records/sft "
+        "(repeatable); the report uses all",
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report only")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    init_worker(threads)  # the parent scores the references
+    if not args.report_only:
+        run_grid(args.task or list(TABLE_TASKS), set(args.only), args.jobs, threads)
+    elapsed = None if args.report_only else time.perf_counter() - started
+    write_report(" ".join(["make paper-table", *sys.argv[1:]]), elapsed)
+
+
+if __name__ == "__main__":
+    main()
