@@ -6,7 +6,7 @@ Run it from the repository root (`make bench` does):
     .venv/bin/python bench/bench_service.py --quick    # under a minute, smaller shapes
     .venv/bin/python bench/bench_service.py --model DIR --device cuda --json out.json
 
-It checks the three performance targets of DESIGN.md ("Performance targets"):
+It checks the three performance targets of docs/design.md ("Performance targets"):
 
 1. Throughput. Tokens scored per second through the service, against an in-process
    forward of the same model on the same batch (`model(input_ids).logits` under
@@ -53,12 +53,12 @@ import grpc
 import torch
 from transformers.utils import logging as hf_logging
 
+from student_trainer.tiny_model import TinyModelSpec, build_tiny_model
 from teacher_client import TeacherClient, TeacherServiceError, build_score_request
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.backend import HFBackend, ScoreItem
 from teacher_service.cli import free_port
 from teacher_service.scoring import ScoreOptions, score_rows
-from teacher_service.tiny_model import TinyModelSpec, build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 THROUGHPUT_TARGET = 0.85  # service tokens/s over in-process forward tokens/s

@@ -15,7 +15,7 @@ JSD(beta = 0.5) token-level mean, backward, clip 1.0, AdamW (constant lr).
 - TRL:        trl.DistillationTrainer (TRL's in-process-teacher on-policy GKD) on the same
               models and prompts (bench/trl_reference.py); skipped when TRL is not installed.
 
-The DESIGN.md target: a step no slower than TRL's in-process-teacher trainer. By default
+The target (docs/design.md): a step no slower than TRL's in-process-teacher trainer. By default
 the service's teacher competes with the trainer for the same cores, an upper bound on the
 service's cost; `--separate-cores` gives every trainer CPU 0 (1 thread) and the service
 CPU 1, a teacher on its own device as deployed (TRL and the in-process teacher then run
@@ -44,10 +44,10 @@ from trl_reference import trl_step_seconds
 from student_trainer.config import load_config
 from student_trainer.data import encode_prompt
 from student_trainer.tasks import TASKS
-from student_trainer.teacher import InProcessTeacher
+from student_trainer.teacher import LocalTeacher
+from student_trainer.tiny_model import TinyModelSpec, build_tiny_model
 from student_trainer.train import Trainer
 from teacher_service.cli import free_port, serve_command
-from teacher_service.tiny_model import TinyModelSpec, build_tiny_model
 
 WARMUP_STEPS = 2
 
@@ -155,7 +155,7 @@ def main() -> None:
     server.command = server_prefix + server.command
     threads = {"OMP_NUM_THREADS": "1"} if args.separate_cores else {}
     server.start({**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", **threads})
-    in_process = InProcessTeacher.load(str(teacher_dir))
+    in_process = LocalTeacher.load(teacher_dir)
     times: dict[str, list[float]] = {"service": [], "in-process": [], "TRL": []}
     hidden: dict[str, list[float]] = {"service": [], "in-process": []}
     try:

@@ -8,6 +8,7 @@ renamed into place, so a run killed mid-write never leaves a half checkpoint beh
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -32,6 +34,19 @@ def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     found = checkpoint_dirs(out_dir)
     return found[-1] if found else None
+
+
+def resume_checkpoint(resume: str | None, out_dir: str | Path) -> Path | None:
+    """What `--resume` names: a checkpoint directory, or "auto" for the latest one in
+    out_dir (none yet: a fresh start); None starts fresh."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = latest_checkpoint(out_dir)
+        if found is None:
+            log.info("no checkpoint in %s: starting from scratch", out_dir)
+        return found
+    return Path(resume)
 
 
 def save_checkpoint(

@@ -1,4 +1,5 @@
-"""`student-trainer`: train a student against the teacher service, or evaluate one."""
+"""`student-trainer`: train a student against the teacher service, evaluate one, or build
+the built-in tasks' models (pretrain) and small random ones (tiny-model)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from student_trainer.config import ConfigError, load_config
+from student_trainer.tiny_model import TinyModelSpec
 
 
 def _config(args: argparse.Namespace):
@@ -28,16 +31,15 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from student_trainer.train import Trainer
+    from student_trainer.checkpoint import load_state
+    from student_trainer.evaluate import evaluate_split
 
     config = _config(args)
-    trainer = Trainer(config, resume=args.checkpoint)
-    prompts = min(config.run.eval_size, len(getattr(trainer.splits, args.split)))
-    try:
-        scores = trainer.evaluate(args.split)
-        print(json.dumps({"step": trainer.step, "split": args.split, "prompts": prompts, **scores}))
-    finally:
-        trainer.close()
+    step = int(load_state(args.checkpoint)["step"]) if args.checkpoint else 0
+    size = config.run.eval_size
+    scores = evaluate_split(config, args.split, checkpoint=args.checkpoint, size=size)
+    prompts = min(size, getattr(config.task, f"{args.split}_size"))
+    print(json.dumps({"step": step, "split": args.split, "prompts": prompts, **scores}))
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -48,6 +50,14 @@ def _pretrain(args: argparse.Namespace) -> None:
             args.task, role, root=args.models_dir, runs_dir=args.runs_dir, overrides=args.set or []
         )
         print(f"{args.task} {role}: {out}")
+
+
+def _tiny_model(args: argparse.Namespace) -> None:
+    from student_trainer.tiny_model import build_tiny_model
+
+    spec = TinyModelSpec(**{f.name: getattr(args, f.name) for f in fields(TinyModelSpec)})
+    out = build_tiny_model(args.out_dir, spec, tokenizer_from=args.tokenizer_from)
+    print(f"wrote a tiny Llama model and its BPE tokenizer to {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs-dir", type=Path, default=Path("runs/pretrain"), help="training runs go here"
     )
     pretrain.set_defaults(run=_pretrain)
+    tiny = commands.add_parser(
+        "tiny-model", help="write a small random-weight Llama + BPE tokenizer (tests, smoke runs)"
+    )
+    tiny.add_argument("out_dir")
+    for f in fields(TinyModelSpec):
+        tiny.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    tiny.add_argument(
+        "--tokenizer-from",
+        type=Path,
+        help="reuse this model directory's tokenizer (a student must share its teacher's)",
+    )
+    tiny.set_defaults(run=_tiny_model)
     return parser
 
 

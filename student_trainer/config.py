@@ -56,7 +56,7 @@ class TaskConfig:
 
 @dataclass
 class MethodConfig:
-    """What the student learns from (GKD paper, Algorithm 1; DESIGN.md "Losses")."""
+    """What the student learns from (GKD paper, Algorithm 1; docs/design.md "Loss semantics")."""
 
     name: str = "gkd"  # sft | seqkd | gkd
     lmbda: float = 1.0  # gkd: probability that a step trains on student samples

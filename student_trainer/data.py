@@ -1,11 +1,19 @@
-"""Examples -> token ids, and a seeded, resumable stream of training examples."""
+"""The configured task's examples, as token ids and back, and a seeded, resumable stream
+of training examples."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from typing import Any
 
-from student_trainer.tasks import Example
+from student_trainer.config import TaskConfig
+from student_trainer.tasks import TASKS, Example, Splits
+
+
+def task_splits(task: TaskConfig) -> Splits:
+    """The task's train / validation / test examples (task.seed decides them)."""
+    return TASKS[task.name].splits(task.train_size, task.validation_size, task.test_size, task.seed)
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
@@ -17,6 +25,11 @@ def encode_answer(tokenizer: Any, text: str) -> list[int]:
     """The reference completion: its tokens then eos, so stopping is learned too."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return [*ids, tokenizer.eos_token_id]
+
+
+def decode_completion(tokenizer: Any, ids: list[int], eos_ids: Collection[int]) -> str:
+    """A completion's text, without its eos (what the task's metrics and rewards read)."""
+    return tokenizer.decode([t for t in ids if t not in eos_ids], skip_special_tokens=True)
 
 
 class ExampleStream:

@@ -18,16 +18,18 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from transformers.utils import logging as transformers_logging
 
 from student_trainer.config import TrainConfig, load_config
-from student_trainer.train import TrainResult, evaluate_split, train
+from student_trainer.evaluate import evaluate_model
+from student_trainer.train import TrainResult, train
 from teacher_client import TeacherClient
-from teacher_service.cli import free_port, serve_command
 
 METRIC_LABELS = {
     "exact_match": "exact match (%)",
@@ -45,13 +47,23 @@ def _step(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
+def _free_port() -> int:
+    """A loopback port nobody listens on right now, for the service."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve_command(teacher_dir: Path, port: int) -> list[str]:
+    """`teacher-service serve` with this Python, quiet, on CPU (the service is a separate
+    program: the demo starts it as a user would, and imports none of it)."""
+    return [sys.executable, "-m", "teacher_service", "--log-level", "WARNING", "serve",
+            "--model", str(teacher_dir), "--port", str(port), "--device", "cpu"]  # fmt: skip
+
+
 def _teacher_scores(config: TrainConfig, teacher_dir: Path) -> dict[str, float]:
     """The teacher's own answers on the prompts the student is evaluated on."""
-    as_student = copy.deepcopy(config)
-    as_student.student.model = str(teacher_dir)
-    as_student.method.name = "sft"
-    as_student.teacher.address = ""
-    return evaluate_split(as_student, "validation", size=config.run.eval_size)
+    return evaluate_model(teacher_dir, config, "validation", size=config.run.eval_size)
 
 
 def _require_models(*dirs: Path) -> None:
@@ -95,10 +107,10 @@ def run(config_path: Path, teacher_dir: Path, steps: int | None) -> None:
     started = time.perf_counter()
     config = load_config(config_path)
     _require_models(teacher_dir, Path(config.student.model))
-    port = free_port()
+    port = _free_port()
     _step(f"starting teacher-service on 127.0.0.1:{port} (model {teacher_dir})")
     server = subprocess.Popen(
-        serve_command(teacher_dir, port),
+        _serve_command(teacher_dir, port),
         env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
     )
     try:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,6 +91,17 @@ def device_for(world: World, device: torch.device) -> torch.device:
     if world.distributed and device.type == "cuda" and device.index is None:
         return torch.device("cuda", world.local_rank)
     return device
+
+
+def data_parallel(model: torch.nn.Module, world: World) -> torch.nn.Module:
+    """The module that computes gradients: under torchrun a DDP wrapper, which all-reduces
+    them during backward; alone the model itself."""
+    if not world.distributed:
+        return model
+    device = next(model.parameters()).device
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def init_process_group(world: World, device: torch.device) -> None:

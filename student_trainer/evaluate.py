@@ -4,22 +4,28 @@ As the GKD paper does, the metrics are computed twice: on the student's greedy
 completions, and on its samples at the rollout temperature (`sampled_<metric>`), drawn
 from a fixed seed so every evaluation sees comparable draws. The divergences use those
 same samples, scored by the teacher: the on-policy quantity that distillation drives down.
+
+`evaluate` scores a model in memory (the trainer's, during a run); `evaluate_model` loads
+any model directory to score it (a student, a checkpoint, the teacher itself), and
+`evaluate_split` does so with the config's own student and teacher.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from student_trainer.config import TrainConfig
-from student_trainer.data import encode_prompt
+from student_trainer.data import decode_completion, encode_prompt, task_splits
 from student_trainer.losses import sparse_generalized_jsd
 from student_trainer.objective import TeacherRows, completion_rows
 from student_trainer.rollouts import build_batch, sample_completions
+from student_trainer.student import load_student
 from student_trainer.tasks import TASKS, Example
-from student_trainer.teacher import Teacher
-from teacher_service.sampling import SamplingOptions
+from student_trainer.teacher import Teacher, connect, handshake
+from teacher_service.in_process import SamplingOptions, resolve_device
 
 EVAL_SEED_OFFSET = 7919  # evaluation draws never share a stream with training rollouts
 
@@ -55,16 +61,16 @@ def evaluate(
         prompts = [encode_prompt(tokenizer, e.prompt) for e in chunk]
         greedy = SamplingOptions(rollout.max_new_tokens, temperature=0.0)
         completions = sample_completions(model, prompts, greedy, generator=None, **sampling)
-        predictions += [_decode(tokenizer, ids, eos_ids) for ids in completions]
+        predictions += [decode_completion(tokenizer, ids, eos_ids) for ids in completions]
         options = SamplingOptions(rollout.max_new_tokens, rollout.temperature, rollout.top_p)
         samples = sample_completions(model, prompts, options, generator=generator, **sampling)
-        sampled += [_decode(tokenizer, ids, eos_ids) for ids in samples]
+        sampled += [decode_completion(tokenizer, ids, eos_ids) for ids in samples]
         if teacher is None:
             continue
         batch = build_batch(prompts, samples, eos_ids=eos_ids, pad_id=pad_id)
-        results = teacher.score(
+        results = teacher.submit_score(
             batch.sequences, batch.prompt_lens, top_k=method.top_k, temperature=method.temperature
-        )
+        ).result()
         rows = TeacherRows.from_results(results).to(device)
         logits = model(
             input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
@@ -87,5 +93,45 @@ def evaluate(
     return result
 
 
-def _decode(tokenizer: Any, ids: list[int], eos_ids: frozenset[int]) -> str:
-    return tokenizer.decode([t for t in ids if t not in eos_ids], skip_special_tokens=True)
+def evaluate_model(
+    model_dir: str | Path,
+    config: TrainConfig,
+    split: str = "validation",
+    *,
+    size: int | None = None,
+    teacher: Teacher | None = None,
+) -> dict[str, float]:
+    """`evaluate` of the model in `model_dir` (in student.dtype on student.device) on the
+    first `size` prompts of a split (default: all of it); divergences to `teacher` when one
+    is given, after the tokenizer handshake."""
+    student = load_student(model_dir, config.student.dtype, resolve_device(config.student.device))
+    if teacher is not None:
+        handshake(teacher, student.tokenizer, config)
+    examples = getattr(task_splits(config.task), split)[:size]
+    return evaluate(
+        student.model.eval(),
+        student.tokenizer,
+        teacher,
+        examples,
+        config,
+        eos_ids=student.eos_ids,
+        pad_id=student.pad_id,
+    )
+
+
+def evaluate_split(
+    config: TrainConfig,
+    split: str = "test",
+    *,
+    checkpoint: str | Path | None = None,
+    size: int | None = None,
+) -> dict[str, float]:
+    """`evaluate_model` of student.model or a run's checkpoint, with divergences when the
+    config names a teacher."""
+    teacher = connect(config)
+    try:
+        model_dir = config.student.model if checkpoint is None else checkpoint
+        return evaluate_model(model_dir, config, split, size=size, teacher=teacher)
+    finally:
+        if teacher is not None:
+            teacher.close()

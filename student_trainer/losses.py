@@ -1,4 +1,4 @@
-"""Distillation losses: pure tensor functions, p = teacher, q = student (DESIGN.md "Losses").
+"""Distillation losses: pure tensor functions, p = teacher, q = student (docs/design.md).
 
 Every divergence is per position (the vocabulary / bucket axis, the last one, is reduced) and is
 computed in float32 (float64 when given float64, so that gradcheck works), whatever the input

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from student_trainer.checkpoint import latest_checkpoint
 from student_trainer.config import ConfigError, load_config
 from student_trainer.tasks import TASKS
-from teacher_service.tiny_model import TinyModelSpec, build_tiny_model, train_tokenizer
+from student_trainer.tiny_model import TinyModelSpec, build_tiny_model, train_tokenizer
 
 MODELS_DIR = Path("models")
 CONFIGS_DIR = Path("configs/pretrain")

@@ -28,7 +28,7 @@ import sacrebleu
 from num2words import num2words
 
 from student_trainer import records
-from teacher_service.tiny_model import ITEMS, NAMES
+from student_trainer.tiny_model import ITEMS, NAMES
 
 
 @dataclass(frozen=True)

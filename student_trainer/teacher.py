@@ -1,43 +1,74 @@
-"""The teacher as the trainer sees it: the service's client, or the same model in-process.
+"""The teacher as the trainer sees it: one small interface, two ways to reach the model.
 
-Both offer `score`, `generate` and `check_tokenizer` with the semantics of DESIGN.md, so
-the loop does not know which one it talks to. The in-process teacher exists for
-benchmarks (service vs same-process teacher) and for exact, network-free tests.
+The loop hands each micro-batch to `submit_score` as soon as it exists and takes the
+result when that micro-batch's loss needs it; what the teacher does in between is its own
+business, which is the point of the interface (no `isinstance` in the loop):
+
+- `RemoteTeacher`: the teacher service, through teacher_client. Calls run on a thread pool
+  of its own, so the service's latency hides behind the student's sampling and forward
+  passes (the parameters do not change within a step: nothing goes stale).
+- `LocalTeacher`: the same model in this process (teacher_service.in_process, the
+  service's one public entry point), for benchmarks and exact, network-free tests. It
+  computes when its result is first asked for (see `submit_score` there for why).
+
+Every future records its call's own duration (`ScoreFuture.latency_s`), so the loop can
+tell the teacher's time from the time it spent waiting for it: the step metrics
+teacher_latency_s, teacher_wait_s and hidden_fraction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
 
-import torch
-
+from student_trainer.config import ConfigError, TrainConfig
 from teacher_client import (
     GenerateResult,
     ScoreResult,
     TeacherClient,
     TeacherInfo,
-    compare_tokenizer,
+    TeacherServiceError,
+    TokenizerMismatchError,
 )
-from teacher_service.backend import HFBackend, ScoreItem
-from teacher_service.codec import torch_dtype
-from teacher_service.sampling import SamplingOptions, new_generator
-from teacher_service.scoring import ScoreOptions
+from teacher_service.in_process import InProcessTeacher
+
+log = logging.getLogger(__name__)
 
 
-class InProcessTeacher:
-    """An HFBackend called directly: one forward per call, no batching across callers."""
+class ScoreFuture(Future):
+    """The future of one Score call (a list[ScoreResult]) that also knows how long the call
+    itself took, `latency_s`: the teacher's time, not the time anyone waited for it."""
 
-    runs_in_process = True  # the trainer scores in its own thread, without overlap
+    latency_s: float = 0.0
 
-    def __init__(self, backend: HFBackend) -> None:
-        self.backend = backend
+    def run(self, call: Callable[[], list[ScoreResult]]) -> None:
+        """Make the call (unless cancelled) and settle the future with its outcome."""
+        if not self.set_running_or_notify_cancel():
+            return
+        started = time.perf_counter()
+        try:
+            results = call()
+        except BaseException as error:  # handed to whoever asks for the result
+            self.latency_s = time.perf_counter() - started
+            self.set_exception(error)
+        else:
+            self.latency_s = time.perf_counter() - started
+            self.set_result(results)
 
-    @classmethod
-    def load(cls, model_dir: str, device: str = "cpu") -> InProcessTeacher:
-        return cls(HFBackend.load(model_dir, device=device, dtype="float32"))
 
-    def score(
+class Teacher(Protocol):
+    """What the trainer needs from a teacher (semantics: docs/design.md)."""
+
+    def check_tokenizer(self, tokenizer: Any) -> TeacherInfo:
+        """Raise TokenizerMismatchError unless `tokenizer` assigns ids as the teacher does."""
+        ...
+
+    def submit_score(
         self,
         sequences: Sequence[Sequence[int]],
         score_from: Sequence[int],
@@ -47,30 +78,9 @@ class InProcessTeacher:
         full: bool = False,
         temperature: float = 1.0,
         dtype: str = "float32",
-    ) -> list[ScoreResult]:
-        """The service's Score semantics, unvalidated (the trainer builds valid requests)."""
-        options = ScoreOptions(
-            top_k=top_k, full=full, temperature=temperature, dtype=torch_dtype(dtype)
-        )
-        items = [
-            ScoreItem(
-                torch.tensor(list(seq), dtype=torch.long),
-                start,
-                options,
-                None if candidates is None else torch.as_tensor(candidates[i], dtype=torch.long),
-            )
-            for i, (seq, start) in enumerate(zip(sequences, score_from))
-        ]
-        return [
-            ScoreResult(
-                target_logprobs=_numpy(s.target_logprobs),
-                topk_ids=_numpy(s.topk_ids),
-                topk_logprobs=_numpy(s.topk_logprobs),
-                candidate_logprobs=_numpy(s.candidate_logprobs),
-                full_logprobs=_numpy(s.full_logprobs),
-            )
-            for s in self.backend.score_batch(items)
-        ]
+    ) -> ScoreFuture:
+        """Start scoring the sequences; the future's result is one ScoreResult each."""
+        ...
 
     def generate(
         self,
@@ -81,56 +91,114 @@ class InProcessTeacher:
         top_p: float = 1.0,
         seed: int = 0,
     ) -> list[GenerateResult]:
-        options = SamplingOptions(max_new_tokens, temperature, top_p, seed)
-        generator = new_generator(options, self.backend.device)
-        completions = self.backend.generate([list(p) for p in prompts], options, generator)
-        return [GenerateResult(c.token_ids, c.finish_reason) for c in completions]
+        """The teacher's completions (SeqKD trains on them); the same seed, the same output."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class RemoteTeacher:
+    """The teacher service: scoring on `workers` threads, so calls overlap the student."""
+
+    def __init__(self, client: TeacherClient, workers: int = 2) -> None:
+        self.client = client
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="teacher")
 
     def check_tokenizer(self, tokenizer: Any) -> TeacherInfo:
-        info = TeacherInfo(
-            model_id=self.backend.model_id,
-            vocab_size=self.backend.vocab_size,
-            tokenizer_fingerprint=self.backend.tokenizer_fingerprint,
-            max_seq_len=self.backend.max_seq_len,
-            bos_token_id=_optional_id(self.backend.bos_token_id),
-            eos_token_id=_optional_id(self.backend.eos_token_id),
-            pad_token_id=_optional_id(self.backend.pad_token_id),
-            backend="in-process",
-            device=str(self.backend.device),
-            model_dtype=self.backend.model_dtype,
-            max_batch_tokens=0,
-            max_tokens_per_request=0,
-            max_sequences_per_request=0,
-            max_message_bytes=0,
-            capabilities=self.backend.capabilities,
-            server_version="",
-        )
-        compare_tokenizer(info, tokenizer)
-        return info
+        return self.client.check_tokenizer(tokenizer)
+
+    def submit_score(
+        self, sequences: Sequence[Sequence[int]], score_from: Sequence[int], **options: Any
+    ) -> ScoreFuture:
+        future = ScoreFuture()
+        self._pool.submit(future.run, partial(self.client.score, sequences, score_from, **options))
+        return future
+
+    def generate(self, prompts: Sequence[Sequence[int]], **options: Any) -> list[GenerateResult]:
+        return self.client.generate(prompts, **options)
 
     def close(self) -> None:
-        pass
+        self._pool.shutdown(wait=True)
+        self.client.close()
 
 
-def _optional_id(token_id: int) -> int | None:
-    return None if token_id < 0 else token_id
+class _Deferred(ScoreFuture):
+    """A call made when its result is first asked for, in the asking thread."""
+
+    def __init__(self, call: Callable[[], list[ScoreResult]]) -> None:
+        super().__init__()
+        self._call = call
+
+    def result(self, timeout: float | None = None) -> list[ScoreResult]:
+        if not self.done():
+            self.run(self._call)
+        return super().result(timeout)
 
 
-def _numpy(tensor: torch.Tensor | None):
-    if tensor is None:
+class LocalTeacher:
+    """The teacher model in this process, behind the same interface as the service."""
+
+    def __init__(self, teacher: InProcessTeacher) -> None:
+        self.teacher = teacher
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "cpu") -> LocalTeacher:
+        return cls(InProcessTeacher.load(model_dir, device=device))
+
+    def check_tokenizer(self, tokenizer: Any) -> TeacherInfo:
+        return self.teacher.check_tokenizer(tokenizer)
+
+    def submit_score(
+        self, sequences: Sequence[Sequence[int]], score_from: Sequence[int], **options: Any
+    ) -> ScoreFuture:
+        # Not on a thread: on CPU a second thread would only fight the student for the
+        # same cores (and torch called from a second thread slows the first one down for
+        # good), so the call waits for its result to be asked for and counts as not
+        # hidden at all.
+        return _Deferred(partial(self.teacher.score, sequences, score_from, **options))
+
+    def generate(self, prompts: Sequence[Sequence[int]], **options: Any) -> list[GenerateResult]:
+        return self.teacher.generate(prompts, **options)
+
+    def close(self) -> None:
+        """Nothing to release: the model goes with this object."""
+
+
+def connect(config: TrainConfig, *, workers: int = 2) -> Teacher | None:
+    """The config's teacher: in-process when teacher.in_process names a model directory,
+    else the service at teacher.address, once it reports SERVING (up to
+    teacher.connect_timeout_s). None when the method needs none and none is named."""
+    t = config.teacher
+    if t.in_process:
+        return LocalTeacher.load(t.in_process)
+    if not (config.uses_teacher or t.address):
         return None
-    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+    tls = dict(tls=t.tls, tls_ca=t.tls_ca, tls_cert=t.tls_cert, tls_key=t.tls_key)
+    client = TeacherClient(t.address, timeout=t.timeout_s, **tls)
+    log.info("waiting for the teacher service at %s", t.address)
+    try:
+        client.wait_until_serving(timeout=t.connect_timeout_s)
+    except (TeacherServiceError, TimeoutError) as error:
+        client.close()
+        raise ConfigError(
+            f"teacher.address: no teacher service serving at {t.address} within "
+            f"{t.connect_timeout_s:g} s (teacher.connect_timeout_s): {error}"
+        ) from None
+    return RemoteTeacher(client, workers)
 
 
-def connect(
-    address: str, in_process: str, *, timeout: float, device: str = "cpu", **tls: Any
-) -> Teacher:
-    """The in-process teacher when a model directory is given, else the service's client
-    (`tls`: TeacherClient's tls, tls_ca, tls_cert, tls_key)."""
-    if in_process:
-        return InProcessTeacher.load(in_process, device=device)
-    return TeacherClient(address, timeout=timeout, **tls)
-
-
-# what the trainer talks to: both offer score / generate / check_tokenizer / close
-Teacher = TeacherClient | InProcessTeacher
+def handshake(teacher: Teacher, tokenizer: Any, config: TrainConfig) -> None:
+    """Refuse (and close) a teacher whose vocabulary differs from the student's: its
+    log-probs would mean other tokens. Also refuse a top_k beyond its vocabulary."""
+    try:
+        info = teacher.check_tokenizer(tokenizer)
+    except TokenizerMismatchError as error:
+        teacher.close()
+        key = "teacher.in_process" if config.teacher.in_process else "teacher.address"
+        raise ConfigError(f"{key}: {error}") from None
+    top_k = config.method.top_k
+    if config.method.support == "topk" and top_k > info.vocab_size:
+        teacher.close()
+        raise ConfigError(
+            f"method.top_k: {top_k} exceeds the teacher's vocabulary ({info.vocab_size} tokens)"
+        )

@@ -8,38 +8,19 @@ real position, so a sequence's log-probs do not depend on what it was batched wi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from teacher_client.fingerprint import tokenizer_fingerprint
+from teacher_service.backend_api import Capability, ScoreItem
 from teacher_service.codec import torch_dtype
 from teacher_service.sampling import Completion, SamplingOptions, next_token, sample
-from teacher_service.scoring import ScoreOptions, SequenceScores, score_rows
+from teacher_service.scoring import SequenceScores, score_rows
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_SEQ_LEN = 2048
-
-
-@dataclass
-class ScoreItem:
-    """One sequence to score (validated: ids in the vocabulary, 1 <= score_from < len)."""
-
-    token_ids: torch.Tensor  # int64 [L]
-    score_from: int
-    options: ScoreOptions
-    candidate_ids: torch.Tensor | None = None  # int64 [L - score_from, m] or [m]
-    # also sample the token after the sequence, from the same forward pass (vLLM's
-    # max_tokens = 1 beside prompt_logprobs): the options and this item's own generator
-    sample_next: tuple[SamplingOptions, torch.Generator | None] | None = None
-
-    @property
-    def forward_len(self) -> int:
-        """Tokens fed to the model: the last token is only a target, never an input, unless
-        the token after it is sampled too."""
-        return int(self.token_ids.numel()) - (0 if self.sample_next else 1)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -52,12 +33,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 class HFBackend:
-    """A transformers causal LM and its tokenizer, loaded from a local directory."""
+    """A transformers causal LM and its tokenizer, loaded from a local directory: a
+    backend_api.Backend with every capability."""
 
     name = "huggingface"
-    # what Info reports and the engine checks requests against (a remote backend has fewer)
-    capabilities = ("target", "topk", "candidates", "full", "ranks", "temperature", "generate")
-    samples_while_scoring = True  # ScoreItem.sample_next is honoured
+    capabilities = tuple(Capability)
+    samples_while_scoring = True
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, model_id: str) -> None:
         self.model = model.eval()

@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from teacher_service.errors import ErrorKind, ServiceError
+
 log = logging.getLogger(__name__)
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -62,12 +64,16 @@ class _Pending(Generic[Item]):
     future: asyncio.Future = field(repr=False)
 
 
-class BatcherClosed(RuntimeError):
+class BatcherClosed(ServiceError):
     """The batcher shut down before this sequence was run."""
 
+    kind = ErrorKind.SHUTTING_DOWN
 
-class BatcherOverloaded(RuntimeError):
+
+class BatcherOverloaded(ServiceError):
     """The queue already holds max_queued_tokens: come back later (HTTP 429)."""
+
+    kind = ErrorKind.OVERLOADED
 
 
 class BatchObserver(Protocol):
@@ -103,6 +109,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self._recent_in_flight: deque[tuple[float, int]] = deque()  # (time, in flight) samples
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._closed = False
         self.stats = BatcherStats()
 
     @property
@@ -118,6 +125,8 @@ class DynamicBatcher(Generic[Item, Result]):
         self._task = asyncio.create_task(self._loop(), name="dynamic-batcher")
 
     async def close(self) -> None:
+        """Fail what is queued, and from now on every submit(), with BatcherClosed."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -128,6 +137,8 @@ class DynamicBatcher(Generic[Item, Result]):
 
     async def submit(self, items: Sequence[Item]) -> list[Result]:
         """Queue items; return their results in order. Raises what running an item raised."""
+        if self._closed:  # nothing would ever run it
+            raise BatcherClosed("the service is shutting down")
         loop = asyncio.get_running_loop()
         now, caller = loop.time(), next(self._callers)
         lengths = [self._length(item) for item in items]
@@ -245,7 +256,8 @@ class DynamicBatcher(Generic[Item, Result]):
             results = list(self._run_batch(items))
         except Exception as error:  # a forward can fail on one bad or huge input (OOM)
             if len(items) == 1:
-                if getattr(error, "caused_by_request", False):  # e.g. a remote refusal
+                # e.g. a remote upstream's refusal
+                if isinstance(error, ServiceError) and error.caused_by_request:
                     log.info("a sequence was refused: %s", error)
                 else:
                     log.exception("a sequence failed to run")

@@ -1,4 +1,4 @@
-"""`teacher-service`: serve a model, check a server's health, or write the tiny test model."""
+"""`teacher-service`: serve a model, or check a server's health."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ import argparse
 import logging
 import socket
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 from teacher_service.auth import TOKEN_ENV, read_token
 from teacher_service.config import Limits, ServerConfig
-from teacher_service.tiny_model import TinyModelSpec
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -82,14 +80,6 @@ def _health(args: argparse.Namespace) -> None:
     print(f"{args.address} {service}: {status}")
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         sys.exit(1)
-
-
-def _tiny_model(args: argparse.Namespace) -> None:
-    from teacher_service.tiny_model import build_tiny_model
-
-    spec = TinyModelSpec(**{f.name: getattr(args, f.name) for f in fields(TinyModelSpec)})
-    out = build_tiny_model(args.out_dir, spec, tokenizer_from=args.tokenizer_from)
-    print(f"wrote a tiny Llama model and its BPE tokenizer to {out}")
 
 
 def free_port() -> int:
@@ -218,19 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="the name the server's certificate carries, when --address differs",
     )
     health.set_defaults(run=_health)
-
-    tiny = commands.add_parser(
-        "tiny-model", help="write a small random-weight Llama + BPE tokenizer"
-    )
-    tiny.add_argument("out_dir")
-    for f in fields(TinyModelSpec):
-        tiny.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    tiny.add_argument(
-        "--tokenizer-from",
-        type=Path,
-        help="reuse this model directory's tokenizer (a student must share its teacher's)",
-    )
-    tiny.set_defaults(run=_tiny_model)
     return parser
 
 

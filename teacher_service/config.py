@@ -72,3 +72,8 @@ class ServerConfig:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if not self.grpc and self.http_port is None:
             raise ValueError("both front ends are off: serve gRPC, HTTP (--http-port) or both")
+
+    def address(self, port: int) -> str:
+        """host:port to listen on or dial (an IPv6 host in brackets)."""
+        host = self.host
+        return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

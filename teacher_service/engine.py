@@ -1,36 +1,26 @@
 """What every front end shares: one backend, one model worker, one dynamic batcher.
 
 The gRPC servicer and the HTTP routes (native, vLLM/OpenAI and TGI dialects) all turn
-their requests into the proto messages of protos/teacher.proto and call the engine, so
+their requests into the plain requests of requests.py and call the engine, so
 validation, batching and error semantics are the same whichever door a request uses.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from teacher_client.proto import teacher_pb2 as pb
 from teacher_service import __version__
-from teacher_service.backend import ScoreItem
+from teacher_service.backend_api import Backend, Capability, ScoreItem
 from teacher_service.batcher import DynamicBatcher, ModelWorker
 from teacher_service.config import ServerConfig
+from teacher_service.errors import Unsupported
 from teacher_service.metrics import ServiceMetrics
+from teacher_service.requests import GenerateRequest, ScoreRequest, ServiceInfo
 from teacher_service.sampling import Completion, SamplingOptions, chunk_prompts, new_generator
 from teacher_service.scoring import SequenceScores
-from teacher_service.validation import (
-    ModelLimits,
-    RequestError,
-    parse_generate_request,
-    parse_score_request,
-)
-
-
-class Unsupported(RequestError):
-    """A request this backend cannot answer (a remote upstream lacks the capability)."""
+from teacher_service.validation import ModelLimits, parse_generate_request, parse_score_request
 
 
 class Engine:
-    def __init__(self, backend: Any, config: ServerConfig) -> None:
+    def __init__(self, backend: Backend, config: ServerConfig) -> None:
         self.backend = backend
         self.config = config
         self.limits = ModelLimits(backend.vocab_size, backend.max_seq_len, config.limits)
@@ -55,9 +45,9 @@ class Engine:
         await self.batcher.close()
         self.worker.close()
 
-    def info(self) -> pb.InfoResponse:
+    def info(self) -> ServiceInfo:
         backend, limits = self.backend, self.config.limits
-        return pb.InfoResponse(
+        return ServiceInfo(
             model_id=backend.model_id,
             vocab_size=backend.vocab_size,
             tokenizer_fingerprint=backend.tokenizer_fingerprint,
@@ -72,27 +62,18 @@ class Engine:
             max_tokens_per_request=limits.max_tokens_per_request,
             max_sequences_per_request=limits.max_sequences_per_request,
             max_message_bytes=limits.max_message_bytes,
-            capabilities=list(backend.capabilities),
+            capabilities=[capability.value for capability in backend.capabilities],
             server_version=__version__,
         )
 
-    async def score(
-        self,
-        request: pb.ScoreRequest,
-        *,
-        ranks: bool = False,
-        sample_next: SamplingOptions | None = None,
-    ) -> list[SequenceScores]:
-        """Validate and score; `ranks` also returns each actual token's rank (vLLM dialect).
-
-        `sample_next` also samples the token after each sequence from the same forward pass
-        (`next_token_id`; sequence n draws from its own generator, seeded seed + n, so the
-        result does not depend on what it is batched with). Local backends only.
-        """
-        self._require_capabilities(request, ranks)
-        items = parse_score_request(request, self.limits, ranks=ranks)
+    async def score(self, request: ScoreRequest) -> list[SequenceScores]:
+        """Validate and score. With `sample_next`, sequence n's next token is drawn from its
+        own generator, seeded seed + n, so it does not depend on what it is batched with."""
+        self._require_capabilities(request)
+        items = parse_score_request(request, self.limits)
+        sample_next = request.sample_next
         if sample_next is not None:
-            if not getattr(self.backend, "samples_while_scoring", False):
+            if not self.backend.samples_while_scoring:
                 raise Unsupported(f"the {self.backend.name} backend cannot sample while scoring")
             for n, item in enumerate(items):
                 seeded = SamplingOptions(
@@ -103,34 +84,40 @@ class Engine:
         self.metrics.tokens_scored.inc(sum(int(r.target_logprobs.numel()) for r in results))
         return results
 
-    def _require_capabilities(self, request: pb.ScoreRequest, ranks: bool) -> None:
+    def _require_capabilities(self, request: ScoreRequest) -> None:
         """Refuse, naming the capability, what this backend cannot compute (remote ones)."""
-        needed = {
-            "topk": ("top_k", request.top_k > 0),
-            "full": ("full", request.full),
-            "candidates": (
-                "sequences[].candidate_ids",
-                any(s.HasField("candidate_ids") for s in request.sequences),
+        candidates = f"{request.names.sequences}[]{request.names.candidate_ids}"
+        needed = {  # capability: (what asks for it, its field, asked)
+            Capability.TOPK: ("top_k", "top_k", request.top_k > 0),
+            Capability.FULL: ("full", "full", request.full),
+            Capability.CANDIDATES: (
+                candidates,
+                candidates,
+                any(s.candidate_ids is not None for s in request.sequences),
             ),
-            "ranks": ("the actual token's rank", ranks),
-            "temperature": (
+            Capability.RANKS: ("the actual token's rank", None, request.ranks),
+            Capability.TEMPERATURE: (
                 "temperature",
-                request.HasField("temperature") and request.temperature != 1.0,
+                "temperature",
+                request.temperature is not None and request.temperature != 1.0,
             ),
         }
         have = set(self.backend.capabilities)
-        for capability, (field, asked) in needed.items():
+        for capability, (what, field, asked) in needed.items():
             if asked and capability not in have:
+                offered = ", ".join(sorted(c.value for c in have))
                 raise Unsupported(
-                    f"{field}: the {self.backend.name} backend cannot provide the "
-                    f"'{capability}' capability (it has: {', '.join(sorted(have))})"
+                    f"{what}: the {self.backend.name} backend cannot provide the "
+                    f"'{capability.value}' capability (it has: {offered})",
+                    field=field,
                 )
 
-    async def generate(self, request: pb.GenerateRequest) -> list[Completion]:
-        if "generate" not in self.backend.capabilities:
+    async def generate(self, request: GenerateRequest) -> list[Completion]:
+        if Capability.GENERATE not in self.backend.capabilities:
             raise Unsupported(f"Generate: the {self.backend.name} backend cannot generate")
         prompts, options = parse_generate_request(request, self.limits)
-        generator = new_generator(options, self.backend.device)
+        local = self.backend.samples_while_scoring  # else the upstream draws, from the seed
+        generator = new_generator(options, self.backend.device) if local else None
         completions: list[Completion] = []
         budget = self.config.limits.max_batch_tokens
         for chunk in chunk_prompts(prompts, options.max_new_tokens, budget):

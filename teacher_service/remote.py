@@ -27,21 +27,26 @@ import torch
 from transformers import AutoTokenizer
 
 from teacher_client.fingerprint import tokenizer_fingerprint
-from teacher_service.backend import ScoreItem
+from teacher_service.backend_api import Capability, ScoreItem
+from teacher_service.errors import ErrorKind, RequestError, ServiceError
 from teacher_service.sampling import Completion, SamplingOptions
 from teacher_service.scoring import SequenceScores
-from teacher_service.validation import RequestError
 
 log = logging.getLogger(__name__)
 
 
-class UpstreamError(RuntimeError):
+class UpstreamError(ServiceError):
     """The upstream server failed or answered something unusable."""
+
+    kind = ErrorKind.UPSTREAM_FAILED
 
 
 class RemoteBackend(ABC):
+    """A backend_api.Backend whose scores and completions come from an upstream server."""
+
     name = "remote"
-    capabilities: tuple[str, ...] = ()
+    capabilities: tuple[Capability, ...] = ()
+    samples_while_scoring = False  # the upstream samples on its own, in its own forward
     device = "remote"
     model_dtype = "unknown"
 
@@ -74,7 +79,7 @@ class RemoteBackend(ABC):
         if answer.status_code in (400, 413, 422):
             raise RequestError(
                 f"the upstream refused the request: {_message(answer)}",
-                too_large=answer.status_code == 413,
+                kind=ErrorKind.TOO_LARGE if answer.status_code == 413 else None,
             )
         if answer.status_code != 200:
             raise UpstreamError(
@@ -95,7 +100,7 @@ class OpenAIBackend(RemoteBackend):
     """A vLLM / SGLang-style server with `prompt_logprobs` on /v1/completions."""
 
     name = "openai"
-    capabilities = ("target", "topk", "ranks", "generate")
+    capabilities = (Capability.TARGET, Capability.TOPK, Capability.RANKS, Capability.GENERATE)
 
     def _describe(self) -> tuple[str, int]:
         model = self._get("/v1/models")["data"][0]
@@ -121,7 +126,7 @@ class OpenAIBackend(RemoteBackend):
         ]
 
     def generate(
-        self, prompts: list[list[int]], options: SamplingOptions, generator: Any
+        self, prompts: list[list[int]], options: SamplingOptions, generator: torch.Generator | None
     ) -> list[Completion]:
         """The upstream samples (its own random stream: `seed` is passed, `generator` is not)."""
         body = {
@@ -149,7 +154,7 @@ class TGIBackend(RemoteBackend):
     """A text-generation-inference server: prefill log-probs of the actual tokens only."""
 
     name = "tgi"
-    capabilities = ("target", "generate")
+    capabilities = (Capability.TARGET, Capability.GENERATE)
 
     def _describe(self) -> tuple[str, int]:
         info = self._get("/info")
@@ -164,18 +169,19 @@ class TGIBackend(RemoteBackend):
         if list(self.tokenizer(text)["input_ids"]) != ids:
             raise RequestError(
                 f"{field}: these token ids do not come back from their text, and the tgi "
-                "backend can only send text (its upstream takes no token ids)"
+                "backend can only send text (its upstream takes no token ids)",
+                field=field,
             )
         return text
 
     def score_batch(self, items: list[ScoreItem]) -> list[SequenceScores]:
         results = []
-        for n, item in enumerate(items):
+        for item in items:
             ids = item.token_ids.tolist()
             answer = self._post(
                 "/generate",
                 {
-                    "inputs": self._text(ids, f"sequences[{n}]"),
+                    "inputs": self._text(ids, item.field),
                     "parameters": {
                         "max_new_tokens": 1,
                         "details": True,
@@ -191,7 +197,7 @@ class TGIBackend(RemoteBackend):
         return results
 
     def generate(
-        self, prompts: list[list[int]], options: SamplingOptions, generator: Any
+        self, prompts: list[list[int]], options: SamplingOptions, generator: torch.Generator | None
     ) -> list[Completion]:
         completions = []
         for n, prompt in enumerate(prompts):

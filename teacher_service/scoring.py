@@ -1,4 +1,4 @@
-"""The scoring math: teacher logits at the scored positions -> what DESIGN.md promises.
+"""The scoring math: teacher logits at the scored positions -> what docs/design.md specifies.
 
 Pure tensor functions, so tests can hold them against the formulas. For a sequence with
 score_from = s, row j is position i = s + j, predicted by the logits at position i - 1.

@@ -9,12 +9,12 @@ import grpc
 import pytest
 import torch
 
+from student_trainer.tiny_model import TINY_STUDENT_SPEC, build_tiny_model
 from teacher_client import TeacherClient
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.backend import HFBackend
 from teacher_service.config import Limits, ServerConfig
 from teacher_service.server import BackgroundServer
-from teacher_service.tiny_model import TINY_STUDENT_SPEC, build_tiny_model
 
 TEXTS = [
     "Ada has 12 apples.",

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from teacher_service.backend import HFBackend, ScoreItem
+from teacher_service.backend_api import Backend, Capability
 from teacher_service.scoring import ScoreOptions
 from tests.conftest import reference_logprobs
+
+
+def test_the_hf_backend_provides_the_whole_backend_contract(backend):
+    assert isinstance(backend, Backend)
+    assert backend.capabilities == tuple(Capability)  # a local model computes everything
+    assert backend.samples_while_scoring
 
 
 def _ulp_at(value: float, dtype: torch.dtype) -> float:

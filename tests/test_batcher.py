@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from teacher_service.batcher import DynamicBatcher, ModelWorker
+from teacher_service.batcher import BatcherClosed, DynamicBatcher, ModelWorker
 
 SLOW = 100  # an item that holds the worker until the test opens the gate
 
@@ -126,6 +126,24 @@ def test_a_batch_whose_caller_left_before_it_started_is_skipped():
     assert result == [2]
     assert model.batches == [[1]]
     assert batcher.stats.sequences == 1
+
+
+def test_a_closed_batcher_fails_queued_and_later_requests_at_once():
+    async def submit(batcher, model, _):
+        slow = asyncio.create_task(batcher.submit([SLOW]))  # holds the worker
+        await _until(lambda: model.batches == [[SLOW]])
+        queued = asyncio.create_task(batcher.submit([5]))
+        await _until(lambda: batcher.pending == 1)
+        await batcher.close()
+        model.gate.set()
+        slow.cancel()
+        with pytest.raises(BatcherClosed):
+            await queued
+        with pytest.raises(BatcherClosed):
+            await asyncio.wait_for(batcher.submit([1]), timeout=5)
+
+    model, _, _ = _run(submit)
+    assert model.batches == [[SLOW]]  # nothing ran after the close
 
 
 def test_a_lone_caller_does_not_wait_for_company():

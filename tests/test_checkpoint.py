@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 
-from student_trainer.checkpoint import checkpoint_dirs, latest_checkpoint
-from student_trainer.teacher import InProcessTeacher
+import torch
+
+from student_trainer.checkpoint import STATE_FILE, checkpoint_dirs, latest_checkpoint
 from student_trainer.train import train
-from tests.trainer_helpers import small_config
+from tests.trainer_helpers import in_process, small_config
 
 
 def test_partial_and_incomplete_checkpoints_are_ignored(tmp_path):
@@ -37,17 +38,40 @@ def test_crash_after_the_last_checkpoint_redoes_the_lost_steps(
     )
     straight = train(
         small_config(tmp_path / "straight", student_model_dir, "optim.steps=5", "method.lmbda=0.5"),
-        teacher=InProcessTeacher(backend),
+        teacher=in_process(backend),
     )
-    train(config, teacher=InProcessTeacher(backend), stop_after=3)
+    train(config, teacher=in_process(backend), stop_after=3)
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000002", "step-00000003"]
     shutil.rmtree(latest_checkpoint(tmp_path))  # as if the run died after logging step 3
-    resumed = train(config, teacher=InProcessTeacher(backend), resume="auto")
+    resumed = train(config, teacher=in_process(backend), resume="auto")
     assert resumed.losses == straight.losses[2:]  # steps 3, 4, 5 again, identically
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in records if "loss" in r] == straight.losses
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000004", "step-00000005"]
+
+
+def test_a_checkpoint_with_one_sampling_stream_still_resumes_exactly(
+    tmp_path, student_model_dir, backend
+):
+    """Checkpoints from before per-rank streams kept one, as "rollout_generator"."""
+    overrides = ("optim.steps=4", "method.lmbda=1")  # on-policy: every step samples
+    straight = train(
+        small_config(tmp_path / "straight", student_model_dir, *overrides),
+        teacher=in_process(backend),
+    )
+    config = small_config(tmp_path / "old", student_model_dir, *overrides)
+    train(config, teacher=in_process(backend), stop_after=2)
+    path = latest_checkpoint(tmp_path / "old") / STATE_FILE
+    state = torch.load(path, weights_only=False)
+    assert set(state) == {
+        "step", "optimizer", "scheduler", "rollout_generators", "mixing", "data",
+        "torch", "python", "numpy", "cuda", "config",
+    }  # fmt: skip
+    state["rollout_generator"] = state.pop("rollout_generators")[0]
+    torch.save(state, path)
+    resumed = train(config, teacher=in_process(backend), resume="auto")
+    assert resumed.losses == straight.losses[2:]
 
 
 def test_a_fresh_run_in_a_used_directory_starts_a_fresh_log(tmp_path):

@@ -9,6 +9,7 @@ import grpc
 import pytest
 from transformers import AutoTokenizer
 
+from student_trainer.tiny_model import train_tokenizer
 from teacher_client import (
     RetryPolicy,
     TeacherClient,
@@ -19,7 +20,6 @@ from teacher_client.fingerprint import tokenizer_fingerprint
 from teacher_service.cli import free_port
 from teacher_service.config import ServerConfig
 from teacher_service.server import BackgroundServer
-from teacher_service.tiny_model import train_tokenizer
 
 
 def test_info_describes_the_loaded_model(client, backend):

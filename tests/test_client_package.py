@@ -23,14 +23,15 @@ CLIENT_SCRIPT = """
 import asyncio, json, sys
 from teacher_client import AsyncTeacherClient, LocalTokenizer, TeacherClient
 
-address, model_dir, sequences, heavy = sys.argv[1], sys.argv[2], *map(json.loads, sys.argv[3:])
+address, model_dir = sys.argv[1], sys.argv[2]
+sequences, heavy, top_k = map(json.loads, sys.argv[3:])
 tokenizer = LocalTokenizer.from_dir(model_dir)
 out = {}
 with TeacherClient(address, timeout=60) as client:
     client.wait_until_serving(timeout=30)
     out["model_id"] = client.check_tokenizer(tokenizer).model_id
     for dtype in ("float32", "float16", "bfloat16"):
-        results = client.score(sequences, 2, top_k=%(top_k)d, dtype=dtype)
+        results = client.score(sequences, 2, top_k=top_k, dtype=dtype)
         out[dtype] = [
             {"target": r.target_logprobs.tolist(), "topk_ids": r.topk_ids.tolist(),
              "topk": r.topk_logprobs.tolist(), "numpy_dtype": str(r.target_logprobs.dtype)}
@@ -42,13 +43,13 @@ with TeacherClient(address, timeout=60) as client:
 
 async def score_async():
     async with AsyncTeacherClient(address, timeout=60) as client:
-        results = await client.score(sequences, 2, top_k=%(top_k)d)
+        results = await client.score(sequences, 2, top_k=top_k)
         return [r.target_logprobs.tolist() for r in results]
 
 out["async"] = asyncio.run(score_async())
 out["heavy_modules"] = sorted({m.split(".")[0] for m in sys.modules} & set(heavy))
 print(json.dumps(out))
-""" % {"top_k": TOP_K}
+"""
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,7 @@ def from_client_venv(server, tiny_model_dir, sequences) -> dict:
             str(tiny_model_dir),
             json.dumps(sequences),
             json.dumps(HEAVY),
+            json.dumps(TOP_K),
         ],
         capture_output=True,
         text=True,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import reference_logprobs
+from teacher_service.config import Limits
+from tests.conftest import reference_logprobs, start_background_server
 
 
 def post(http_url: str, **body) -> dict:
@@ -334,6 +335,7 @@ BAD = [
     ({"prompt": [[1, 5], [1, 10**30]]}, 422, "prompt[1][1]"),
     ({"prompt": [[1, 5], [1, -3]]}, 422, "prompt"),
     ({"prompt": [[1, 5], []]}, 422, "prompt[1]"),
+    ({"prompt": [[1, 5], [1, 512]]}, 422, "prompt[1][1]"),
     ({"prompt": []}, 422, "prompt"),
     ({"max_tokens": 1}, 422, "prompt"),
     ({"prompt": [1, 5], "max_tokens": -1}, 422, "max_tokens"),
@@ -367,6 +369,23 @@ def test_too_many_tokens_is_413_naming_the_prompt(http_url, client):
     assert answer.status_code == 413, answer.text
     error = answer.json()["error"]
     assert error["param"] == "prompt" and "max_tokens_per_request" in error["message"]
+
+
+def test_an_engine_refusal_names_the_prompt_as_the_body_does(tiny_model_dir, backend):
+    """The engine is told that sequence 1 is `prompt[1]`: its error says so, no rewriting."""
+    limits = Limits(max_batch_tokens=64)
+    running = start_background_server(tiny_model_dir, backend, limits=limits, http_port=0)
+    try:
+        body = {"prompt": [[1, 5], [1] + [7] * 80], "max_tokens": 0, "prompt_logprobs": 1}
+        answer = httpx.post(f"{running.http_url}/v1/completions", json=body, timeout=60)
+    finally:
+        running.stop()
+    assert answer.status_code == 413, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "prompt[1]"
+    assert error["message"].startswith("prompt[1]: 81 tokens")
+    assert "max_batch_tokens" in error["message"]
+    assert "sequences" not in error["message"]
 
 
 def test_malformed_json_is_400(http_url):

@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from student_trainer.config import load_config
+from student_trainer.evaluate import evaluate_split
 from student_trainer.models import architectures, build_tokenizer, model_dir, pretrain
-from student_trainer.train import evaluate_split
 from teacher_service.backend import HFBackend, ScoreItem
 from teacher_service.scoring import ScoreOptions
 

@@ -15,7 +15,7 @@ from student_trainer.objective import (
     reward_loss,
 )
 from student_trainer.rollouts import build_batch
-from student_trainer.teacher import InProcessTeacher
+from teacher_service.in_process import InProcessTeacher
 from tests.conftest import reference_logprobs
 
 PROMPTS = [[1, 30, 31, 32], [1, 40], [1, 50, 51]]

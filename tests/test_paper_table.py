@@ -262,13 +262,13 @@ def test_one_cell_runs_through_the_commands_path(tmp_path, monkeypatch):
     trainer = Trainer(config, resume=str(latest_checkpoint(out)))
     try:
         scores = evaluate(
-            trainer.model.eval(),
-            trainer.tokenizer,
+            trainer.student.model.eval(),
+            trainer.student.tokenizer,
             trainer.teacher,
             trainer.splits.test,
             config,
-            eos_ids=trainer.eos_ids,
-            pad_id=trainer.pad_id,
+            eos_ids=trainer.student.eos_ids,
+            pad_id=trainer.student.pad_id,
         )
     finally:
         trainer.close()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from teacher_client import TeacherClient, TeacherServiceError
+from teacher_service.backend_api import Backend
 from teacher_service.remote import OpenAIBackend, TGIBackend
 from tests.conftest import start_background_server
 
@@ -26,6 +27,13 @@ def remote(request, http_url, tokenizer, tiny_model_dir):
     with TeacherClient(running.address, timeout=60) as client:
         yield request.param, client
     running.stop()
+
+
+def test_remote_backends_provide_the_backend_contract(http_url, tokenizer):
+    for backend_class in (OpenAIBackend, TGIBackend):
+        backend = backend_class(http_url, tokenizer, timeout=60)
+        assert isinstance(backend, Backend)
+        assert not backend.samples_while_scoring  # the upstream samples, from the seed
 
 
 def test_target_logprobs_equal_the_local_backend(remote, client, sequences):
@@ -90,6 +98,15 @@ def test_greedy_generation_equals_the_local_backend(remote, client, sequences):
     want = client.generate(prompts, max_new_tokens=6, temperature=0.0)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert [g.finish_reason for g in got] == [w.finish_reason for w in want]
+
+
+def test_sampled_generation_is_drawn_by_the_upstream_from_the_seed(remote, sequences):
+    _, front = remote
+    prompts = [s[:5] for s in sequences[:2]]
+    first = front.generate(prompts, max_new_tokens=4, temperature=0.8, seed=3)
+    again = front.generate(prompts, max_new_tokens=4, temperature=0.8, seed=3)
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    assert all(1 <= len(c.token_ids) <= 4 for c in first)
 
 
 @pytest.mark.parametrize("remote", ["tgi"], indirect=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from student_trainer.rollouts import build_batch, sample_completions, truncate_after_eos
-from teacher_service.sampling import SamplingOptions
+from teacher_service.in_process import SamplingOptions
 
 EOS = 2
 

@@ -9,31 +9,30 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import student_trainer.train as train_module
+import student_trainer.microbatch as microbatch_module
 from student_trainer.checkpoint import latest_checkpoint
 from student_trainer.config import ConfigError
-from student_trainer.teacher import InProcessTeacher
+from student_trainer.tiny_model import TinyModelSpec, build_tiny_model
 from student_trainer.train import Trainer, train
-from teacher_service.tiny_model import TinyModelSpec, build_tiny_model
-from tests.trainer_helpers import SpyTeacher, small_config
+from tests.trainer_helpers import SpyTeacher, in_process, small_config
 
 
 @pytest.fixture
 def teacher(backend):
-    return SpyTeacher(InProcessTeacher(backend))
+    return SpyTeacher(in_process(backend))
 
 
 @pytest.fixture
 def count_rollouts(monkeypatch):
     """Count the student's sampling calls made by the loop."""
     calls = []
-    real = train_module.sample_completions
+    real = microbatch_module.sample_completions
 
     def counting(*args, **kwargs):
         calls.append(len(args[1]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "sample_completions", counting)
+    monkeypatch.setattr(microbatch_module, "sample_completions", counting)
     return calls
 
 
@@ -68,9 +67,9 @@ def test_lambda_zero_never_samples(tmp_path, student_model_dir, teacher, count_r
 
 def test_seqkd_trains_on_the_teachers_generate(tmp_path, student_model_dir, teacher, monkeypatch):
     seen = []
-    real = train_module.build_batch
+    real = microbatch_module.build_batch
     monkeypatch.setattr(
-        train_module, "build_batch", lambda p, c, **kw: seen.append(c) or real(p, c, **kw)
+        microbatch_module, "build_batch", lambda p, c, **kw: seen.append(c) or real(p, c, **kw)
     )
     config = small_config(tmp_path, student_model_dir, "method.name=seqkd")
     train(config, teacher=teacher)
@@ -80,7 +79,7 @@ def test_seqkd_trains_on_the_teachers_generate(tmp_path, student_model_dir, teac
 
 def one_step_loss(tmp_path, student_dir, backend, *overrides) -> float:
     config = small_config(tmp_path, student_dir, "method.lmbda=0", *overrides)
-    trainer = Trainer(config, teacher=InProcessTeacher(backend))
+    trainer = Trainer(config, teacher=in_process(backend))
     loss = trainer.train_step()["loss"]
     trainer.close()
     return loss
@@ -106,12 +105,12 @@ def test_resume_continues_exactly(tmp_path, student_model_dir, backend):
     )
     straight = train(
         small_config(tmp_path / "a", student_model_dir, *overrides),
-        teacher=InProcessTeacher(backend),
+        teacher=in_process(backend),
     )
     interrupted = small_config(tmp_path / "b", student_model_dir, *overrides)
-    first = train(interrupted, teacher=InProcessTeacher(backend), stop_after=3)
+    first = train(interrupted, teacher=in_process(backend), stop_after=3)
     assert first.steps == 3 and latest_checkpoint(tmp_path / "b").name == "step-00000003"
-    second = train(interrupted, teacher=InProcessTeacher(backend), resume="auto")
+    second = train(interrupted, teacher=in_process(backend), resume="auto")
     assert first.losses + second.losses == straight.losses
     a = AutoModelForCausalLM.from_pretrained(latest_checkpoint(tmp_path / "a"))
     b = AutoModelForCausalLM.from_pretrained(latest_checkpoint(tmp_path / "b"))
@@ -154,7 +153,7 @@ def test_live_service_run_brings_the_student_closer(tmp_path, student_model_dir,
 )
 def test_every_objective_trains(tmp_path, student_model_dir, backend, overrides):
     config = small_config(tmp_path, student_model_dir, "optim.steps=3", *overrides)
-    result = train(config, teacher=InProcessTeacher(backend))
+    result = train(config, teacher=in_process(backend))
     assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     if "method.alpha=0.5" in overrides:
@@ -175,7 +174,7 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path, backend):
     )
     config = small_config(tmp_path, other)
     with pytest.raises(ConfigError, match=r"^teacher\.address: .*vocabulary size"):
-        Trainer(config, teacher=InProcessTeacher(backend))
+        Trainer(config, teacher=in_process(backend))
 
 
 def test_unreachable_service_is_named(tmp_path, student_model_dir):
@@ -192,4 +191,4 @@ def test_unreachable_service_is_named(tmp_path, student_model_dir):
 def test_top_k_beyond_the_teachers_vocabulary_is_named(tmp_path, student_model_dir, backend):
     config = small_config(tmp_path, student_model_dir, "method.top_k=100000")
     with pytest.raises(ConfigError, match=r"^method\.top_k: 100000 exceeds"):
-        Trainer(config, teacher=InProcessTeacher(backend))
+        Trainer(config, teacher=in_process(backend))

@@ -1,4 +1,5 @@
-"""`student-trainer` as users run it: a YAML file, --set overrides, resume, eval, bad keys."""
+"""`student-trainer` as users run it: a YAML file, --set overrides, resume, eval, bad keys,
+and the tiny random models for tests and smoke runs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from student_trainer.checkpoint import checkpoint_dirs, latest_checkpoint
@@ -84,3 +86,22 @@ def test_pretrain_names_the_roles_a_task_has(tmp_path):
     done = run_cli("pretrain", "--task", "records", "--role", "student", "--models-dir", tmp_path)
     assert done.returncode == 2
     assert "role: 'student' is not one of ['teacher', 'student-small'" in done.stderr
+
+
+def test_tiny_model_command_writes_a_model_that_from_pretrained_loads(tmp_path):
+    out = tmp_path / "model"
+    done = run_cli(
+        "tiny-model", str(out), "--hidden-size", "32", "--num-layers", "1", "--vocab-size", "300"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"wrote a tiny Llama model and its BPE tokenizer to {out}"
+    assert (out / "model.safetensors").is_file()
+    config = json.loads((out / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert config["model_type"] == "llama" and config["hidden_size"] == 32
+    assert config["vocab_size"] > len(tokenizer) == 300  # padded embedding rows
+    ids = tokenizer("Ada has 3 coins.")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "Ada has 3 coins."
+    assert model(torch.tensor([ids])).logits.shape == (1, len(ids), config["vocab_size"])

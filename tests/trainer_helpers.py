@@ -6,6 +6,8 @@ from collections import Counter
 from pathlib import Path
 
 from student_trainer.config import TrainConfig, load_config
+from student_trainer.teacher import LocalTeacher
+from teacher_service.in_process import InProcessTeacher
 
 
 def small_config(out_dir: Path, student_dir: Path, *overrides: str) -> TrainConfig:
@@ -32,16 +34,20 @@ def small_config(out_dir: Path, student_dir: Path, *overrides: str) -> TrainConf
     )
 
 
+def in_process(backend) -> LocalTeacher:
+    """The session's tiny teacher (an HFBackend) in this process, as the trainer sees it."""
+    return LocalTeacher(InProcessTeacher(backend))
+
+
 class SpyTeacher:
-    """Passes every call to a real teacher and counts them."""
+    """Passes every call to a real teacher (student_trainer.teacher.Teacher) and counts them."""
 
     def __init__(self, inner) -> None:
         self.inner, self.calls, self.generated = inner, Counter(), []
-        self.runs_in_process = getattr(inner, "runs_in_process", False)
 
-    def score(self, *args, **kwargs):
+    def submit_score(self, *args, **kwargs):
         self.calls["score"] += 1
-        return self.inner.score(*args, **kwargs)
+        return self.inner.submit_score(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         self.calls["generate"] += 1

@@ -34,6 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from student_trainer.config import load_config
+from student_trainer.evaluate import evaluate_model, evaluate_split
 
 SEEDS = (0, 1, 2)
 RUNS_DIR = Path("results/paper-runs")  # result.json files are committed; the rest is not
@@ -137,7 +138,7 @@ def run_one(
     test unless `test` is False (the sweep). `extra` overrides come last (tests shrink the
     budget with them)."""
     from student_trainer.checkpoint import latest_checkpoint
-    from student_trainer.train import evaluate_split, train
+    from student_trainer.train import train
 
     overrides = [
         *method.overrides(),
@@ -178,13 +179,13 @@ def reference(task: str, role: str, runs_dir: Path = RUNS_DIR) -> dict[str, Any]
     cached = read_result(out)
     if cached is not None:
         return cached
-    overrides = [f"student.model=models/{task}/{role}", "method.name=sft"]
-    if role == "teacher":
-        overrides.append("teacher.in_process=")  # no divergence of the teacher to itself
-    config = load_config(CONFIGS_DIR / f"{task}.yaml", overrides)
-    from student_trainer.train import evaluate_split
-
-    result = {"task": task, "role": role, "test": evaluate_split(config, "test")}
+    config = load_config(CONFIGS_DIR / f"{task}.yaml", ["method.name=sft"])
+    model_dir = Path("models") / task / role
+    if role == "teacher":  # no divergence of the teacher to itself
+        test = evaluate_model(model_dir, config, "test")
+    else:
+        test = evaluate_split(config, "test", checkpoint=model_dir)
+    result = {"task": task, "role": role, "test": test}
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

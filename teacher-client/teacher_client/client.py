@@ -144,7 +144,7 @@ class TeacherClient(_ClientBase):
         dtype: str = "float32",
         timeout: float | None = None,
     ) -> list[ScoreResult]:
-        """Teacher log-probs for each sequence from position score_from on (see DESIGN.md)."""
+        """Teacher log-probs for each sequence from position score_from on (docs/design.md)."""
         request = build_score_request(
             sequences,
             score_from,

@@ -1,48 +1,24 @@
-"""The FastAPI app: every dialect's router, shared error bodies, /health and /metrics.
+"""The FastAPI app: every dialect's router, /health, /metrics and request metrics.
 
 A bad request gets a 4xx whose JSON body names the field; a request error never becomes a
-500. Status codes: 422 invalid (FastAPI's own body for schema errors: `detail[].loc`),
-400 malformed body, 413 too large, 429 overloaded, 503 shutting down.
+500. Statuses come from errors.STATUS (web/errors.py applies it): 422 invalid, 400
+malformed body, 413 too large, 429 overloaded, 503 shutting down, 507 out of memory.
 """
 
 from __future__ import annotations
 
 import time
 
-import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from teacher_service import __version__
 from teacher_service.auth import HTTP_OPEN_PATHS, REFUSED, bearer_matches
-from teacher_service.batcher import BatcherClosed, BatcherOverloaded
 from teacher_service.engine import Engine
-from teacher_service.validation import RequestError
-
-
-class BodyError(ValueError):
-    """A body that is not JSON / msgpack, or not the expected shape (HTTP 400)."""
-
-
-def http_status(error: BaseException) -> tuple[int, str]:
-    """HTTP status and message for a failure (the message names the field)."""
-    if isinstance(error, RequestError):
-        return (413 if error.too_large else 422), str(error)
-    if isinstance(error, BodyError):
-        return 400, str(error)
-    if isinstance(error, BatcherOverloaded):
-        return 429, str(error)
-    if isinstance(error, BatcherClosed):
-        return 503, str(error)
-    if isinstance(error, torch.OutOfMemoryError):
-        return 507, f"the teacher ran out of memory: {error}"
-    return 500, f"the teacher failed on this request: {type(error).__name__}: {error}"
+from teacher_service.web import native, openai, tgi
 
 
 def create_app(engine: Engine, *, auth_token: str = "") -> FastAPI:
-    from teacher_service.web import native, openai, tgi
-
     app = FastAPI(
         title="teacher-service",
         version=__version__,
@@ -81,16 +57,6 @@ def create_app(engine: Engine, *, auth_token: str = "") -> FastAPI:
             time.perf_counter() - started,
         )
         return response
-
-    @app.exception_handler(RequestValidationError)
-    async def schema_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        # FastAPI's default body, plus one readable line naming the first bad field
-        first = error.errors()[0] if error.errors() else {}
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        return JSONResponse(
-            status_code=422,
-            content={"detail": error.errors(), "error": f"{where}: {first.get('msg', '')}"},
-        )
 
     @app.get("/health", tags=["service"])
     async def health() -> Response:

@@ -5,24 +5,30 @@ the same validation, so an error names the same field as over gRPC. Content-Type
 the request's encoding and Accept the response's (`application/msgpack`, else JSON). In
 msgpack a tensor is {"dtype", "shape", "data": raw little-endian bytes}; in JSON it is a
 nested list (bfloat16 values as float32, exactly).
+
+Laid out as vLLM's entrypoints are: the bodies with their `to_...()` conversions into the
+engine's requests, the serving functions (engine results -> response content), the router.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from typing import Annotated, Any, Literal
 
 import msgpack
+import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from teacher_client.codec import CodecError, dtype_enum, encode_numpy
+from teacher_client.codec import CodecError, dtype_enum
 from teacher_client.proto import teacher_pb2 as pb
-from teacher_service.codec import encode_torch
+from teacher_service.codec import decode_ids, encode_torch
+from teacher_service.engine import Engine
+from teacher_service.requests import GenerateRequest, Prompt, ScoreRequest, Sequence
 from teacher_service.scoring import SequenceScores
-from teacher_service.web.app import BodyError, http_status
+from teacher_service.web.body import BodyError, SchemaError, read_body
+from teacher_service.web.errors import http_error
 
 MSGPACK = "application/msgpack"
 router = APIRouter(prefix="/v1", tags=["native"])
@@ -31,8 +37,7 @@ router = APIRouter(prefix="/v1", tags=["native"])
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]  # the proto's int32 fields
 
 
-class BodyTooLarge(BodyError):
-    """A body over max_message_bytes (HTTP 413)."""
+# --- the bodies and their conversions ----------------------------------------------------
 
 
 class TensorBody(BaseModel):
@@ -52,6 +57,13 @@ class SequenceBody(BaseModel):
         None, description="token ids to score at every position: [m], [T, m] or a tensor"
     )
 
+    def to_sequence(self, field: str) -> Sequence:
+        """`field`: this sequence's path, for the candidate ids' errors."""
+        candidates = None
+        if self.candidate_ids is not None:
+            candidates = _ids_array(self.candidate_ids, f"{field}.candidate_ids")
+        return Sequence(self.token_ids, self.score_from, candidates)
+
 
 class ScoreBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -61,6 +73,15 @@ class ScoreBody(BaseModel):
     temperature: float | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     request_id: str = ""
+
+    def to_score_request(self) -> ScoreRequest:
+        return ScoreRequest(
+            [s.to_sequence(f"sequences[{n}]") for n, s in enumerate(self.sequences)],
+            top_k=self.top_k,
+            full=self.full,
+            temperature=self.temperature,
+            dtype=self.dtype,
+        )
 
 
 class PromptBody(BaseModel):
@@ -78,63 +99,43 @@ class GenerateBody(BaseModel):
     ignore_eos: bool = False
     request_id: str = ""
 
-
-async def read_body(request: Request, model: type[BaseModel]) -> Any:
-    """Decode by Content-Type (msgpack or JSON) and check against the schema (422)."""
-    raw = await request.body()
-    limit = request.app.state.engine.config.limits.max_message_bytes
-    if len(raw) > limit:
-        raise BodyTooLarge(
-            f"the request body has {len(raw)} bytes, over max_message_bytes = {limit}"
+    def to_generate_request(self) -> GenerateRequest:
+        return GenerateRequest(
+            [Prompt(p.token_ids) for p in self.prompts],
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
         )
-    content_type = request.headers.get("content-type", "")
-    try:
-        if "msgpack" in content_type:
-            decoded = msgpack.unpackb(raw, raw=False)
-        else:
-            decoded = json.loads(raw or b"null")
-    except (ValueError, msgpack.UnpackException) as error:
-        kind = "msgpack" if "msgpack" in content_type else "JSON"
-        raise BodyError(f"the body is not valid {kind}: {error}") from None
-    try:
-        return model.model_validate(decoded)
-    except ValidationError as error:
-        raise RequestValidationError(error.errors()) from None
 
 
-def error_response(error: Exception) -> JSONResponse:
-    status, message = (413, str(error)) if isinstance(error, BodyTooLarge) else http_status(error)
-    return JSONResponse(status_code=status, content={"error": message})
-
-
-def _ids_tensor(value: Any, field: str) -> pb.Tensor:
-    import numpy as np
-
+def _ids_array(value: Any, field: str) -> np.ndarray:
+    """Candidate ids as a list [m], a list of lists [T, m], or a msgpack tensor."""
     if isinstance(value, TensorBody):
         try:
-            return pb.Tensor(dtype=dtype_enum(value.dtype), shape=value.shape, data=value.data)
+            tensor = pb.Tensor(dtype=dtype_enum(value.dtype), shape=value.shape, data=value.data)
         except CodecError as error:
             raise BodyError(f"{field}.dtype: {error}") from None
-    array = np.asarray(value)
-    if array.dtype.kind not in "iu" or array.ndim not in (1, 2):
+        return decode_ids(tensor, field)
+    try:
+        array = np.asarray(value)
+        fits = array.dtype.kind in "iu" and array.ndim in (1, 2)
+    except ValueError:  # ragged rows
+        fits = False
+    if not fits:
         raise BodyError(f"{field}: expected a list [m] or a list of lists [T, m] of token ids")
-    return encode_numpy(array.astype(np.int64), "int64")
+    return array.astype(np.int64)
 
 
-def to_score_request(body: ScoreBody) -> pb.ScoreRequest:
-    request = pb.ScoreRequest(
-        top_k=body.top_k, full=body.full, dtype=dtype_enum(body.dtype), request_id=body.request_id
-    )
-    if body.temperature is not None:
-        request.temperature = body.temperature
-    for n, sequence in enumerate(body.sequences):
-        message = request.sequences.add(
-            token_ids=sequence.token_ids, score_from=sequence.score_from
-        )
-        if sequence.candidate_ids is not None:
-            tensor = _ids_tensor(sequence.candidate_ids, f"sequences[{n}].candidate_ids")
-            message.candidate_ids.CopyFrom(tensor)
-    return request
+def _describe(problems: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """The first problem as one readable line naming the field (FastAPI's `detail` too)."""
+    first = problems[0] if problems else {}
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return f"{where}: {first.get('msg', '')}", where or None
+
+
+# --- serving: engine results -> response content -----------------------------------------
 
 
 def _tensor_out(tensor, packed: bool) -> Any:
@@ -163,7 +164,29 @@ def scores_out(scores: SequenceScores, packed: bool) -> dict[str, Any]:
     return out
 
 
-def respond(request: Request, content: dict[str, Any], packed: bool) -> Response:
+async def serve_score(engine: Engine, body: ScoreBody, packed: bool) -> dict[str, Any]:
+    results = await engine.score(body.to_score_request())
+    return {"request_id": body.request_id, "results": [scores_out(r, packed) for r in results]}
+
+
+async def serve_generate(engine: Engine, body: GenerateBody) -> dict[str, Any]:
+    completions = await engine.generate(body.to_generate_request())
+    return {
+        "request_id": body.request_id,
+        "completions": [
+            {"token_ids": c.token_ids, "finish_reason": c.finish_reason} for c in completions
+        ],
+    }
+
+
+def serve_info(engine: Engine) -> dict[str, Any]:
+    return dataclasses.asdict(engine.info())
+
+
+# --- the router ----------------------------------------------------------------------------
+
+
+def respond(content: dict[str, Any], packed: bool) -> Response:
     if packed:
         return Response(msgpack.packb(content, use_bin_type=True), media_type=MSGPACK)
     return JSONResponse(content)
@@ -171,6 +194,15 @@ def respond(request: Request, content: dict[str, Any], packed: bool) -> Response
 
 def wants_msgpack(request: Request) -> bool:
     return "msgpack" in request.headers.get("accept", "")
+
+
+def error_response(error: Exception) -> JSONResponse:
+    """{"error": message}; a schema error also carries pydantic's `detail`, as FastAPI's."""
+    status, message, _, _ = http_error(error)
+    content: dict[str, Any] = {"error": message}
+    if isinstance(error, SchemaError):
+        content = {"detail": error.problems, **content}
+    return JSONResponse(status_code=status, content=content)
 
 
 def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
@@ -186,53 +218,27 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
 @router.post("/score", openapi_extra=_body_doc(ScoreBody))
 async def score(request: Request) -> Response:
     """The teacher's log-probs for each sequence from `score_from` on (gRPC `Score`)."""
+    packed = wants_msgpack(request)
     try:
-        body = await read_body(request, ScoreBody)
-        results = await request.app.state.engine.score(to_score_request(body))
-    except RequestValidationError:
-        raise
+        body = await read_body(request, ScoreBody, _describe, msgpack_ok=True)
+        content = await serve_score(request.app.state.engine, body, packed)
     except Exception as error:
         return error_response(error)
-    packed = wants_msgpack(request)
-    content = {"request_id": body.request_id, "results": [scores_out(r, packed) for r in results]}
-    return respond(request, content, packed)
+    return respond(content, packed)
 
 
 @router.post("/generate", openapi_extra=_body_doc(GenerateBody))
 async def generate(request: Request) -> Response:
     """Sample completions of token-id prompts (gRPC `Generate`)."""
     try:
-        body = await read_body(request, GenerateBody)
-        message = pb.GenerateRequest(
-            prompts=[pb.Prompt(token_ids=p.token_ids) for p in body.prompts],
-            max_new_tokens=body.max_new_tokens,
-            ignore_eos=body.ignore_eos,
-            request_id=body.request_id,
-        )
-        for name in ("temperature", "top_p", "seed"):
-            if getattr(body, name) is not None:
-                setattr(message, name, getattr(body, name))
-        completions = await request.app.state.engine.generate(message)
-    except RequestValidationError:
-        raise
+        body = await read_body(request, GenerateBody, _describe, msgpack_ok=True)
+        content = await serve_generate(request.app.state.engine, body)
     except Exception as error:
         return error_response(error)
-    content = {
-        "request_id": body.request_id,
-        "completions": [
-            {"token_ids": c.token_ids, "finish_reason": c.finish_reason} for c in completions
-        ],
-    }
-    return respond(request, content, wants_msgpack(request))
+    return respond(content, wants_msgpack(request))
 
 
 @router.get("/info")
 async def info(request: Request) -> Response:
     """Model, vocabulary, tokenizer fingerprint, limits and capabilities (gRPC `Info`)."""
-    message = request.app.state.engine.info()
-    content = {
-        field.name: list(value) if field.is_repeated else value
-        for field in message.DESCRIPTOR.fields
-        for value in [getattr(message, field.name)]
-    }
-    return respond(request, content, wants_msgpack(request))
+    return respond(serve_info(request.app.state.engine), wants_msgpack(request))

@@ -16,7 +16,7 @@ Choices made on purpose:
 - `temperature` divides the logits for sampling AND for every log-prob returned. vLLM
   computes prompt log-probs from raw logits whatever the temperature, but TRL's
   `VLLMClient.get_sequence_logprobs` (trl/generation/vllm_client.py) sends it as "the
-  temperature used when scoring the teacher distribution", and DESIGN.md agrees. The
+  temperature used when scoring the teacher distribution", and docs/design.md agrees. The
   default 1 gives vLLM's raw numbers; 0 (greedy) is scored at 1.
 - Generated tokens' log-probs come from scoring prompt + completion (same semantics).
 - `max_tokens = 0` works without `echo` too (vLLM refuses it): a pure scoring call.
@@ -26,8 +26,12 @@ Choices made on purpose:
 - n = 1 only, no streaming; fields that would change the result are accepted at their
   neutral value only (TRL sends some), unknown ones refused: nothing silently ignored.
 - A rank is 1 + the number of tokens strictly more likely (vLLM counts ties as ahead).
-- Errors: OpenAI's {"error": {"message", "type", "param", "code"}} with `http_status`'s
-  statuses: 422 invalid, 400 not JSON, 413 too large, 429 overloaded, 503 stopping.
+- Errors: OpenAI's {"error": {"message", "type", "param", "code"}} with errors.STATUS's
+  statuses: 422 invalid, 400 not JSON, 413 too large, 429 overloaded, 503 stopping. The
+  engine is told each sequence's name (`prompt[1]`), so its errors name the body's fields.
+
+Laid out as vLLM's entrypoints are: the body with its `to_...()` conversions into the
+engine's requests, the serving function (`complete`, then `render`), the router.
 """
 
 from __future__ import annotations
@@ -36,8 +40,6 @@ import asyncio
 import functools
 import itertools
 import json
-import math
-import re
 import secrets
 import time
 import uuid
@@ -46,14 +48,17 @@ from typing import Annotated, Any, NamedTuple
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from teacher_client.proto import teacher_pb2 as pb
+from teacher_service import validation
+from teacher_service.backend_api import Backend
 from teacher_service.engine import Engine
+from teacher_service.errors import ErrorKind, RequestError
+from teacher_service.requests import GenerateRequest, Names, Prompt, ScoreRequest, Sequence
 from teacher_service.sampling import Completion, SamplingOptions
 from teacher_service.scoring import SequenceScores
-from teacher_service.validation import RequestError
-from teacher_service.web.app import http_status
+from teacher_service.web.body import read_body
+from teacher_service.web.errors import http_error
 
 router = APIRouter(tags=["openai"])
 STARTED = int(time.time())
@@ -69,6 +74,24 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "suffix": ("",),
     "logit_bias": ({},),
 }
+ERROR_TYPES = {
+    ErrorKind.OVERLOADED: "rate_limit_error",
+    ErrorKind.SHUTTING_DOWN: "service_unavailable_error",
+}
+
+
+# the engine's errors name the body's fields: a sequence is `prompt[i]` (or `prompt`)
+NAMES = Names(
+    sequences="prompt", token_ids="", score_from="", candidate_ids="", max_new_tokens="max_tokens"
+)
+
+
+class Tokenized(NamedTuple):
+    """One prompt: its ids, its text (None when sent as ids) and its name in the body."""
+
+    ids: list[int]
+    text: str | None
+    path: str
 
 
 class CompletionBody(BaseModel):
@@ -98,13 +121,97 @@ class CompletionBody(BaseModel):
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None
 
+    @property
+    def new_tokens(self) -> int:
+        return 16 if self.max_tokens is None else self.max_tokens
 
-class InvalidField(Exception):
-    """A refused request: HTTP status, message, and the body field it is about."""
+    def tokenized(self, backend: Backend) -> list[Tokenized]:
+        """Each prompt's token ids (a string is tokenized as vLLM does: special tokens added)."""
+        prompt = self.prompt
+        single = isinstance(prompt, str) or bool(prompt and isinstance(prompt[0], int))
+        items = [prompt] if single else list(prompt)
+        if not items:
+            raise RequestError("prompt: empty; send at least one prompt", field="prompt")
+        out = []
+        for i, item in enumerate(items):
+            path = "prompt" if single else f"prompt[{i}]"
+            text = item if isinstance(item, str) else None
+            ids = backend.tokenizer(item)["input_ids"] if text is not None else item
+            checked = validation.token_ids(ids, path, backend.vocab_size)
+            out.append(Tokenized(checked.tolist(), text, path))
+        return out
 
-    def __init__(self, param: str | None, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.param, self.message, self.status = param, message, status
+    def check(self, prompts: list[Tokenized], backend: Backend) -> None:
+        """What the schema cannot say, before any work."""
+        if self.n != 1:
+            raise RequestError(
+                f"n = {self.n}: only n = 1 is supported (repeat the prompt)", field="n"
+            )
+        if self.stream:
+            raise RequestError(
+                "stream: streaming is not supported; send stream = false", field="stream"
+            )
+        for name, allowed in NEUTRAL.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise RequestError(
+                    f"{name} = {value!r}: only {allowed[0]!r} is supported", field=name
+                )
+        validation.temperature(self.temperature, "temperature", allow_zero=True)
+        validation.top_p(self.top_p, "top_p")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise RequestError(f"seed = {self.seed}: must fit 64 bits", field="seed")
+        vocab, max_len = backend.vocab_size, backend.max_seq_len
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(self, name) or 0) > vocab:
+                raise RequestError(f"{name} = {getattr(self, name)}: at most {vocab}", field=name)
+        for i, prompt in enumerate(prompts):
+            if len(prompt.ids) + self.new_tokens > max_len:
+                raise RequestError(
+                    f"max_tokens = {self.new_tokens} + prompt {i}'s {len(prompt.ids)} tokens "
+                    f"exceed max_model_len = {max_len}",
+                    field="max_tokens",
+                )
+
+    def drawn_seed(self) -> int:
+        """The request's seed, or a fresh one (vLLM samples anew for each unseeded request)."""
+        return secrets.randbits(64) if self.seed is None else self.seed % 2**64
+
+    def to_generate_request(self, prompts: list[Tokenized]) -> GenerateRequest:
+        return GenerateRequest(
+            [Prompt(prompt.ids, prompt.path) for prompt in prompts],
+            max_new_tokens=self.new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.drawn_seed(),
+            ignore_eos=self.ignore_eos,
+            names=NAMES,
+        )
+
+    def to_score_request(
+        self, sequences: list[Sequence], top_k: int, sample_next: SamplingOptions | None
+    ) -> ScoreRequest:
+        """Log-probs at the request's temperature (greedy, 0, is scored at 1), with ranks."""
+        return ScoreRequest(
+            sequences,
+            top_k=top_k,
+            temperature=self.temperature or 1.0,
+            ranks=True,
+            sample_next=sample_next,
+            names=NAMES,
+        )
+
+
+def _describe(problems: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """The first problem, its field as OpenAI's `param` (`prompt[1][1]`)."""
+    first = problems[0]
+    loc, message = first["loc"], first["msg"]
+    param = "".join([*map(str, loc[:1]), *(f"[{p}]" for p in loc[1:] if isinstance(p, int))])
+    if first["type"] == "extra_forbidden":
+        message = "unknown field (not part of the completions API served here)"
+    elif loc[:1] == ("prompt",):
+        message = "expected a string, a list of strings, token ids (>= 0) or lists of them"
+    return f"{param or 'body'}: {message}", param or None
 
 
 class Finished(NamedTuple):
@@ -114,165 +221,49 @@ class Finished(NamedTuple):
     stop_reason: str | None  # the stop string, as vLLM reports it
 
 
-def error_response(status: int, message: str, param: str | None) -> JSONResponse:
-    kind = {429: "rate_limit_error", 503: "service_unavailable_error"}.get(status)
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    error = {"message": message, "type": kind, "param": param, "code": status}
-    return JSONResponse(status_code=status, content={"error": error})
-
-
-async def read_body(request: Request, engine: Engine) -> CompletionBody:
-    """JSON -> CompletionBody, or InvalidField naming the first bad field."""
-    raw = await request.body()
-    limit = engine.config.limits.max_message_bytes
-    if len(raw) > limit:
-        raise InvalidField(None, f"the body has {len(raw)} bytes, over {limit}", 413)
-    try:
-        data = json.loads(raw)
-    except ValueError as error:
-        raise InvalidField(None, f"the body is not valid JSON: {error}", 400) from None
-    try:
-        return CompletionBody.model_validate(data)
-    except ValidationError as error:
-        first = error.errors()[0]
-        loc, message = first["loc"], first["msg"]
-        param = "".join([*map(str, loc[:1]), *(f"[{p}]" for p in loc[1:] if isinstance(p, int))])
-        if first["type"] == "extra_forbidden":
-            message = "unknown field (not part of the completions API served here)"
-        elif loc[:1] == ("prompt",):
-            message = "expected a string, a list of strings, token ids (>= 0) or lists of them"
-        raise InvalidField(param or None, f"{param or 'body'}: {message}") from None
-
-
-def tokenize(body: CompletionBody, engine: Engine) -> list[tuple[list[int], str | None]]:
-    """Each prompt's token ids (a string is tokenized as vLLM does: special tokens added)."""
-    prompt, vocab = body.prompt, engine.backend.vocab_size
-    single = isinstance(prompt, str) or bool(prompt and isinstance(prompt[0], int))
-    items = [prompt] if single else list(prompt)
-    if not items:
-        raise InvalidField("prompt", "prompt: empty; send at least one prompt")
-    out = []
-    for i, item in enumerate(items):
-        where = "prompt" if single else f"prompt[{i}]"
-        text = item if isinstance(item, str) else None
-        ids = list(engine.backend.tokenizer(item)["input_ids"]) if text is not None else item
-        if not ids:
-            raise InvalidField(where, f"{where}: no tokens; at least one is required")
-        bad = next((j for j, token in enumerate(ids) if token >= vocab), None)
-        if bad is not None:
-            message = f"{where}[{bad}] = {ids[bad]}: outside the vocabulary [0, {vocab})"
-            raise InvalidField(f"{where}[{bad}]", message)
-        out.append((ids, text))
-    return out
-
-
-def check(body: CompletionBody, prompts: list[list[int]], max_tokens: int, engine: Engine) -> None:
-    """What the schema cannot say, before any work (so no proto field can overflow)."""
-    if body.n != 1:
-        raise InvalidField("n", f"n = {body.n}: only n = 1 is supported (repeat the prompt)")
-    if body.stream:
-        raise InvalidField("stream", "stream: streaming is not supported; send stream = false")
-    for name, allowed in NEUTRAL.items():
-        value = getattr(body, name)
-        if value is not None and value not in allowed:
-            raise InvalidField(name, f"{name} = {value!r}: only {allowed[0]!r} is supported")
-    t, top_p = body.temperature, body.top_p
-    if t is not None and not (math.isfinite(t) and t >= 0):
-        raise InvalidField("temperature", f"temperature = {t}: must be >= 0 (0 is greedy)")
-    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise InvalidField("top_p", f"top_p = {top_p}: must be in (0, 1]")
-    if body.seed is not None and not -(2**63) <= body.seed < 2**64:
-        raise InvalidField("seed", f"seed = {body.seed}: must fit 64 bits")
-    vocab, max_len = engine.backend.vocab_size, engine.backend.max_seq_len
-    for name in ("logprobs", "prompt_logprobs"):
-        if (getattr(body, name) or 0) > vocab:
-            raise InvalidField(name, f"{name} = {getattr(body, name)}: at most {vocab}")
-    for i, ids in enumerate(prompts):
-        if len(ids) + max_tokens > max_len:
-            message = f"max_tokens = {max_tokens} + prompt {i}'s {len(ids)} tokens exceed"
-            raise InvalidField("max_tokens", f"{message} max_model_len = {max_len}")
-
-
-def translated(error: RequestError, index: list[int]) -> InvalidField:
-    """An engine error in this dialect's field names (sequence n is prompt index[n])."""
-    fields = r"(?:sequences|prompts)\[(\d+)\](?:\.token_ids)?"
-    message = re.sub(fields, lambda m: f"prompt[{index[int(m[1])]}]", str(error))
-    message = re.sub(r"\b(?:sequences|prompts)\b", "prompt", message)
-    message = message.replace("max_new_tokens", "max_tokens")
-    name = re.match(r"[a-z_]+(?:\[\d+\])*", message)
-    param = name[0] if name and name[0].split("[")[0] in CompletionBody.model_fields else None
-    return InvalidField(param, message, 413 if error.too_large else 422)
-
-
-def seed(body: CompletionBody) -> int:
-    """The request's seed, or a fresh one (vLLM samples anew for each unseeded request)."""
-    return secrets.randbits(64) if body.seed is None else body.seed % 2**64
-
-
 def fusable(
-    body: CompletionBody,
-    prompts: list[list[int]],
-    max_tokens: int,
-    top_k: int | None,
-    engine: Engine,
+    body: CompletionBody, prompts: list[Tokenized], top_k: int | None, engine: Engine
 ) -> bool:
     """One token after prompts that are scored anyway (TRL's get_sequence_logprobs): the
     token is sampled from the scoring forward's last row instead of a second forward."""
     return (
-        max_tokens == 1
+        body.new_tokens == 1
         and body.logprobs is None
         and top_k is not None
-        and all(len(ids) > 1 for ids in prompts)
-        and getattr(engine.backend, "samples_while_scoring", False)
+        and all(len(prompt.ids) > 1 for prompt in prompts)
+        and engine.backend.samples_while_scoring
     )
 
 
 async def generate(
-    body: CompletionBody, prompts: list[list[int]], max_tokens: int, engine: Engine
+    body: CompletionBody, prompts: list[Tokenized], engine: Engine
 ) -> list[Completion]:
-    if max_tokens == 0:
+    if body.new_tokens == 0:
         return [Completion([], "length") for _ in prompts]
-    request = pb.GenerateRequest(
-        prompts=[pb.Prompt(token_ids=ids) for ids in prompts],
-        max_new_tokens=max_tokens,
-        ignore_eos=body.ignore_eos,
-        seed=seed(body),
-    )
-    if body.temperature is not None:
-        request.temperature = body.temperature
-    if body.top_p is not None:
-        request.top_p = body.top_p
-    try:
-        return await engine.generate(request)
-    except RequestError as error:
-        raise translated(error, list(range(len(prompts)))) from None
+    return await engine.generate(body.to_generate_request(prompts))
 
 
 async def score(
+    body: CompletionBody,
+    prompts: list[Tokenized],
     sequences: list[list[int]],
     first: int | list[int],
     top_k: int | None,
-    t: float,
     engine: Engine,
     sample_next: SamplingOptions | None = None,
 ) -> list[SequenceScores | None]:
-    """One engine call for all sequences, scored from `first` on, so they batch together;
-    None where nothing is asked or there is nothing to score. `sample_next` also samples
-    the token after each sequence in the same forward pass."""
+    """One engine call for all sequences (sequence i holds prompt i), scored from `first`
+    on, so they batch together; None where nothing is asked or there is nothing to score.
+    `sample_next` also samples the token after each sequence in the same forward pass."""
     froms = [first] * len(sequences) if isinstance(first, int) else first
     index = [n for n, ids in enumerate(sequences) if froms[n] < len(ids)]
     results: list[SequenceScores | None] = [None] * len(sequences)
     if top_k is None or not index:
         return results
-    request = pb.ScoreRequest(top_k=top_k, temperature=t)
-    for n in index:
-        request.sequences.add(token_ids=sequences[n], score_from=froms[n])
-    try:
-        answers = await engine.score(request, ranks=True, sample_next=sample_next)
-        for n, result in zip(index, answers, strict=True):
-            results[n] = result
-    except RequestError as error:
-        raise translated(error, index) from None
+    scored = [Sequence(sequences[n], froms[n], path=prompts[n].path) for n in index]
+    answers = await engine.score(body.to_score_request(scored, top_k, sample_next))
+    for n, result in zip(index, answers, strict=True):
+        results[n] = result
     return results
 
 
@@ -336,34 +327,32 @@ def legacy_logprobs(
 async def complete(body: CompletionBody, engine: Engine) -> bytes:
     """Validate, sample, score (one engine call), then render the JSON off the event loop
     (a large top-k response is seconds of Python that would stall every other client)."""
-    prompts = tokenize(body, engine)
-    ids_list = [ids for ids, _ in prompts]
-    max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    check(body, ids_list, max_tokens, engine)
+    prompts = body.tokenized(engine.backend)
+    body.check(prompts, engine.backend)
+    ids_list = [prompt.ids for prompt in prompts]
     prompt_k = body.prompt_logprobs
     if prompt_k is None and body.echo:
         prompt_k = body.logprobs  # vLLM: echo returns the prompt's log-probs at `logprobs`
     top_k = max((k for k in (prompt_k, body.logprobs) if k is not None), default=None)
-    temperature = body.temperature or 1.0
 
     def decode(ids: list[int]) -> str:
         return engine.backend.tokenizer.decode(ids, skip_special_tokens=True)
 
     stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    if body.logprobs is not None and max_tokens > 0:  # the completion's log-probs: after it
-        sampled = await generate(body, ids_list, max_tokens, engine)
+    if body.logprobs is not None and body.new_tokens > 0:  # the completion's log-probs: after it
+        sampled = await generate(body, prompts, engine)
         finished = [finish(c, stops, decode) for c in sampled]
         sequences = [ids + f.token_ids for ids, f in zip(ids_list, finished)]
         first = 1 if prompt_k is not None else [len(ids) for ids in ids_list]
-        scores = await score(sequences, first, top_k, temperature, engine)
-    elif fusable(body, ids_list, max_tokens, top_k, engine):  # TRL's request: one forward
+        scores = await score(body, prompts, sequences, first, top_k, engine)
+    elif fusable(body, prompts, top_k, engine):  # TRL's request: one forward
         options = SamplingOptions(
             1,
             1.0 if body.temperature is None else body.temperature,
             1.0 if body.top_p is None else body.top_p,
-            seed(body),
+            body.drawn_seed(),
         )
-        scores = await score(ids_list, 1, top_k, temperature, engine, sample_next=options)
+        scores = await score(body, prompts, ids_list, 1, top_k, engine, sample_next=options)
         eos = set() if body.ignore_eos else engine.backend.eos_ids
         sampled = [
             Completion([s.next_token_id], "eos" if s.next_token_id in eos else "length")
@@ -372,8 +361,8 @@ async def complete(body: CompletionBody, engine: Engine) -> bytes:
         finished, sequences = [finish(c, stops, decode) for c in sampled], ids_list
     else:  # the prompts' log-probs need not wait for sampling: both at once
         both = await asyncio.gather(
-            generate(body, ids_list, max_tokens, engine),
-            score(ids_list, 1, top_k, temperature, engine),
+            generate(body, prompts, engine),
+            score(body, prompts, ids_list, 1, top_k, engine),
             return_exceptions=True,  # wait for both, then raise the first failure
         )
         for outcome in both:
@@ -388,7 +377,7 @@ async def complete(body: CompletionBody, engine: Engine) -> bytes:
 def render(
     body: CompletionBody,
     engine: Engine,
-    prompts: list[tuple[list[int], str | None]],
+    prompts: list[Tokenized],
     finished: list[Finished],
     sequences: list[list[int]],
     scores: list[SequenceScores | None],
@@ -399,7 +388,7 @@ def render(
     decoded = functools.lru_cache(maxsize=None)(lambda token: tokenizer.decode([token]))
     name = (lambda token: f"token_id:{token}") if body.return_tokens_as_token_ids else decoded
     choices = []
-    for i, ((ids, text), done) in enumerate(zip(prompts, finished)):
+    for i, ((ids, text, _), done) in enumerate(zip(prompts, finished)):
         legacy = prompt_logprobs = None
         if body.logprobs is not None:
             positions = position_dicts(scores[i], sequences[i], body.logprobs, decoded)
@@ -421,7 +410,7 @@ def render(
                 "prompt_token_ids": ids if body.return_token_ids else None,
             }
         )
-    prompt_tokens = sum(len(ids) for ids, _ in prompts)
+    prompt_tokens = sum(len(prompt.ids) for prompt in prompts)
     completion_tokens = sum(len(f.token_ids) for f in finished)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
     usage["total_tokens"] = prompt_tokens + completion_tokens
@@ -431,21 +420,31 @@ def render(
     return json.dumps(response, ensure_ascii=False, allow_nan=False).encode()
 
 
+# --- the router ----------------------------------------------------------------------------
+
+
+def error_response(error: Exception) -> JSONResponse:
+    """OpenAI's error object; `param` is the field the error names, in this body's terms."""
+    status, message, field, kind = http_error(error)
+    error_type = ERROR_TYPES.get(kind) or (
+        "invalid_request_error" if status < 500 else "server_error"
+    )
+    content = {"message": message, "type": error_type, "param": field, "code": status}
+    return JSONResponse(status_code=status, content={"error": content})
+
+
 _SCHEMA = {"application/json": {"schema": CompletionBody.model_json_schema()}}
 
 
 @router.post("/v1/completions", openapi_extra={"requestBody": {"content": _SCHEMA}})
 async def completions(request: Request) -> Response:
     """Completions with the teacher's log-probs (vLLM's `prompt_logprobs` included)."""
-    engine: Engine = request.app.state.engine
     try:
-        content = await complete(await read_body(request, engine), engine)
-        return Response(content, media_type="application/json")
-    except InvalidField as error:
-        return error_response(error.status, error.message, error.param)
+        body = await read_body(request, CompletionBody, _describe)
+        content = await complete(body, request.app.state.engine)
     except Exception as error:
-        status, message = http_status(error)
-        return error_response(status, message, None)
+        return error_response(error)
+    return Response(content, media_type="application/json")
 
 
 @router.get("/v1/models")

@@ -20,30 +20,35 @@ Not offered (422 naming the field): streaming, best_of > 1, watermark, grammar, 
 typical_p / top_k, penalties other than neutral ones. Unknown fields are refused (TGI
 ignores them) so a typo never passes silently. Stop sequences cut the completion after
 generation: the engine generates up to max_new_tokens, then the first stop string ends it.
+
+Laid out as vLLM's entrypoints are: the body with its conversion into the engine's
+request, the serving function (validate, generate, cut, score), the router.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from teacher_client.proto import teacher_pb2 as pb
 from teacher_service import __version__
 from teacher_service.engine import Engine
-from teacher_service.validation import RequestError
-from teacher_service.web.app import BodyError, http_status
+from teacher_service.errors import ErrorKind, RequestError
+from teacher_service.requests import GenerateRequest, Names, Prompt, ScoreRequest, Sequence
+from teacher_service.web.body import read_body
+from teacher_service.web.errors import http_error
 
 router = APIRouter(tags=["tgi"])
 
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default when `max_new_tokens` is absent
 NULL_MAX_NEW_TOKENS_CAP = 1024  # TGI: null means "up to max_total_tokens", at most this
 MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences
+# the engine's errors name the prompt `inputs`, as TGI's do
+NAMES = Names(sequences="inputs", token_ids="", score_from="", candidate_ids="")
 
 
 class Parameters(BaseModel):
@@ -70,6 +75,28 @@ class Parameters(BaseModel):
     grammar: Any = None
     adapter_id: str | None = None
 
+    @property
+    def samples(self) -> bool:
+        """TGI samples when asked to or when a warper is on (temperature != 1, top_p)."""
+        return self.do_sample or self.temperature not in (None, 1.0) or self.top_p is not None
+
+    @property
+    def scoring_temperature(self) -> float:
+        """The temperature the generated tokens' log-probs are of (1 when greedy)."""
+        return self.temperature if self.samples and self.temperature is not None else 1.0
+
+    def to_generate_request(
+        self, ids: list[int], max_new_tokens: int, seed: int | None
+    ) -> GenerateRequest:
+        return GenerateRequest(
+            [Prompt(ids, path="inputs")],
+            max_new_tokens=max_new_tokens,
+            temperature=self.scoring_temperature if self.samples else 0.0,
+            top_p=self.top_p,
+            seed=seed or 0,
+            names=NAMES,
+        )
+
 
 class GenerateBody(BaseModel):
     """TGI's CompatGenerateRequest (`/generate` takes the same, `stream` false)."""
@@ -80,31 +107,11 @@ class GenerateBody(BaseModel):
     stream: bool = False
 
 
-def error_response(error: BaseException) -> JSONResponse:
-    """TGI's ErrorResponse; error_type lets the client raise ValidationError etc."""
-    status, message = http_status(error)
-    kind = "overloaded" if status == 429 else "validation" if status < 500 else "generation"
-    return JSONResponse(status_code=status, content={"error": message, "error_type": kind})
-
-
-async def read_body(request: Request, engine: Engine) -> GenerateBody:
-    """Parse and schema-check the body ourselves, so schema errors get TGI's error shape."""
-    raw = await request.body()
-    limit = engine.config.limits.max_message_bytes
-    if len(raw) > limit:
-        raise RequestError(f"the body has {len(raw)} bytes, over {limit}", too_large=True)
-    try:
-        decoded = json.loads(raw or b"null")
-    except (ValueError, RecursionError) as error:
-        raise BodyError(f"the body is not valid JSON: {error}") from None
-    try:
-        return GenerateBody.model_validate(decoded)
-    except ValidationError as error:
-        problems = [
-            f"`{'.'.join(str(part) for part in e['loc']) or 'body'}`: {e['msg']}"
-            for e in error.errors()
-        ]
-        raise RequestError("; ".join(problems)) from None
+def _describe(problems: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """Every schema problem, as TGI lists them; the field is the first one's."""
+    paths = [".".join(str(part) for part in e["loc"]) for e in problems]
+    message = "; ".join(f"`{path or 'body'}`: {e['msg']}" for path, e in zip(paths, problems))
+    return message, (paths[0] or None) if paths else None
 
 
 def token_limits(engine: Engine) -> tuple[int, int]:
@@ -117,9 +124,11 @@ def token_limits(engine: Engine) -> tuple[int, int]:
 def check_supported(body: GenerateBody, p: Parameters) -> None:
     """Refuse what TGI would do and this service does not, instead of ignoring it."""
     if body.stream:
-        raise RequestError("`stream`: true is not supported (no server-sent events here)")
+        raise RequestError(
+            "`stream`: true is not supported (no server-sent events here)", field="stream"
+        )
     if not body.inputs:
-        raise RequestError("`inputs` cannot be empty")
+        raise RequestError("`inputs` cannot be empty", field="inputs")
     refused = {
         "watermark": p.watermark,
         "grammar": p.grammar is not None,
@@ -131,21 +140,24 @@ def check_supported(body: GenerateBody, p: Parameters) -> None:
     }
     for name, bad in refused.items():
         if bad:
-            raise RequestError(f"`{name}` is not supported by this teacher service (leave it null)")
+            raise RequestError(
+                f"`{name}` is not supported by this teacher service (leave it null)", field=name
+            )
     if p.best_of not in (None, 1):
-        raise RequestError("`best_of` != 1 is not allowed for this endpoint")
+        raise RequestError("`best_of` != 1 is not allowed for this endpoint", field="best_of")
     if p.temperature is not None and p.temperature <= 0:
-        raise RequestError("`temperature` must be strictly positive")
+        raise RequestError("`temperature` must be strictly positive", field="temperature")
     if p.top_p is not None and not 0 < p.top_p < 1:
-        raise RequestError("`top_p` must be > 0.0 and < 1.0")
+        raise RequestError("`top_p` must be > 0.0 and < 1.0", field="top_p")
     if p.max_new_tokens == 0:
-        raise RequestError("`max_new_tokens` must be strictly positive")
+        raise RequestError("`max_new_tokens` must be strictly positive", field="max_new_tokens")
     if len(p.stop) > MAX_STOP_SEQUENCES:
         raise RequestError(
-            f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. Given: {len(p.stop)}"
+            f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. Given: {len(p.stop)}",
+            field="stop",
         )
     if "" in p.stop:
-        raise RequestError("`stop` holds an empty string, which would stop at once")
+        raise RequestError("`stop` holds an empty string, which would stop at once", field="stop")
 
 
 def encode(engine: Engine, body: GenerateBody, p: Parameters) -> tuple[list[int], int]:
@@ -153,28 +165,36 @@ def encode(engine: Engine, body: GenerateBody, p: Parameters) -> tuple[list[int]
     max_input, max_total = token_limits(engine)
     if p.truncate is not None and not 0 < p.truncate <= max_input:
         raise RequestError(
-            f"`truncate` must be strictly positive and less than {max_input}. Given: {p.truncate}"
+            f"`truncate` must be strictly positive and less than {max_input}. Given: {p.truncate}",
+            field="truncate",
         )
     try:
         body.inputs.encode("utf-8")
     except UnicodeEncodeError:
-        raise RequestError("`inputs` is not valid Unicode text (lone surrogates)") from None
+        raise RequestError(
+            "`inputs` is not valid Unicode text (lone surrogates)", field="inputs"
+        ) from None
     ids = list(engine.backend.tokenizer(body.inputs, add_special_tokens=True)["input_ids"])
     if p.truncate is not None:
         ids = ids[-p.truncate :]
     if len(ids) > max_input:
-        raise RequestError(f"`inputs` must have less than {max_input} tokens. Given: {len(ids)}")
+        raise RequestError(
+            f"`inputs` must have less than {max_input} tokens. Given: {len(ids)}", field="inputs"
+        )
     wanted = p.max_new_tokens
     if wanted is None:
         wanted = min(max_total - len(ids), NULL_MAX_NEW_TOKENS_CAP)
     if len(ids) + wanted > max_total:
         raise RequestError(
             f"`inputs` tokens + `max_new_tokens` must be <= {max_total}. "
-            f"Given: {len(ids)} `inputs` tokens and {wanted} `max_new_tokens`"
+            f"Given: {len(ids)} `inputs` tokens and {wanted} `max_new_tokens`",
+            field="max_new_tokens",
         )
     top_n, vocab = p.top_n_tokens or 0, engine.backend.vocab_size
     if top_n > vocab:
-        raise RequestError(f"`top_n_tokens` must be >= 0 and <= {vocab}. Given: {top_n}")
+        raise RequestError(
+            f"`top_n_tokens` must be >= 0 and <= {vocab}. Given: {top_n}", field="top_n_tokens"
+        )
     return ids, wanted
 
 
@@ -219,12 +239,13 @@ def decode_after(tokenizer: Any, context: list[int], new: list[int]) -> str:
     return full[len(prefix) :] if full.startswith(prefix) else tokenizer.decode(new)
 
 
-def score_request(
-    ids: list[int], score_from: int, temperature: float, top_k: int
-) -> pb.ScoreRequest:
-    request = pb.ScoreRequest(top_k=top_k, temperature=temperature)
-    request.sequences.add(token_ids=ids, score_from=score_from)
-    return request
+def score_request(ids: list[int], score_from: int, temperature: float, top_k: int) -> ScoreRequest:
+    return ScoreRequest(
+        [Sequence(ids, score_from, path="inputs")],
+        top_k=top_k,
+        temperature=temperature,
+        names=NAMES,
+    )
 
 
 async def details(
@@ -260,26 +281,15 @@ async def details(
     return out
 
 
-async def generate_text(request: Request) -> tuple[dict[str, Any], dict[str, str]]:
+async def serve_generate(
+    engine: Engine, body: GenerateBody
+) -> tuple[dict[str, Any], dict[str, str]]:
     """One TGI generation: validate, generate, cut at stop strings, score if details."""
-    engine: Engine = request.app.state.engine
-    body = await read_body(request, engine)
     p = body.parameters or Parameters()
     check_supported(body, p)
     ids, max_new = encode(engine, body, p)
-    # TGI samples when asked to or when a warper is on (temperature != 1, top_p)
-    sampling = p.do_sample or p.temperature not in (None, 1.0) or p.top_p is not None
-    temperature = p.temperature if sampling and p.temperature is not None else 1.0
-    seed = (p.seed if p.seed is not None else secrets.randbits(64)) if sampling else None
-    message = pb.GenerateRequest(
-        prompts=[pb.Prompt(token_ids=ids)],
-        max_new_tokens=max_new,
-        temperature=temperature if sampling else 0.0,
-        seed=seed or 0,
-    )
-    if p.top_p is not None:
-        message.top_p = p.top_p
-    (completion,) = await engine.generate(message)
+    seed = (p.seed if p.seed is not None else secrets.randbits(64)) if p.samples else None
+    (completion,) = await engine.generate(p.to_generate_request(ids, max_new, seed))
     kept, texts, reason = finish(engine, ids, completion.token_ids, max_new, p.stop)
     text = decode_after(engine.backend.tokenizer, ids[-1:], kept)
     content: dict[str, Any] = {"generated_text": body.inputs + text if p.return_full_text else text}
@@ -288,7 +298,7 @@ async def generate_text(request: Request) -> tuple[dict[str, Any], dict[str, str
             "finish_reason": reason,
             "generated_tokens": len(kept),
             "seed": seed,
-            **await details(engine, ids, kept, texts, p, temperature),
+            **await details(engine, ids, kept, texts, p, p.scoring_temperature),
         }
     headers = {"x-prompt-tokens": str(len(ids)), "x-generated-tokens": str(len(kept))}
     return content, headers
@@ -305,6 +315,21 @@ _BODY_DOC = {
         "required": True,
     }
 }
+
+
+def error_response(error: Exception) -> JSONResponse:
+    """TGI's ErrorResponse; error_type lets the client raise ValidationError etc."""
+    status, message, _, kind = http_error(error)
+    if kind is ErrorKind.OVERLOADED:
+        error_type = "overloaded"
+    else:
+        error_type = "validation" if status < 500 else "generation"
+    return JSONResponse(status_code=status, content={"error": message, "error_type": error_type})
+
+
+async def generate_text(request: Request) -> tuple[dict[str, Any], dict[str, str]]:
+    body = await read_body(request, GenerateBody, _describe)
+    return await serve_generate(request.app.state.engine, body)
 
 
 @router.post("/", openapi_extra=_BODY_DOC)
@@ -331,13 +356,13 @@ async def generate(request: Request) -> JSONResponse:
 async def info(request: Request) -> dict[str, Any]:
     """TGI's Info (the 2.x fields, plus the 1.x names older readers look for)."""
     engine: Engine = request.app.state.engine
-    message, limits = engine.info(), engine.config.limits
+    served, limits = engine.info(), engine.config.limits
     max_input, max_total = token_limits(engine)
     return {
-        "model_id": message.model_id,
+        "model_id": served.model_id,
         "model_sha": None,
-        "model_dtype": f"torch.{message.model_dtype}",
-        "model_device_type": message.device.split(":")[0],
+        "model_dtype": f"torch.{served.model_dtype}",
+        "model_device_type": served.device.split(":")[0],
         "model_pipeline_tag": "text-generation",
         # requests of the largest size that the queue admits before answering 429
         "max_concurrent_requests": max(1, limits.max_queued_tokens // max_total),

@@ -1,4 +1,6 @@
-"""A small random-weight Llama model with a real BPE tokenizer, for tests and smoke runs.
+"""A small random-weight Llama model with a real BPE tokenizer, for tests and smoke runs
+(`student-trainer tiny-model`), and the builder the built-in tasks' models start from
+(models.py; the `addition` task draws its words from the same lists).
 
 The tokenizer is a byte-level BPE trained with the `tokenizers` library on a synthetic
 corpus (so any text encodes); the model's embedding is padded past the tokenizer's

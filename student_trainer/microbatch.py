@@ -1,0 +1,123 @@
+"""One micro-batch of a step: its examples, the sequences trained on, and what the loss
+needs besides the student's logits (the teacher's scores, on their way, and rewards).
+
+The completions come from one of three sources (GKD paper, Algorithm 1): the student's own
+samples on an on-policy step, the teacher's outputs for SeqKD, the dataset's references
+otherwise. A distillation micro-batch goes to the teacher as soon as it exists, so the
+teacher scores micro-batch i while the student samples i + 1 and runs its forward passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from student_trainer.config import TrainConfig
+from student_trainer.data import decode_completion, encode_answer, encode_prompt
+from student_trainer.objective import completion_rows
+from student_trainer.rollouts import Batch, build_batch, sample_completions
+from student_trainer.student import Student
+from student_trainer.tasks import REWARDS, Example
+from student_trainer.teacher import ScoreFuture, Teacher
+from teacher_service.in_process import SamplingOptions
+
+
+@dataclass
+class MicroBatch:
+    batch: Batch
+    examples: list[Example]
+    candidates: list[torch.Tensor] | None = None  # the student's own top-m ids per position
+    scores: ScoreFuture | None = None  # the teacher's signal, when distilling
+    rewards: list[float] | None = None  # RL + GKD (method.alpha < 1)
+
+
+@dataclass
+class MicroBatchBuilder:
+    """What a micro-batch is built from; one per run (the generator is this rank's stream,
+    restored in place on resume)."""
+
+    student: Student
+    teacher: Teacher | None
+    config: TrainConfig
+    generator: torch.Generator
+
+    def build(
+        self, examples: list[Example], *, on_policy: bool, step: int, index: int
+    ) -> MicroBatch:
+        """Micro-batch `index` of `step`: sequences built, scoring submitted, rewards set."""
+        m, tokenizer = self.config.method, self.student.tokenizer
+        distill = m.name == "gkd"
+        prompts = [encode_prompt(tokenizer, e.prompt) for e in examples]
+        completed = self.completions(prompts, examples, on_policy=on_policy, step=step, index=index)
+        batch = build_batch(
+            prompts, completed, eos_ids=self.student.eos_ids, pad_id=self.student.pad_id
+        )
+        item = MicroBatch(batch, examples)
+        if distill and m.student_candidates > 0 and m.support == "topk":
+            item.candidates = student_candidates(self.student, batch, m.student_candidates)
+        if distill:
+            item.scores = submit_scores(self.teacher, batch, item.candidates, self.config)
+        if m.alpha < 1.0:
+            reward = REWARDS[m.reward]
+            item.rewards = [
+                reward(decode_completion(tokenizer, ids, self.student.eos_ids), example)
+                for ids, example in zip(batch.completions, examples)
+            ]
+        return item
+
+    def completions(
+        self,
+        prompts: list[list[int]],
+        examples: list[Example],
+        *,
+        on_policy: bool,
+        step: int,
+        index: int,
+    ) -> list[list[int]]:
+        """What each prompt is completed with: student samples, the teacher's outputs (SeqKD,
+        seeded by run, step and micro-batch) or the dataset's answers."""
+        m, r, student = self.config.method, self.config.rollout, self.student
+        if on_policy:
+            options = SamplingOptions(r.max_new_tokens, r.temperature, r.top_p)
+            return sample_completions(
+                student.model,
+                prompts,
+                options,
+                vocab_size=student.vocab,
+                eos_ids=student.eos_ids,
+                pad_id=student.pad_id,
+                generator=self.generator,
+            )
+        if m.name == "seqkd":
+            seed = (self.config.run.seed * 1_000_003 + step) * 1_009 + index
+            outputs = self.teacher.generate(
+                prompts, max_new_tokens=r.max_new_tokens, temperature=m.seqkd_temperature, seed=seed
+            )
+            return [o.token_ids for o in outputs]
+        return [encode_answer(student.tokenizer, e.answer) for e in examples]
+
+
+def student_candidates(student: Student, batch: Batch, count: int) -> list[torch.Tensor]:
+    """The student's own top-`count` ids at each completion position (the union support)."""
+    with torch.no_grad():
+        logits = student.logits(batch)
+    rows, _ = completion_rows(logits, batch)
+    ids = rows.topk(count, dim=-1).indices.cpu()
+    return list(ids.split(batch.loss_mask.sum(dim=1).tolist()))
+
+
+def submit_scores(
+    teacher: Teacher, batch: Batch, candidates: list[torch.Tensor] | None, config: TrainConfig
+) -> ScoreFuture:
+    """Ask the teacher for what method.support needs at every completion position."""
+    m = config.method
+    return teacher.submit_score(
+        batch.sequences,
+        batch.prompt_lens,
+        top_k=m.top_k if m.support == "topk" else 0,
+        candidates=None if candidates is None else [c.numpy() for c in candidates],
+        full=m.support == "full",
+        temperature=m.temperature,
+        dtype=config.teacher.dtype,
+    )

@@ -1,0 +1,121 @@
+"""Everything a run carries from step to step besides the weights, and its checkpoints.
+
+A resumed run must compute exactly the steps the uninterrupted run would have, so all
+that moves or draws lives here: the step, AdamW's moments, the schedule, each rank's
+sampling stream, Algorithm 1's coin, the data position and the global torch / Python /
+numpy / CUDA generators. checkpoint.py writes and finds the files; this decides what
+goes in them (the keys of trainer_state.pt stay as they are, so old checkpoints load).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from student_trainer.checkpoint import load_state, save_checkpoint
+from student_trainer.config import TrainConfig, to_dict
+from student_trainer.data import ExampleStream
+from student_trainer.distributed import World
+
+log = logging.getLogger(__name__)
+# rank r samples with its own stream, seeded run.seed + r * RANK_SEED_STRIDE (rank 0: run.seed)
+RANK_SEED_STRIDE = 1_000_003
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup to 1, then cosine / linear decay to 0 at `total`, or constant."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class RunState:
+    step: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    rollout_generator: torch.Generator  # this rank's sampling stream
+    mixing: random.Random  # Algorithm 1's coin: one draw per step
+    stream: ExampleStream  # the training examples, in their seeded order
+
+    @classmethod
+    def start(
+        cls,
+        config: TrainConfig,
+        model: torch.nn.Module,
+        stream: ExampleStream,
+        world: World,
+        device: torch.device,
+    ) -> RunState:
+        """Step 0 of a run (torch's global generator is seeded here, as a fresh run's is)."""
+        torch.manual_seed(config.run.seed)
+        o = config.optim
+        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, o.warmup_steps, o.steps, o.schedule)
+        )
+        generator = torch.Generator(device=device).manual_seed(
+            config.run.seed + RANK_SEED_STRIDE * world.rank
+        )
+        return cls(0, optimizer, scheduler, generator, random.Random(config.run.seed), stream)
+
+    def save(
+        self,
+        out_dir: Path,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        config: TrainConfig,
+        world: World,
+    ) -> Path | None:
+        """Every rank must call it (their sampling streams are gathered); rank 0 writes."""
+        streams = world.gather(self.rollout_generator.get_state().cpu())
+        if not world.is_main:
+            return None
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rollout_generators": streams,
+            "mixing": self.mixing.getstate(),
+            "data": self.stream.state_dict(),
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "config": to_dict(config),
+        }
+        keep = config.run.keep_checkpoints
+        return save_checkpoint(out_dir, self.step, model, tokenizer, state, keep=keep)
+
+    def load(self, checkpoint: Path, world: World) -> None:
+        """Continue from a checkpoint (the weights come with the model, from its directory)."""
+        state = load_state(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        # one sampling stream per rank of the saving world; ranks it did not have start fresh
+        streams = state.get("rollout_generators", [state.get("rollout_generator")])
+        if world.rank < len(streams) and streams[world.rank] is not None:
+            self.rollout_generator.set_state(streams[world.rank])
+        else:
+            log.info("rank %d: a new sampling stream (the checkpoint had none)", world.rank)
+        self.mixing.setstate(state["mixing"])
+        self.stream.load_state_dict(state["data"])
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        if torch.cuda.is_available() and state.get("cuda") is not None:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        self.step = int(state["step"])
+        log.info("resumed from %s at step %d", checkpoint, self.step)

@@ -1,0 +1,86 @@
+"""What a backend must provide: the contract the engine, `serve()` and the dialects rely on.
+
+HFBackend (backend.py) computes everything from a local model; the remote backends
+(remote.py) ask an upstream server and offer fewer capabilities. The engine refuses,
+naming the capability, whatever the backend's `capabilities` leave out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from teacher_service.sampling import Completion, SamplingOptions
+from teacher_service.scoring import ScoreOptions, SequenceScores
+
+
+class Capability(str, Enum):
+    """What a backend can compute; Info reports the values (protos/teacher.proto)."""
+
+    TARGET = "target"  # the actual tokens' log-probs
+    TOPK = "topk"  # the k most likely tokens and their log-probs
+    CANDIDATES = "candidates"  # log-probs of caller-chosen token ids
+    FULL = "full"  # the whole [T, V] distribution
+    RANKS = "ranks"  # the actual token's rank over the vocabulary (vLLM dialect)
+    TEMPERATURE = "temperature"  # log-probs at a temperature other than 1
+    GENERATE = "generate"  # sampled completions
+
+
+@dataclass
+class ScoreItem:
+    """One sequence to score (validated: ids in the vocabulary, 1 <= score_from < len)."""
+
+    token_ids: torch.Tensor  # int64 [L]
+    score_from: int
+    options: ScoreOptions
+    candidate_ids: torch.Tensor | None = None  # int64 [L - score_from, m] or [m]
+    # also sample the token after the sequence, from the same forward pass (vLLM's
+    # max_tokens = 1 beside prompt_logprobs): the options and this item's own generator
+    sample_next: tuple[SamplingOptions, torch.Generator | None] | None = None
+    field: str = "sequence"  # its path in the caller's terms, for a backend's own refusals
+
+    @property
+    def forward_len(self) -> int:
+        """Tokens fed to the model: the last token is only a target, never an input, unless
+        the token after it is sampled too."""
+        return int(self.token_ids.numel()) - (0 if self.sample_next else 1)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A model the service can serve: its description, scoring and generation (isinstance
+    checks that every member is there, not their types)."""
+
+    name: str  # Info.backend: "huggingface", "openai", "tgi"
+    model_id: str
+    vocab_size: int  # the tokenizer's real vocabulary (ids are < vocab_size)
+    max_seq_len: int
+    bos_token_id: int  # -1 when the tokenizer has none
+    eos_token_id: int
+    pad_token_id: int
+    eos_ids: frozenset[int]  # every id that ends a completion
+    tokenizer_fingerprint: str
+    tokenizer: Any  # a transformers tokenizer: the dialects that take text use it
+    device: torch.device | str
+    model_dtype: str
+    capabilities: tuple[Capability, ...]
+    # True: the model runs here, so it samples while scoring (ScoreItem.sample_next) and
+    # draws from the torch generators the engine makes on `device`; False: an upstream
+    # samples, seeded by SamplingOptions.seed
+    samples_while_scoring: bool
+
+    def score_batch(self, items: list[ScoreItem]) -> list[SequenceScores]:
+        """One result per item, in order; runs on the model worker thread."""
+        ...
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        options: SamplingOptions,
+        generator: torch.Generator | None,
+    ) -> list[Completion]:
+        """One completion per prompt; `generator` comes from sampling.new_generator."""
+        ...

@@ -1,0 +1,144 @@
+"""Why a request failed, as a kind, and the one table of what each kind is on the wire.
+
+Every failure a front end can report has a kind (ErrorKind), a message naming the field
+and the limit, and the field's path in the caller's own terms (`sequences[3]` over gRPC,
+`prompt[1]` in the vLLM dialect: the front end told validation what it calls things).
+STATUS is the only place where kinds meet gRPC codes and HTTP statuses; each front end
+has one handler that applies it (grpc_api.py, web/errors.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+
+import grpc
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ErrorKind(Enum):
+    INVALID_ARGUMENT = "invalid_argument"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED = "unsupported"
+    MALFORMED_BODY = "malformed_body"
+    OVERLOADED = "overloaded"
+    SHUTTING_DOWN = "shutting_down"
+    OUT_OF_MEMORY = "out_of_memory"
+    UPSTREAM_FAILED = "upstream_failed"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class Status:
+    grpc: grpc.StatusCode
+    http: int
+    when: str  # for readers of the table (docs, the error-table test)
+
+
+STATUS: dict[ErrorKind, Status] = {
+    ErrorKind.INVALID_ARGUMENT: Status(
+        grpc.StatusCode.INVALID_ARGUMENT, 422, "a field breaks the API's rules"
+    ),
+    ErrorKind.TOO_LARGE: Status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "a request over a configured limit"
+    ),
+    ErrorKind.UNSUPPORTED: Status(
+        grpc.StatusCode.UNIMPLEMENTED, 422, "the backend lacks the capability asked for"
+    ),
+    ErrorKind.MALFORMED_BODY: Status(
+        grpc.StatusCode.INVALID_ARGUMENT, 400, "an HTTP body that is not JSON / msgpack"
+    ),
+    ErrorKind.OVERLOADED: Status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "the batcher's queue is full"
+    ),
+    ErrorKind.SHUTTING_DOWN: Status(
+        grpc.StatusCode.UNAVAILABLE, 503, "the service stopped before running it"
+    ),
+    ErrorKind.OUT_OF_MEMORY: Status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, 507, "the forward pass ran out of memory"
+    ),
+    ErrorKind.UPSTREAM_FAILED: Status(
+        grpc.StatusCode.INTERNAL, 500, "a remote backend's upstream failed"
+    ),
+    ErrorKind.INTERNAL: Status(grpc.StatusCode.INTERNAL, 500, "anything unexpected (a bug)"),
+}
+
+# the caller can fix these by changing the request; the others are the service's trouble
+CALLER_KINDS = frozenset(
+    {
+        ErrorKind.INVALID_ARGUMENT,
+        ErrorKind.TOO_LARGE,
+        ErrorKind.UNSUPPORTED,
+        ErrorKind.MALFORMED_BODY,
+    }
+)
+# logged with a traceback by whichever front end reports them
+UNEXPECTED_KINDS = frozenset({ErrorKind.UPSTREAM_FAILED, ErrorKind.INTERNAL})
+
+
+class ServiceError(Exception):
+    """A failure the service reports as its kind; `field` is the caller's path to the cause."""
+
+    kind = ErrorKind.INTERNAL
+
+    def __init__(
+        self, message: str, *, field: str | None = None, kind: ErrorKind | None = None
+    ) -> None:
+        super().__init__(message)
+        self.field = field
+        if kind is not None:
+            self.kind = kind
+
+    @property
+    def caused_by_request(self) -> bool:
+        """The batcher logs such failures without a traceback."""
+        return self.kind in CALLER_KINDS
+
+
+class RequestError(ServiceError):
+    """A request the service will not run: invalid, or over a limit (kind TOO_LARGE)."""
+
+    kind = ErrorKind.INVALID_ARGUMENT
+
+
+class Unsupported(ServiceError):
+    """A request this backend cannot answer (a remote upstream lacks the capability)."""
+
+    kind = ErrorKind.UNSUPPORTED
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a front end reports: the kind, the message and the field it names."""
+
+    kind: ErrorKind
+    message: str
+    field: str | None
+
+    @property
+    def status(self) -> Status:
+        return STATUS[self.kind]
+
+
+def classify(error: BaseException) -> Failure:
+    """The kind and message of any exception (no side effects: metrics use it too)."""
+    if isinstance(error, ServiceError):
+        return Failure(error.kind, str(error), error.field)
+    if isinstance(error, torch.OutOfMemoryError):
+        return Failure(ErrorKind.OUT_OF_MEMORY, f"the teacher ran out of memory: {error}", None)
+    return Failure(
+        ErrorKind.INTERNAL,
+        f"the teacher failed on this request: {type(error).__name__}: {error}",
+        None,
+    )
+
+
+def report(error: BaseException) -> Failure:
+    """classify(), logging the unexpected with their traceback: every front end's handler."""
+    failure = classify(error)
+    if failure.kind in UNEXPECTED_KINDS:
+        log.error("request failed", exc_info=error)
+    return failure

@@ -1,0 +1,256 @@
+"""The gRPC front end: protos in and out, the servicer, and the grpc.aio server.
+
+The servicer is thin: it turns each proto request into the engine's plain request
+(requests.py), the engine's results back into protos, and any failure into the gRPC code
+that errors.STATUS gives its kind (one handler, `abort`). `start_grpc` adds the standard
+health service, server reflection, auth and TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from teacher_client.codec import CodecError, dtype_name
+from teacher_client.proto import teacher_pb2 as pb
+from teacher_client.proto import teacher_pb2_grpc as pb_grpc
+from teacher_service.auth import TokenInterceptor, grpc_server_credentials
+from teacher_service.codec import decode_ids, encode_torch
+from teacher_service.config import ServerConfig
+from teacher_service.engine import Engine
+from teacher_service.errors import RequestError, classify, report
+from teacher_service.requests import (
+    GenerateRequest,
+    Prompt,
+    ScoreRequest,
+    Sequence,
+    ServiceInfo,
+)
+from teacher_service.sampling import Completion
+from teacher_service.scoring import SequenceScores
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
+MAX_IN_FLIGHT_PER_STREAM = 64  # ScoreStream requests being worked on at once, per stream
+
+
+# --- protos -> the engine's requests -----------------------------------------------------
+
+
+def to_score_request(message: pb.ScoreRequest) -> ScoreRequest:
+    try:
+        dtype = "float32" if message.dtype == pb.DTYPE_UNSPECIFIED else dtype_name(message.dtype)
+    except CodecError:
+        raise RequestError(f"dtype = {message.dtype}: unknown dtype", field="dtype") from None
+    sequences = [
+        Sequence(
+            sequence.token_ids,
+            sequence.score_from,
+            decode_ids(sequence.candidate_ids, f"sequences[{n}].candidate_ids")
+            if sequence.HasField("candidate_ids")
+            else None,
+        )
+        for n, sequence in enumerate(message.sequences)
+    ]
+    return ScoreRequest(
+        sequences,
+        top_k=message.top_k,
+        full=message.full,
+        temperature=message.temperature if message.HasField("temperature") else None,
+        dtype=dtype,
+    )
+
+
+def to_generate_request(message: pb.GenerateRequest) -> GenerateRequest:
+    def optional(name: str):
+        return getattr(message, name) if message.HasField(name) else None
+
+    return GenerateRequest(
+        [Prompt(prompt.token_ids) for prompt in message.prompts],
+        max_new_tokens=message.max_new_tokens,
+        temperature=optional("temperature"),
+        top_p=optional("top_p"),
+        seed=optional("seed"),
+        ignore_eos=message.ignore_eos,
+    )
+
+
+# --- the engine's results -> protos ------------------------------------------------------
+
+
+def scores_to_proto(scores: SequenceScores) -> pb.SequenceScores:
+    message = pb.SequenceScores(target_logprobs=encode_torch(scores.target_logprobs))
+    for name in ("topk_ids", "topk_logprobs", "candidate_logprobs", "full_logprobs"):
+        tensor = getattr(scores, name)
+        if tensor is not None:
+            getattr(message, name).CopyFrom(encode_torch(tensor))
+    return message
+
+
+def completion_to_proto(completion: Completion) -> pb.Completion:
+    return pb.Completion(token_ids=completion.token_ids, finish_reason=completion.finish_reason)
+
+
+def info_to_proto(info: ServiceInfo) -> pb.InfoResponse:
+    return pb.InfoResponse(**dataclasses.asdict(info))
+
+
+# --- the servicer ------------------------------------------------------------------------
+
+
+async def abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    """The gRPC front end's one error handler: ends the call with the code that
+    errors.STATUS gives the error's kind (context.abort raises)."""
+    failure = report(error)
+    await context.abort(failure.status.grpc, failure.message)
+
+
+def error_status(error: Exception) -> pb.ErrorStatus:
+    """The same, as a ScoreStream response's `error` (the stream goes on)."""
+    failure = report(error)
+    return pb.ErrorStatus(code=failure.status.grpc.value[0], message=failure.message)
+
+
+class TeacherServicer(pb_grpc.TeacherServicer):
+    """Proto calls onto the engine; failures through `abort` / `error_status`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @contextlib.asynccontextmanager
+    async def _observed(self, method: str) -> AsyncIterator[None]:
+        started, status = time.perf_counter(), "OK"
+        try:
+            yield
+        except Exception as error:
+            status = classify(error).status.grpc.name
+            raise
+        except BaseException:
+            status = "CANCELLED"
+            raise
+        finally:
+            self._engine.metrics.observe_request(
+                "grpc", method, status, time.perf_counter() - started
+            )
+
+    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
+        async with self._observed("Info"):
+            return info_to_proto(self._engine.info())
+
+    async def _score(self, message: pb.ScoreRequest) -> pb.ScoreResponse:
+        results = await self._engine.score(to_score_request(message))
+        return pb.ScoreResponse(
+            request_id=message.request_id, results=[scores_to_proto(r) for r in results]
+        )
+
+    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        try:
+            async with self._observed("Score"):
+                return await self._score(request)
+        except Exception as error:
+            await abort(context, error)
+
+    async def ScoreStream(
+        self, request_iterator: AsyncIterator[pb.ScoreRequest], context
+    ) -> AsyncIterator[pb.ScoreStreamResponse]:
+        """Work on up to MAX_IN_FLIGHT_PER_STREAM requests at once; answer as each finishes."""
+        done: asyncio.Queue[pb.ScoreStreamResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT_PER_STREAM)
+        tasks: set[asyncio.Task] = set()
+
+        async def answer(request: pb.ScoreRequest) -> None:
+            try:
+                async with self._observed("ScoreStream"):
+                    response = await self._score(request)
+                await done.put(
+                    pb.ScoreStreamResponse(request_id=request.request_id, response=response)
+                )
+            except Exception as error:
+                await done.put(
+                    pb.ScoreStreamResponse(request_id=request.request_id, error=error_status(error))
+                )
+            finally:
+                slots.release()
+
+        async def read_all() -> None:
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                await asyncio.gather(*list(tasks))
+            finally:
+                done.put_nowait(None)  # ends the response loop even if reading failed
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (response := await done.get()) is not None:
+                yield response
+            await reader
+        finally:
+            for task in [reader, *tasks]:
+                task.cancel()
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        try:
+            async with self._observed("Generate"):
+                completions = await self._engine.generate(to_generate_request(request))
+        except Exception as error:
+            await abort(context, error)
+        return pb.GenerateResponse(
+            request_id=request.request_id,
+            completions=[completion_to_proto(c) for c in completions],
+        )
+
+
+# --- the server --------------------------------------------------------------------------
+
+
+async def start_grpc(
+    engine: Engine, config: ServerConfig
+) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
+    """The servicer, health and reflection on config.port; returns the bound port."""
+    interceptors = [TokenInterceptor(config.auth_token)] if config.auth_token else []
+    options = [
+        ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+        ("grpc.max_send_message_length", config.limits.max_message_bytes),
+    ]
+    if config.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000)),
+        ]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
+    pb_grpc.add_TeacherServicer_to_server(TeacherServicer(engine), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    address = config.address(config.port)
+    try:
+        if config.tls_cert:
+            credentials = grpc_server_credentials(
+                config.tls_cert, config.tls_key, config.tls_client_ca
+            )
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise OSError(f"cannot listen on {address}: {error} (is the port in use?)") from None
+    await server.start()
+    return server, port, health

@@ -1,0 +1,135 @@
+"""The teacher in the caller's own process: the service's one entry point for a trainer.
+
+A trainer that runs the teacher model itself (benchmarks of service vs same-process
+teacher, exact network-free tests) imports this module and nothing else of the service.
+`InProcessTeacher` calls the HFBackend directly, with the Score and Generate semantics of
+docs/design.md, and returns the client's own result types, so a trainer handles its
+answers exactly as it handles the service's.
+
+It also re-exports the KV-cache sampler the service's Generate runs (`sample`,
+`SamplingOptions`, `new_generator`) and the helpers it depends on (`eos_token_ids`,
+`resolve_device`): a student's rollouts are then drawn by the very code that draws the
+teacher's samples, one implementation, not a copy that could drift from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from teacher_client import GenerateResult, ScoreResult, TeacherInfo, compare_tokenizer
+from teacher_service.backend import HFBackend, eos_token_ids, resolve_device
+from teacher_service.backend_api import ScoreItem
+from teacher_service.codec import torch_dtype
+from teacher_service.sampling import SamplingOptions, new_generator, sample
+from teacher_service.scoring import ScoreOptions
+
+__all__ = [
+    "InProcessTeacher",
+    "SamplingOptions",
+    "eos_token_ids",
+    "new_generator",
+    "resolve_device",
+    "sample",
+]
+
+
+class InProcessTeacher:
+    """An HFBackend called directly: one forward per call, no batching across callers."""
+
+    def __init__(self, backend: HFBackend) -> None:
+        self.backend = backend
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "cpu") -> InProcessTeacher:
+        return cls(HFBackend.load(model_dir, device=device, dtype="float32"))
+
+    def score(
+        self,
+        sequences: Sequence[Sequence[int]],
+        score_from: Sequence[int],
+        *,
+        top_k: int,
+        candidates: Any = None,
+        full: bool = False,
+        temperature: float = 1.0,
+        dtype: str = "float32",
+    ) -> list[ScoreResult]:
+        """The service's Score semantics, unvalidated (the trainer builds valid requests)."""
+        options = ScoreOptions(
+            top_k=top_k, full=full, temperature=temperature, dtype=torch_dtype(dtype)
+        )
+        items = [
+            ScoreItem(
+                torch.tensor(list(seq), dtype=torch.long),
+                start,
+                options,
+                None if candidates is None else torch.as_tensor(candidates[i], dtype=torch.long),
+            )
+            for i, (seq, start) in enumerate(zip(sequences, score_from))
+        ]
+        return [
+            ScoreResult(
+                target_logprobs=_numpy(s.target_logprobs),
+                topk_ids=_numpy(s.topk_ids),
+                topk_logprobs=_numpy(s.topk_logprobs),
+                candidate_logprobs=_numpy(s.candidate_logprobs),
+                full_logprobs=_numpy(s.full_logprobs),
+            )
+            for s in self.backend.score_batch(items)
+        ]
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[GenerateResult]:
+        options = SamplingOptions(max_new_tokens, temperature, top_p, seed)
+        generator = new_generator(options, self.backend.device)
+        completions = self.backend.generate([list(p) for p in prompts], options, generator)
+        return [GenerateResult(c.token_ids, c.finish_reason) for c in completions]
+
+    def info(self) -> TeacherInfo:
+        """What the service's Info would say about this model (no service limits apply)."""
+        return TeacherInfo(
+            model_id=self.backend.model_id,
+            vocab_size=self.backend.vocab_size,
+            tokenizer_fingerprint=self.backend.tokenizer_fingerprint,
+            max_seq_len=self.backend.max_seq_len,
+            bos_token_id=_optional_id(self.backend.bos_token_id),
+            eos_token_id=_optional_id(self.backend.eos_token_id),
+            pad_token_id=_optional_id(self.backend.pad_token_id),
+            backend="in-process",
+            device=str(self.backend.device),
+            model_dtype=self.backend.model_dtype,
+            max_batch_tokens=0,
+            max_tokens_per_request=0,
+            max_sequences_per_request=0,
+            max_message_bytes=0,
+            capabilities=tuple(c.value for c in self.backend.capabilities),
+            server_version="",
+        )
+
+    def check_tokenizer(self, tokenizer: Any) -> TeacherInfo:
+        """info(), after refusing a tokenizer that assigns ids differently (as the client)."""
+        info = self.info()
+        compare_tokenizer(info, tokenizer)
+        return info
+
+
+def _optional_id(token_id: int) -> int | None:
+    return None if token_id < 0 else token_id
+
+
+def _numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
+    if tensor is None:
+        return None
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
