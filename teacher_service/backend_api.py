@@ -13,6 +13,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from teacher_client import TeacherInfo
+from teacher_service import __version__
+from teacher_service.config import Limits
 from teacher_service.sampling import Completion, SamplingOptions
 from teacher_service.scoring import ScoreOptions, SequenceScores
 
@@ -84,3 +87,24 @@ class Backend(Protocol):
     ) -> list[Completion]:
         """One completion per prompt; `generator` comes from sampling.new_generator."""
         ...
+
+
+def describe(backend: Backend, limits: Limits | None = None) -> TeacherInfo:
+    """What Info says about a backend served with `limits` (None: in-process, no limits: 0)."""
+    reported = ("max_batch_tokens", "max_tokens_per_request", "max_sequences_per_request")
+    reported += ("max_message_bytes",)
+    return TeacherInfo(
+        model_id=backend.model_id,
+        vocab_size=backend.vocab_size,
+        tokenizer_fingerprint=backend.tokenizer_fingerprint,
+        max_seq_len=backend.max_seq_len,
+        bos_token_id=None if backend.bos_token_id < 0 else backend.bos_token_id,
+        eos_token_id=None if backend.eos_token_id < 0 else backend.eos_token_id,
+        pad_token_id=None if backend.pad_token_id < 0 else backend.pad_token_id,
+        backend=backend.name,
+        device=str(backend.device),
+        model_dtype=backend.model_dtype,
+        capabilities=tuple(capability.value for capability in backend.capabilities),
+        server_version=__version__,
+        **{name: getattr(limits, name) if limits else 0 for name in reported},
+    )

@@ -7,13 +7,13 @@ validation, batching and error semantics are the same whichever door a request u
 
 from __future__ import annotations
 
-from teacher_service import __version__
-from teacher_service.backend_api import Backend, Capability, ScoreItem
+from teacher_client import TeacherInfo
+from teacher_service.backend_api import Backend, Capability, ScoreItem, describe
 from teacher_service.batcher import DynamicBatcher, ModelWorker
 from teacher_service.config import ServerConfig
 from teacher_service.errors import Unsupported
 from teacher_service.metrics import ServiceMetrics
-from teacher_service.requests import GenerateRequest, ScoreRequest, ServiceInfo
+from teacher_service.requests import GenerateRequest, ScoreRequest
 from teacher_service.sampling import Completion, SamplingOptions, chunk_prompts, new_generator
 from teacher_service.scoring import SequenceScores
 from teacher_service.validation import ModelLimits, parse_generate_request, parse_score_request
@@ -45,26 +45,8 @@ class Engine:
         await self.batcher.close()
         self.worker.close()
 
-    def info(self) -> ServiceInfo:
-        backend, limits = self.backend, self.config.limits
-        return ServiceInfo(
-            model_id=backend.model_id,
-            vocab_size=backend.vocab_size,
-            tokenizer_fingerprint=backend.tokenizer_fingerprint,
-            max_seq_len=backend.max_seq_len,
-            bos_token_id=backend.bos_token_id,
-            eos_token_id=backend.eos_token_id,
-            pad_token_id=backend.pad_token_id,
-            backend=backend.name,
-            device=str(backend.device),
-            model_dtype=backend.model_dtype,
-            max_batch_tokens=limits.max_batch_tokens,
-            max_tokens_per_request=limits.max_tokens_per_request,
-            max_sequences_per_request=limits.max_sequences_per_request,
-            max_message_bytes=limits.max_message_bytes,
-            capabilities=[capability.value for capability in backend.capabilities],
-            server_version=__version__,
-        )
+    def info(self) -> TeacherInfo:
+        return describe(self.backend, self.config.limits)
 
     async def score(self, request: ScoreRequest) -> list[SequenceScores]:
         """Validate and score. With `sample_next`, sequence n's next token is drawn from its

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -20,6 +19,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from teacher_client.codec import CodecError, dtype_name
+from teacher_client.messages import info_to_proto
 from teacher_client.proto import teacher_pb2 as pb
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.auth import TokenInterceptor, grpc_server_credentials
@@ -32,7 +32,6 @@ from teacher_service.requests import (
     Prompt,
     ScoreRequest,
     Sequence,
-    ServiceInfo,
 )
 from teacher_service.sampling import Completion
 from teacher_service.scoring import SequenceScores
@@ -96,10 +95,6 @@ def scores_to_proto(scores: SequenceScores) -> pb.SequenceScores:
 
 def completion_to_proto(completion: Completion) -> pb.Completion:
     return pb.Completion(token_ids=completion.token_ids, finish_reason=completion.finish_reason)
-
-
-def info_to_proto(info: ServiceInfo) -> pb.InfoResponse:
-    return pb.InfoResponse(**dataclasses.asdict(info))
 
 
 # --- the servicer ------------------------------------------------------------------------

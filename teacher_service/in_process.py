@@ -14,6 +14,7 @@ teacher's samples, one implementation, not a copy that could drift from it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 
 from teacher_client import GenerateResult, ScoreResult, TeacherInfo, compare_tokenizer
 from teacher_service.backend import HFBackend, eos_token_ids, resolve_device
-from teacher_service.backend_api import ScoreItem
+from teacher_service.backend_api import ScoreItem, describe
 from teacher_service.codec import torch_dtype
 from teacher_service.sampling import SamplingOptions, new_generator, sample
 from teacher_service.scoring import ScoreOptions
@@ -99,34 +100,13 @@ class InProcessTeacher:
 
     def info(self) -> TeacherInfo:
         """What the service's Info would say about this model (no service limits apply)."""
-        return TeacherInfo(
-            model_id=self.backend.model_id,
-            vocab_size=self.backend.vocab_size,
-            tokenizer_fingerprint=self.backend.tokenizer_fingerprint,
-            max_seq_len=self.backend.max_seq_len,
-            bos_token_id=_optional_id(self.backend.bos_token_id),
-            eos_token_id=_optional_id(self.backend.eos_token_id),
-            pad_token_id=_optional_id(self.backend.pad_token_id),
-            backend="in-process",
-            device=str(self.backend.device),
-            model_dtype=self.backend.model_dtype,
-            max_batch_tokens=0,
-            max_tokens_per_request=0,
-            max_sequences_per_request=0,
-            max_message_bytes=0,
-            capabilities=tuple(c.value for c in self.backend.capabilities),
-            server_version="",
-        )
+        return dataclasses.replace(describe(self.backend), backend="in-process")
 
     def check_tokenizer(self, tokenizer: Any) -> TeacherInfo:
         """info(), after refusing a tokenizer that assigns ids differently (as the client)."""
         info = self.info()
         compare_tokenizer(info, tokenizer)
         return info
-
-
-def _optional_id(token_id: int) -> int | None:
-    return None if token_id < 0 else token_id
 
 
 def _numpy(tensor: torch.Tensor | None) -> np.ndarray | None:

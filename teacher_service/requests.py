@@ -74,25 +74,3 @@ class GenerateRequest:
     seed: int | None = None  # None: 0
     ignore_eos: bool = False
     names: Names = PROMPT_NAMES
-
-
-@dataclass(frozen=True)
-class ServiceInfo:
-    """What Info answers; the fields and their order are InfoResponse's."""
-
-    model_id: str
-    vocab_size: int
-    tokenizer_fingerprint: str
-    max_seq_len: int
-    bos_token_id: int
-    eos_token_id: int
-    pad_token_id: int
-    backend: str
-    device: str
-    model_dtype: str
-    max_batch_tokens: int
-    max_tokens_per_request: int
-    max_sequences_per_request: int
-    max_message_bytes: int
-    capabilities: list[str]
-    server_version: str

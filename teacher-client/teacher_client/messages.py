@@ -7,7 +7,7 @@ build requests for another transport). Field semantics: docs/design.md.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -152,28 +152,21 @@ def parse_generate_response(response: pb.GenerateResponse) -> list[GenerateResul
     return [GenerateResult(list(c.token_ids), c.finish_reason) for c in response.completions]
 
 
-def parse_info(response: pb.InfoResponse) -> TeacherInfo:
-    def maybe(token_id: int) -> int | None:
-        return None if token_id < 0 else token_id
+# token ids the proto sends as -1 when the tokenizer has none (TeacherInfo: None)
+OPTIONAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
-    return TeacherInfo(
-        model_id=response.model_id,
-        vocab_size=response.vocab_size,
-        tokenizer_fingerprint=response.tokenizer_fingerprint,
-        max_seq_len=response.max_seq_len,
-        bos_token_id=maybe(response.bos_token_id),
-        eos_token_id=maybe(response.eos_token_id),
-        pad_token_id=maybe(response.pad_token_id),
-        backend=response.backend,
-        device=response.device,
-        model_dtype=response.model_dtype,
-        max_batch_tokens=response.max_batch_tokens,
-        max_tokens_per_request=response.max_tokens_per_request,
-        max_sequences_per_request=response.max_sequences_per_request,
-        max_message_bytes=response.max_message_bytes,
-        capabilities=tuple(response.capabilities),
-        server_version=response.server_version,
-    )
+
+def parse_info(response: pb.InfoResponse) -> TeacherInfo:
+    values = {field.name: getattr(response, field.name) for field in fields(TeacherInfo)}
+    values |= {name: None if values[name] < 0 else values[name] for name in OPTIONAL_TOKEN_IDS}
+    return TeacherInfo(**values | {"capabilities": tuple(response.capabilities)})
+
+
+def info_to_proto(info: TeacherInfo) -> pb.InfoResponse:
+    """parse_info's inverse: what a server sends (None token ids as -1)."""
+    values = asdict(info)
+    values |= {name: -1 if values[name] is None else values[name] for name in OPTIONAL_TOKEN_IDS}
+    return pb.InfoResponse(**values)
 
 
 def compare_tokenizer(info: TeacherInfo, tokenizer: Any) -> None:

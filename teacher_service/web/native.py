@@ -12,7 +12,6 @@ engine's requests, the serving functions (engine results -> response content), t
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Annotated, Any, Literal
 
 import msgpack
@@ -22,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from teacher_client.codec import CodecError, dtype_enum
+from teacher_client.messages import info_to_proto
 from teacher_client.proto import teacher_pb2 as pb
 from teacher_service.codec import decode_ids, encode_torch
 from teacher_service.engine import Engine
@@ -180,7 +180,13 @@ async def serve_generate(engine: Engine, body: GenerateBody) -> dict[str, Any]:
 
 
 def serve_info(engine: Engine) -> dict[str, Any]:
-    return dataclasses.asdict(engine.info())
+    """InfoResponse's fields as the proto has them (-1 for a missing token id)."""
+    message = info_to_proto(engine.info())
+    return {
+        field.name: list(value) if field.is_repeated else value
+        for field in message.DESCRIPTOR.fields
+        for value in [getattr(message, field.name)]
+    }
 
 
 # --- the router ----------------------------------------------------------------------------
