@@ -3,11 +3,17 @@
 Everything here runs on the model worker thread (see batcher.py); nothing here knows
 about gRPC. A batch is right-padded: under a causal mask the padding sits after every
 real position, so a sequence's log-probs do not depend on what it was batched with.
+
+Scoring runs the model's body (forward.py), applies the output layer to the scored rows
+only, in chunks of a memory budget, and computes every sequence's rows together, grouped
+by what their requests ask for; the results reach the host in one copy per group (pinned
+and non-blocking on CUDA) and are split per sequence there.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -16,11 +22,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from teacher_client.fingerprint import tokenizer_fingerprint
 from teacher_service.backend_api import Capability, ScoreItem
 from teacher_service.codec import torch_dtype
+from teacher_service.forward import Body, OutputLayer, ScoredRows, item_rows, padded
 from teacher_service.sampling import Completion, SamplingOptions, next_token, sample
-from teacher_service.scoring import SequenceScores, score_rows
+from teacher_service.scoring import TENSOR_FIELDS, SequenceScores, score_chunked, split_scores
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_SEQ_LEN = 2048
+DEFAULT_SCORE_CHUNK_MB = 256  # float32 logits computed at once; the math adds a few times that
 
 
 def resolve_device(device: str) -> torch.device:
@@ -40,7 +48,15 @@ class HFBackend:
     capabilities = tuple(Capability)
     samples_while_scoring = True
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, model_id: str) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        *,
+        model_id: str,
+        score_chunk_mb: int = DEFAULT_SCORE_CHUNK_MB,
+        share_prefixes: bool = True,
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -59,10 +75,24 @@ class HFBackend:
         self.pad_token_id = _id_or_minus_one(tokenizer.pad_token_id)
         self.eos_ids = frozenset(eos_token_ids(model, tokenizer))
         self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+        self.body = Body(model)
+        self.output_layer = OutputLayer(model)
+        self.chunk_rows = max(1, score_chunk_mb * 2**20 // (4 * logits_rows))
+        self.share_prefixes = share_prefixes  # run a prefix shared by several sequences once
+        self.fed_tokens = 0  # tokens the forwards computed (padding included), for benchmarks
+        # False: model(...).logits over every position, for models whose forward changes the
+        # logits in a way OutputLayer does not know (and to compare against in benchmarks)
+        self.rows_only = self._rows_reproduce_the_logits()
 
     @classmethod
     def load(
-        cls, model_dir: str | Path, *, device: str = "auto", dtype: str = "float32"
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "float32",
+        score_chunk_mb: int = DEFAULT_SCORE_CHUNK_MB,
+        share_prefixes: bool = True,
     ) -> HFBackend:
         path = Path(model_dir)
         if not (path / "config.json").is_file():
@@ -73,41 +103,92 @@ class HFBackend:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype(dtype), local_files_only=True
         ).to(target)
-        return cls(model, tokenizer, model_id=path.resolve().name)
+        return cls(
+            model,
+            tokenizer,
+            model_id=path.resolve().name,
+            score_chunk_mb=score_chunk_mb,
+            share_prefixes=share_prefixes,
+        )
+
+    @torch.inference_mode()
+    def _rows_reproduce_the_logits(self) -> bool:
+        """Whether the body + OutputLayer give model(...).logits on a short sequence."""
+        ids = torch.arange(min(8, self.vocab_size))
+        try:
+            expected = self.model(input_ids=ids.unsqueeze(0).to(self.device)).logits[0]
+            got = self.output_layer(self.body.hidden([ids])[0])
+        except Exception as error:  # an architecture whose body cannot run alone
+            log.warning("%s: scoring every position (%s)", self.model_id, error)
+            return False
+        tolerance = 1e-4 if expected.dtype == torch.float32 else 2e-2
+        scale = max(1.0, float(expected.float().abs().max()))
+        if torch.allclose(got.float(), expected.float(), atol=tolerance * scale, rtol=0):
+            return True
+        log.warning(
+            "%s: its forward changes the logits after the output layer in a way this service "
+            "does not reproduce; scoring from model(...).logits over every position",
+            self.model_id,
+        )
+        return False
 
     @torch.inference_mode()
     def score_batch(self, items: list[ScoreItem]) -> list[SequenceScores]:
-        """One padded forward pass over all items, then each item's rows scored alone."""
-        width = max(item.forward_len for item in items)
-        input_ids = torch.zeros((len(items), width), dtype=torch.long)
-        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, item in enumerate(items):
-            input_ids[row, : item.forward_len] = item.token_ids[: item.forward_len]
-            attention_mask[row, : item.forward_len] = 1
+        """Every item's rows, scored together with the rows of items that ask the same."""
+        if self.rows_only:
+            found, project = self.body.scored_rows(items, self.share_prefixes), self.output_layer
+        else:
+            found, project = self._all_logits(items), None
+        self.fed_tokens += found.fed_tokens
+        results: list[SequenceScores | None] = [None] * len(items)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for n, item in enumerate(items):
+            width = None if item.candidate_ids is None else item.candidate_ids.shape[-1]
+            groups[item.options, width].append(n)
+        for (options, width), members in groups.items():
+            sizes = [found.rows[n].shape[0] for n in members]
+            candidates = None
+            if width is not None:
+                candidates = torch.cat(
+                    [items[n].candidate_ids.expand(size, width) for n, size in zip(members, sizes)]
+                ).to(self.device)
+            scores = score_chunked(
+                torch.cat([found.rows[n] for n in members]),
+                torch.cat([items[n].token_ids[items[n].score_from :] for n in members]).to(
+                    self.device
+                ),
+                self.vocab_size,
+                options,
+                candidates,
+                project=project,
+                chunk_rows=self.chunk_rows,
+            )
+            for n, part in zip(members, split_scores(_to_host(scores), sizes)):
+                results[n] = part
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the non-blocking copies have landed
+        for n, item in enumerate(items):
+            if item.sample_next is not None:
+                options, generator = item.sample_next
+                last = found.next_rows[n] if project is None else project(found.next_rows[n])
+                token = next_token(
+                    last[:, : self.vocab_size], options.temperature, options.top_p, generator
+                )
+                results[n].next_token_id = int(token)
+        return results  # type: ignore[return-value]
+
+    def _all_logits(self, items: list[ScoreItem]) -> ScoredRows:
+        """The items' rows of model(...).logits over every position (rows_only False)."""
+        input_ids, attention_mask = padded([item.token_ids[: item.forward_len] for item in items])
         logits = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             use_cache=False,
         ).logits
-        results = []
-        for row, item in enumerate(items):
-            length = int(item.token_ids.numel())
-            candidates = item.candidate_ids
-            scores = score_rows(
-                logits[row, item.score_from - 1 : length - 1],
-                item.token_ids[item.score_from :].to(self.device),
-                self.vocab_size,
-                item.options,
-                None if candidates is None else candidates.to(self.device),
-            )
-            if item.sample_next is not None:
-                options, generator = item.sample_next
-                last = logits[row, length - 1 : length, : self.vocab_size]
-                scores.next_token_id = int(
-                    next_token(last, options.temperature, options.top_p, generator)
-                )
-            results.append(scores)
-        return results
+        rows = [item_rows(item, logits[row][:0], logits[row]) for row, item in enumerate(items)]
+        return ScoredRows(
+            [scored for scored, _ in rows], [last for _, last in rows], input_ids.numel()
+        )
 
     def generate(
         self,
@@ -153,3 +234,16 @@ def _max_seq_len(config, tokenizer) -> int:
     if isinstance(value, int) and 0 < value < 10**7:
         return value
     return DEFAULT_MAX_SEQ_LEN
+
+
+def _to_host(scores: SequenceScores) -> SequenceScores:
+    """The CPU copy of every tensor: into pinned memory without waiting on CUDA (the caller
+    synchronises once per batch), as is on the CPU."""
+    moved = {}
+    for name in TENSOR_FIELDS:
+        tensor = getattr(scores, name)
+        if tensor is not None and tensor.device.type == "cuda":
+            pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            tensor = pinned.copy_(tensor, non_blocking=True)
+        moved[name] = tensor
+    return SequenceScores(**moved)

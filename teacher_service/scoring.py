@@ -2,11 +2,14 @@
 
 Pure tensor functions, so tests can hold them against the formulas. For a sequence with
 score_from = s, row j is position i = s + j, predicted by the logits at position i - 1.
+Rows are independent, so the rows of many sequences are scored together (`score_chunked`)
+and split per sequence afterwards.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -24,7 +27,8 @@ class ScoreOptions:
 
 @dataclass
 class SequenceScores:
-    """One sequence's result, on the CPU, in the requested dtype (ids in int32)."""
+    """The rows of one sequence (or of several, concatenated), in the requested dtype (ids in
+    int32): on the model's device from score_rows, on the CPU once the backend returns them."""
 
     target_logprobs: torch.Tensor  # [T]
     topk_ids: torch.Tensor | None  # [T, k]
@@ -69,13 +73,69 @@ def score_rows(
         candidate = logits.gather(1, ids).sub_(normalizer)
 
     def out(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(options.dtype).cpu()
+        return None if t is None else t.to(options.dtype)
 
     return SequenceScores(
         target_logprobs=out(target),
-        topk_ids=None if topk_ids is None else topk_ids.cpu(),
+        topk_ids=topk_ids,
         topk_logprobs=out(topk_logprobs),
         candidate_logprobs=out(candidate),
         full_logprobs=out(logits - normalizer) if options.full else None,
-        target_ranks=None if ranks is None else ranks.cpu(),
+        target_ranks=ranks,
     )
+
+
+TENSOR_FIELDS = tuple(f.name for f in fields(SequenceScores) if f.name != "next_token_id")
+
+
+def score_chunked(
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    options: ScoreOptions,
+    candidate_ids: torch.Tensor | None,
+    *,
+    project: Callable[[torch.Tensor], torch.Tensor] | None,
+    chunk_rows: int,
+) -> SequenceScores:
+    """score_rows over N rows, `chunk_rows` at a time, so the float32 [chunk, V] logits
+    (and the few temporaries the math makes of them) bound memory, not [N, V].
+
+    rows: [N, H] hidden states that `project` (the output layer) turns into logits, or
+    [N, V'] logits already (project None); targets: [N]; candidate_ids: [N, m] or None.
+    """
+    parts = [
+        score_rows(
+            rows[start : start + chunk_rows]
+            if project is None
+            else project(rows[start : start + chunk_rows]),
+            targets[start : start + chunk_rows],
+            vocab_size,
+            options,
+            None if candidate_ids is None else candidate_ids[start : start + chunk_rows],
+        )
+        for start in range(0, rows.shape[0], chunk_rows)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    joined = {
+        name: None
+        if getattr(parts[0], name) is None
+        else torch.cat([getattr(part, name) for part in parts])
+        for name in TENSOR_FIELDS
+    }
+    return SequenceScores(**joined)
+
+
+def split_scores(scores: SequenceScores, sizes: list[int]) -> list[SequenceScores]:
+    """Concatenated rows back into one SequenceScores per sequence of `sizes` rows (views)."""
+    pieces = {
+        name: [None] * len(sizes)
+        if getattr(scores, name) is None
+        else getattr(scores, name).split(sizes)
+        for name in TENSOR_FIELDS
+    }
+    return [
+        replace(scores, **{name: pieces[name][n] for name in TENSOR_FIELDS})
+        for n in range(len(sizes))
+    ]

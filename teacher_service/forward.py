@@ -1,0 +1,165 @@
+"""A batch's forward passes, reduced to the hidden states of the rows that are scored.
+
+Trainers score completions: a 384-token prompt with a 128-token completion asks for 128
+rows, but `model(...).logits` applies the output layer (a [H, V] matmul) to all 512
+positions and materialises [B, L, V]. Here the model's body runs over the tokens, and only
+the scored rows' hidden states (positions score_from - 1 .. L - 2, plus L - 1 when the
+next token is sampled) are kept, as one [N, H] matrix; the output layer is applied to
+them later, in chunks (backend.py), so memory never scales with L x V.
+
+Sequences that share a prefix (a trainer's n samples of one prompt) run it once: the
+prefix goes through the body with a KV cache, the cache is repeated for the n
+suffixes, and the suffixes run against it. A right-padded batch under a causal mask, or a
+suffix after a cache, gives every position the same hidden state it would have alone (to
+float rounding), so results do not depend on batching or sharing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from teacher_service.backend_api import ScoreItem
+from teacher_service.sampling import cache_argument
+
+MIN_SHARED_TOKENS = 16  # a shorter common prefix is not worth a forward of its own
+
+
+class OutputLayer:
+    """The model's output layer and what its forward does to the logits after it: Gemma 2's
+    soft-capping, Cohere's `logit_scale`, Granite's `logits_scaling`. backend.py checks
+    the result against `model(...).logits` when it loads a model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.linear = model.get_output_embeddings()
+        config = model.config
+        self.scale = getattr(config, "logit_scale", None)
+        self.divide = getattr(config, "logits_scaling", None)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(hidden)
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divide is not None:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+@dataclass
+class ScoredRows:
+    """The hidden states a batch's scoring needs, item by item in batch order."""
+
+    rows: list[torch.Tensor]  # item i: [T_i, H], T_i = len - score_from
+    next_rows: list[torch.Tensor | None]  # item i: [1, H] when it samples the next token
+    fed_tokens: int  # tokens the forwards computed, padding included
+
+
+def _shared_groups(items: list[ScoreItem]) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """([(prefix length, item indices)], the other indices): items whose fed tokens share a
+    prefix of at least MIN_SHARED_TOKENS, every suffix keeping at least one token."""
+    buckets: dict[tuple[int, ...], list[int]] = {}
+    for n, item in enumerate(items):
+        if item.forward_len > MIN_SHARED_TOKENS:
+            buckets.setdefault(tuple(item.token_ids[:MIN_SHARED_TOKENS].tolist()), []).append(n)
+    groups, grouped = [], set()
+    for members in buckets.values():
+        if len(members) < 2:
+            continue
+        fed = [items[n].token_ids[: items[n].forward_len] for n in members]
+        shortest = min(len(ids) for ids in fed)
+        same = torch.stack([ids[:shortest] for ids in fed]).eq(fed[0][:shortest]).all(dim=0)
+        common = int(same.long().cumprod(0).sum())
+        groups.append((min(common, shortest - 1), members))
+        grouped.update(members)
+    return groups, [n for n in range(len(items)) if n not in grouped]
+
+
+def padded(ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids [B, W] (pad 0, never attended to) and their attention mask."""
+    width = max(len(row) for row in ids)
+    input_ids = torch.zeros((len(ids), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for n, row in enumerate(ids):
+        input_ids[n, : len(row)] = row
+        attention_mask[n, : len(row)] = 1
+    return input_ids, attention_mask
+
+
+class Body:
+    """The model without its output layer, run over batches of ScoreItems."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model.get_decoder()
+        self.device = next(model.parameters()).device
+        self.cache = cache_argument(model)
+
+    def hidden(self, ids: list[torch.Tensor], **extra) -> torch.Tensor:
+        """Final hidden states [B, W, H] of right-padded token rows (after `extra`'s cache)."""
+        input_ids, attention_mask = padded(ids)
+        width = input_ids.shape[1]
+        past = extra.pop("past_length", 0)
+        if past:  # after a shared prefix: it is attended to, and positions continue from it
+            attention_mask = torch.cat(
+                [torch.ones((len(ids), past), dtype=torch.long), attention_mask], dim=1
+            )
+            extra["position_ids"] = (
+                (torch.arange(width) + past).expand(len(ids), -1).to(self.device)
+            )
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            **extra,
+        )
+        return out.last_hidden_state
+
+    def scored_rows(self, items: list[ScoreItem], share_prefixes: bool) -> ScoredRows:
+        rows: list[torch.Tensor | None] = [None] * len(items)
+        next_rows: list[torch.Tensor | None] = [None] * len(items)
+        groups, alone = _shared_groups(items) if share_prefixes else ([], list(range(len(items))))
+        fed = 0
+        if alone:
+            hidden = self.hidden([items[n].token_ids[: items[n].forward_len] for n in alone])
+            fed += hidden.shape[0] * hidden.shape[1]
+            for row, n in enumerate(alone):
+                rows[n], next_rows[n] = item_rows(items[n], hidden[row][:0], hidden[row])
+        for prefix_len, members in groups:
+            prefix_hidden, kv = self._prefix_cache(items[members[0]].token_ids[:prefix_len])
+            kv.batch_repeat_interleave(len(members))
+            suffixes = [items[n].token_ids[prefix_len : items[n].forward_len] for n in members]
+            hidden = self.hidden(
+                suffixes, past_length=prefix_len, use_cache=True, **{self.cache: kv}
+            )
+            fed += prefix_len + hidden.shape[0] * hidden.shape[1]
+            for row, n in enumerate(members):
+                rows[n], next_rows[n] = item_rows(items[n], prefix_hidden, hidden[row])
+        return ScoredRows(rows, next_rows, fed)  # type: ignore[arg-type]
+
+    def _prefix_cache(self, prefix: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """The prefix's hidden states [P, H] and its KV cache (batch of one)."""
+        out = self.model(
+            input_ids=prefix.unsqueeze(0).to(self.device),
+            attention_mask=torch.ones((1, len(prefix)), dtype=torch.long, device=self.device),
+            use_cache=True,
+        )
+        return out.last_hidden_state[0], out[self.cache]
+
+
+def item_rows(
+    item: ScoreItem, prefix: torch.Tensor, rest: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An item's scored rows, and its last row when it samples the next token, from the
+    hidden states of its shared prefix [P, H] (P may be 0) and of what followed [>= 1, H]."""
+    shared, length = prefix.shape[0], int(item.token_ids.numel())
+    first, end = item.score_from - 1, length - 1  # scored rows: positions first .. end - 1
+    pieces = []
+    if first < shared:
+        pieces.append(prefix[first : min(shared, end)])
+    if end > shared:
+        pieces.append(rest[max(first, shared) - shared : end - shared])
+    scored = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    last = rest[end - shared : length - shared] if item.sample_next else None
+    return scored, last
