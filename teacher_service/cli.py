@@ -28,6 +28,9 @@ def _serve(args: argparse.Namespace) -> None:
         port=args.port,
         device=args.device,
         dtype=args.dtype,
+        score_chunk_mb=args.score_chunk_mb,
+        share_prefixes=not args.no_share_prefixes,
+        full_logits=args.full_logits,
         max_wait_ms=args.max_wait_ms,
         limits=limits,
         grace_seconds=args.grace_seconds,
@@ -142,6 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
     serve.add_argument(
         "--dtype", default=defaults.dtype, choices=["float32", "float16", "bfloat16"]
+    )
+    serve.add_argument(
+        "--score-chunk-mb",
+        type=int,
+        default=defaults.score_chunk_mb,
+        help="MiB of float32 logits computed at once: the output layer runs on the scored "
+        "rows only, this many at a time (peak memory is a few times this)",
+    )
+    serve.add_argument(
+        "--no-share-prefixes",
+        action="store_true",
+        help="run every sequence whole, even when several of a batch share a prefix",
+    )
+    serve.add_argument(
+        "--full-logits",
+        action="store_true",
+        help="apply the output layer to every position, model(...).logits (slower; for "
+        "comparison: the default scores only the asked rows)",
     )
     serve.add_argument(
         "--max-batch-tokens",

@@ -35,6 +35,9 @@ class ServerConfig:
     port: int = 50051  # 0 picks a free port
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "float32"  # the model's weights: float32, float16, bfloat16
+    score_chunk_mb: int = 256  # float32 logits computed at once when scoring (memory bound)
+    share_prefixes: bool = True  # a prefix several sequences of a batch share runs once
+    full_logits: bool = False  # score from model(...).logits over every position (the old path)
     max_wait_ms: float = 20.0  # the longest the oldest queued sequence waits for company
     limits: Limits = Limits()
     grace_seconds: float = 5.0  # in-flight requests finish on shutdown for this long
@@ -58,6 +61,8 @@ class ServerConfig:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.score_chunk_mb < 1:
+            raise ValueError(f"score_chunk_mb must be >= 1, got {self.score_chunk_mb}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:

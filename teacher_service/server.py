@@ -98,7 +98,15 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
 def load_backend(config: ServerConfig) -> Backend:
     """The local model, or a client of the upstream server (its tokenizer from --model)."""
     if config.backend == "huggingface":
-        return HFBackend.load(config.model, device=config.device, dtype=config.dtype)
+        backend = HFBackend.load(
+            config.model,
+            device=config.device,
+            dtype=config.dtype,
+            score_chunk_mb=config.score_chunk_mb,
+            share_prefixes=config.share_prefixes,
+        )
+        backend.rows_only = backend.rows_only and not config.full_logits
+        return backend
     from teacher_service.remote import BACKENDS
 
     return BACKENDS[config.backend].connect(config.upstream, config.model)

@@ -1,0 +1,217 @@
+"""Scoring only the asked rows, in chunks, with shared prefixes run once: every path gives
+what one unpadded forward of each sequence alone gives (`model(...).logits`), in float32
+to 1e-5, whatever the options, the chunk size, the batch or the architecture."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
+
+from teacher_service.backend import HFBackend
+from teacher_service.backend_api import ScoreItem
+from teacher_service.sampling import SamplingOptions
+from teacher_service.scoring import ScoreOptions
+from tests.conftest import reference_logprobs
+
+ATOL = 1e-5
+PROMPT_LEN = 40  # longer than forward.MIN_SHARED_TOKENS: its samples share it
+
+
+def variant(backend: HFBackend, **flags) -> HFBackend:
+    """The same model and tokenizer, scored another way."""
+    rows_only, chunk_rows = flags.pop("rows_only", True), flags.pop("chunk_rows", None)
+    other = HFBackend(backend.model, backend.tokenizer, model_id=backend.model_id, **flags)
+    other.rows_only = other.rows_only and rows_only
+    other.chunk_rows = chunk_rows or other.chunk_rows
+    return other
+
+
+def mixed_items(vocab: int, seed: int = 0) -> list[ScoreItem]:
+    """A trainer's batch: 5 samples of one prompt, scored from inside the prompt and from
+    the completion, candidates as [m] and as [T, m]; and two sequences of their own."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (PROMPT_LEN,), generator=g)
+    options = ScoreOptions(top_k=5, full=True, temperature=0.7, ranks=True)
+    items = []
+    for n in range(5):
+        ids = torch.cat([prompt, torch.randint(0, vocab, (6 + 3 * n,), generator=g)])
+        score_from = (PROMPT_LEN - 4, PROMPT_LEN, PROMPT_LEN + 2)[n % 3]
+        rows = len(ids) - score_from
+        candidates = torch.randint(0, vocab, (rows, 4) if n % 2 else (3,), generator=g)
+        items.append(ScoreItem(ids, score_from, options, candidates))
+    for length, score_from in ((25, 1), (33, 7)):
+        ids = torch.randint(0, vocab, (length,), generator=g)
+        items.append(ScoreItem(ids, score_from, options))
+    return items
+
+
+def check_against_whole_forwards(backend: HFBackend, items, results, atol=ATOL) -> None:
+    for item, scores in zip(items, results):
+        ids = item.token_ids.tolist()
+        temperature = item.options.temperature
+        reference = reference_logprobs(backend, ids, temperature)[item.score_from - 1 : -1]
+        targets = item.token_ids[item.score_from :].unsqueeze(1)
+        expected = reference.gather(1, targets).squeeze(1)
+        torch.testing.assert_close(scores.target_logprobs, expected, atol=atol, rtol=0)
+        torch.testing.assert_close(scores.full_logprobs, reference, atol=atol, rtol=0)
+        top, top_ids = reference.topk(item.options.top_k, dim=-1)
+        torch.testing.assert_close(scores.topk_logprobs, top, atol=atol, rtol=0)
+        assert torch.equal(scores.topk_ids.long(), top_ids)
+        assert (
+            scores.target_ranks.tolist()
+            == (reference > expected.unsqueeze(1)).sum(-1).add(1).tolist()
+        )
+        if item.candidate_ids is not None:
+            ids_ = item.candidate_ids.expand(len(targets), -1)
+            torch.testing.assert_close(
+                scores.candidate_logprobs, reference.gather(1, ids_), atol=atol, rtol=0
+            )
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"share_prefixes": True},
+        {"share_prefixes": False},
+        {"chunk_rows": 3, "share_prefixes": True},  # chunks that cut sequences apart
+        {"rows_only": False, "share_prefixes": False},  # today's path: every position's logits
+    ],
+    ids=["rows+shared", "rows", "rows+shared+small-chunks", "all-logits"],
+)
+def test_every_path_scores_what_a_whole_forward_of_each_sequence_gives(backend, flags):
+    scorer = variant(backend, **flags)
+    assert scorer.vocab_size < scorer.model.get_output_embeddings().weight.shape[0]  # padded
+    items = mixed_items(scorer.vocab_size)
+    check_against_whole_forwards(scorer, items, scorer.score_batch(items))
+
+
+def test_a_shared_prefix_runs_once_and_changes_no_result(backend):
+    shared, alone = variant(backend, share_prefixes=True), variant(backend, share_prefixes=False)
+    items = mixed_items(backend.vocab_size, seed=3)
+    # a second request with other options in the same batch shares the prompt too
+    other = ScoreOptions(top_k=2)
+    items += [ScoreItem(item.token_ids, PROMPT_LEN, other) for item in items[:2]]
+    for a, b in zip(shared.score_batch(items), alone.score_batch(items)):
+        torch.testing.assert_close(a.target_logprobs, b.target_logprobs, atol=ATOL, rtol=0)
+        if a.full_logprobs is not None:
+            torch.testing.assert_close(a.full_logprobs, b.full_logprobs, atol=ATOL, rtol=0)
+    # 7 samples of a 40-token prompt: the prompt's tokens are computed once, not 7 times
+    assert shared.fed_tokens <= alone.fed_tokens - 5 * (PROMPT_LEN - 1)
+
+
+def test_the_token_sampled_after_a_shared_prefix_is_the_one_sampled_alone(backend):
+    items = mixed_items(backend.vocab_size, seed=5)[:5]
+    for n, item in enumerate(items):
+        greedy = SamplingOptions(1, temperature=0.0)
+        item.sample_next = (greedy, None)
+        item.options = ScoreOptions(top_k=1)
+        items[n] = item
+    shared = variant(backend, share_prefixes=True).score_batch(items)
+    for item, scores in zip(items, shared):
+        with torch.inference_mode():
+            logits = backend.model(item.token_ids.unsqueeze(0)).logits[0, -1]
+        assert scores.next_token_id == int(logits[: backend.vocab_size].argmax())
+
+
+def test_a_soft_capped_architecture_gemma2_scores_its_own_logits(backend):
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=backend.model.config.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=3.0,  # small: the cap changes every logit
+        pad_token_id=0,
+    )
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # logits far beyond the cap
+    gemma = HFBackend(model, backend.tokenizer, model_id="tiny-gemma2")
+    assert gemma.rows_only  # OutputLayer reproduces its soft-capping
+    items = mixed_items(gemma.vocab_size)
+    check_against_whole_forwards(gemma, items, gemma.score_batch(items))
+
+
+class DoubledLogits(LlamaForCausalLM):
+    """A forward that changes the logits after the output layer in an unknown way."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+
+def test_a_forward_that_rescales_its_logits_unknown_way_is_scored_from_its_logits(backend, caplog):
+    model = DoubledLogits(backend.model.config).eval()
+    model.load_state_dict(backend.model.state_dict())
+    with caplog.at_level(logging.WARNING, logger="teacher_service.backend"):
+        odd = HFBackend(model, backend.tokenizer, model_id="doubled")
+    assert not odd.rows_only
+    assert "scoring from model(...).logits over every position" in caplog.text
+    items = mixed_items(odd.vocab_size)
+    # logits twice as large: float32 rounds them twice as coarsely
+    check_against_whole_forwards(odd, items, odd.score_batch(items), atol=2 * ATOL)
+
+
+MEMORY_SCRIPT = """
+import json, resource, sys
+import torch
+from tokenizers import Tokenizer, models
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from teacher_service.backend import HFBackend
+from teacher_service.backend_api import ScoreItem
+from teacher_service.scoring import ScoreOptions
+
+vocab, length = int(sys.argv[1]), int(sys.argv[2])
+words = {f"t{i}": i for i in range(vocab)}
+tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, "t0")))
+config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                     max_position_embeddings=4096)
+torch.manual_seed(0)
+backend = HFBackend(LlamaForCausalLM(config).eval(), tokenizer, model_id="wide",
+                    score_chunk_mb=32)
+item = ScoreItem(torch.randint(0, vocab, (length,)), 1, ScoreOptions(top_k=8))
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+out = {"rows_only": backend.rows_only}
+before = peak_mb()  # the model loaded: what the scoring adds to the process's peak
+(rows,) = backend.score_batch([item])
+out["rows_mb"] = peak_mb() - before
+backend.rows_only = False
+before = peak_mb()
+(logits,) = backend.score_batch([item])
+out["logits_mb"] = peak_mb() - before
+out["agree"] = float((rows.target_logprobs - logits.target_logprobs).abs().max())
+print(json.dumps(out))
+"""
+
+
+def test_a_100k_vocabulary_batch_is_scored_without_materialising_its_logits():
+    """2,100 rows x 131,072 tokens of float32 logits would be 1.1 GB: the chunked path's
+    peak stays far under it; the every-position path, measured the same way, does not."""
+    vocab, length = 131_072, 2_100
+    full_mb = length * vocab * 4 / 2**20
+    completed = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(vocab), str(length)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert completed.returncode == 0, completed.stderr
+    out = json.loads(completed.stdout)
+    assert out["rows_only"]
+    assert out["rows_mb"] < full_mb / 4, out
+    assert out["logits_mb"] > full_mb, out  # the measurement sees a [L, V] when there is one
+    assert out["agree"] < ATOL
