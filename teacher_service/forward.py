@@ -97,18 +97,26 @@ class Body:
         self.device = next(model.parameters()).device
         self.cache = cache_argument(model)
 
-    def hidden(self, ids: list[torch.Tensor], **extra) -> torch.Tensor:
-        """Final hidden states [B, W, H] of right-padded token rows (after `extra`'s cache)."""
+    def hidden(
+        self, ids: list[torch.Tensor], prefixes: list[int] | None = None, cache: object = None
+    ) -> torch.Tensor:
+        """Final hidden states [B, W, H] of right-padded token rows; with `cache` (rows of
+        prefixes padded to a common width), row n continues its prefix of prefixes[n] tokens:
+        it attends to those, not to the prefix's padding, and its positions follow them."""
         input_ids, attention_mask = padded(ids)
-        width = input_ids.shape[1]
-        past = extra.pop("past_length", 0)
-        if past:  # after a shared prefix: it is attended to, and positions continue from it
-            attention_mask = torch.cat(
-                [torch.ones((len(ids), past), dtype=torch.long), attention_mask], dim=1
-            )
-            extra["position_ids"] = (
-                (torch.arange(width) + past).expand(len(ids), -1).to(self.device)
-            )
+        extra = {}
+        if cache is not None:
+            width = max(prefixes)
+            seen = torch.zeros((len(ids), width), dtype=torch.long)
+            for n, length in enumerate(prefixes):
+                seen[n, :length] = 1
+            attention_mask = torch.cat([seen, attention_mask], dim=1)
+            positions = torch.tensor(prefixes).unsqueeze(1) + torch.arange(input_ids.shape[1])
+            extra = {
+                "position_ids": positions.to(self.device),
+                "use_cache": True,
+                self.cache: cache,
+            }
         out = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
@@ -117,6 +125,8 @@ class Body:
         return out.last_hidden_state
 
     def scored_rows(self, items: list[ScoreItem], share_prefixes: bool) -> ScoredRows:
+        """Two forwards at most besides the unshared one: every group's prefix together, then
+        every group's suffixes together, after their prefix's rows of the KV cache."""
         rows: list[torch.Tensor | None] = [None] * len(items)
         next_rows: list[torch.Tensor | None] = [None] * len(items)
         groups, alone = _shared_groups(items) if share_prefixes else ([], list(range(len(items))))
@@ -126,26 +136,30 @@ class Body:
             fed += hidden.shape[0] * hidden.shape[1]
             for row, n in enumerate(alone):
                 rows[n], next_rows[n] = item_rows(items[n], hidden[row][:0], hidden[row])
-        for prefix_len, members in groups:
-            prefix_hidden, kv = self._prefix_cache(items[members[0]].token_ids[:prefix_len])
-            kv.batch_repeat_interleave(len(members))
-            suffixes = [items[n].token_ids[prefix_len : items[n].forward_len] for n in members]
-            hidden = self.hidden(
-                suffixes, past_length=prefix_len, use_cache=True, **{self.cache: kv}
+        if groups:
+            prefixes = [items[members[0]].token_ids[:length] for length, members in groups]
+            out = self.model(
+                input_ids=padded(prefixes)[0].to(self.device),
+                attention_mask=padded(prefixes)[1].to(self.device),
+                use_cache=True,
             )
-            fed += prefix_len + hidden.shape[0] * hidden.shape[1]
-            for row, n in enumerate(members):
-                rows[n], next_rows[n] = item_rows(items[n], prefix_hidden, hidden[row])
+            prefix_hidden, cache = out.last_hidden_state, out[self.cache]
+            owner = [g for g, (_, members) in enumerate(groups) for _ in members]
+            cache.batch_select_indices(torch.tensor(owner, device=self.device))
+            members = [n for _, group in groups for n in group]
+            lengths = [groups[g][0] for g in owner]
+            suffixes = [
+                items[n].token_ids[length : items[n].forward_len]
+                for n, length in zip(members, lengths)
+            ]
+            hidden = self.hidden(suffixes, lengths, cache)
+            fed += (
+                prefix_hidden.shape[0] * prefix_hidden.shape[1] + hidden.shape[0] * hidden.shape[1]
+            )
+            for row, (n, g) in enumerate(zip(members, owner)):
+                prefix = prefix_hidden[g, : groups[g][0]]
+                rows[n], next_rows[n] = item_rows(items[n], prefix, hidden[row])
         return ScoredRows(rows, next_rows, fed)  # type: ignore[arg-type]
-
-    def _prefix_cache(self, prefix: torch.Tensor) -> tuple[torch.Tensor, object]:
-        """The prefix's hidden states [P, H] and its KV cache (batch of one)."""
-        out = self.model(
-            input_ids=prefix.unsqueeze(0).to(self.device),
-            attention_mask=torch.ones((1, len(prefix)), dtype=torch.long, device=self.device),
-            use_cache=True,
-        )
-        return out.last_hidden_state[0], out[self.cache]
 
 
 def item_rows(

@@ -35,7 +35,8 @@ def variant(backend: HFBackend, **flags) -> HFBackend:
 
 def mixed_items(vocab: int, seed: int = 0) -> list[ScoreItem]:
     """A trainer's batch: 5 samples of one prompt, scored from inside the prompt and from
-    the completion, candidates as [m] and as [T, m]; and two sequences of their own."""
+    the completion, candidates as [m] and as [T, m]; 3 samples of a shorter prompt (the
+    prefixes differ in length); and two sequences of their own."""
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (PROMPT_LEN,), generator=g)
     options = ScoreOptions(top_k=5, full=True, temperature=0.7, ranks=True)
@@ -46,6 +47,10 @@ def mixed_items(vocab: int, seed: int = 0) -> list[ScoreItem]:
         rows = len(ids) - score_from
         candidates = torch.randint(0, vocab, (rows, 4) if n % 2 else (3,), generator=g)
         items.append(ScoreItem(ids, score_from, options, candidates))
+    short = torch.randint(0, vocab, (PROMPT_LEN // 2,), generator=g)
+    for n in range(3):
+        ids = torch.cat([short, torch.randint(0, vocab, (4 + 5 * n,), generator=g)])
+        items.append(ScoreItem(ids, PROMPT_LEN // 2 - n, options))
     for length, score_from in ((25, 1), (33, 7)):
         ids = torch.randint(0, vocab, (length,), generator=g)
         items.append(ScoreItem(ids, score_from, options))
