@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 
 import pytest
 
@@ -180,3 +181,43 @@ def test_concurrent_callers_are_gathered_into_one_batch():
     # and no longer: only callers leaving at the end leave the others waiting the 0.5 s bound
     # out (a round or two); a batcher waiting out the bound every round would take 6 s
     assert elapsed < 4.0
+
+
+def test_the_worker_runs_the_next_batch_while_a_caller_still_encodes_its_results():
+    """Results are handed back on the event loop, and the model thread has already been given
+    the next queued batch: it runs while a caller turns its results into a response (here a
+    blocking 0.3 s 'encoding' on the loop)."""
+    started: dict[int, float] = {}
+    recorded = RecordingModel()
+
+    def model(items: list[int]) -> list[int]:
+        started.setdefault(items[0], time.monotonic())
+        return recorded(items)
+
+    async def main():
+        worker = ModelWorker()
+        batcher = DynamicBatcher(model, worker, length=abs, max_batch_tokens=256, max_wait_ms=0)
+        batcher.start()
+
+        async def first():
+            result = await batcher.submit([SLOW])
+            time.sleep(0.3)  # encoding, on the event loop: nothing else runs on the loop now
+            return result, time.monotonic()
+
+        async def second():
+            while not recorded.batches:  # queued while the first batch holds the worker
+                await asyncio.sleep(0.001)
+            task = asyncio.ensure_future(batcher.submit([3]))
+            await asyncio.sleep(0.05)
+            recorded.gate.set()
+            return await task
+
+        try:
+            return await asyncio.gather(first(), second())
+        finally:
+            await batcher.close()
+            worker.close()
+
+    (first_result, encoded_at), second_result = asyncio.run(main())
+    assert first_result == [2 * SLOW] and second_result == [6]
+    assert started[3] < encoded_at - 0.2  # the second batch ran during the first's encoding
