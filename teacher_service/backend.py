@@ -22,9 +22,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from teacher_client.fingerprint import tokenizer_fingerprint
 from teacher_service.backend_api import Capability, ScoreItem
 from teacher_service.codec import torch_dtype
-from teacher_service.forward import Body, OutputLayer, ScoredRows, item_rows, padded
+from teacher_service.forward import (
+    MIN_SHARED_TOKENS,
+    Body,
+    OutputLayer,
+    ScoredRows,
+    item_rows,
+    padded,
+)
 from teacher_service.sampling import Completion, SamplingOptions, next_token, sample
-from teacher_service.scoring import TENSOR_FIELDS, SequenceScores, score_chunked, split_scores
+from teacher_service.scoring import (
+    TENSOR_FIELDS,
+    ScoreOptions,
+    SequenceScores,
+    score_chunked,
+    split_scores,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -78,11 +91,12 @@ class HFBackend:
         self.body = Body(model)
         self.output_layer = OutputLayer(model)
         self.chunk_rows = max(1, score_chunk_mb * 2**20 // (4 * logits_rows))
-        self.share_prefixes = share_prefixes  # run a prefix shared by several sequences once
+        # run a prefix that several sequences of a batch share once (checked below)
         self.fed_tokens = 0  # tokens the forwards computed (padding included), for benchmarks
         # False: model(...).logits over every position, for models whose forward changes the
         # logits in a way OutputLayer does not know (and to compare against in benchmarks)
         self.rows_only = self._rows_reproduce_the_logits()
+        self.share_prefixes = share_prefixes and self.rows_only and self._sharing_is_exact()
 
     @classmethod
     def load(
@@ -130,6 +144,34 @@ class HFBackend:
             "does not reproduce; scoring from model(...).logits over every position",
             self.model_id,
         )
+        return False
+
+    @torch.inference_mode()
+    def _sharing_is_exact(self) -> bool:
+        """Whether suffixes run after a shared prefix's KV cache get the hidden states they
+        get alone; a model whose cache cannot be shared that way is scored unshared."""
+        length = MIN_SHARED_TOKENS + 4
+        if self.vocab_size < 2 or self.max_seq_len < length:
+            return False
+        prefix = torch.arange(length - 2) % self.vocab_size
+        items = [
+            ScoreItem(torch.cat([prefix, torch.tensor([a, 1 - a])]), length - 3, ScoreOptions())
+            for a in (0, 1)
+        ]
+        try:
+            shared = self.body.scored_rows(items, share_prefixes=True).rows
+            alone = self.body.scored_rows(items, share_prefixes=False).rows
+        except Exception as error:  # a cache that cannot be repeated or selected per row
+            log.warning("%s: prefixes are not shared (%s)", self.model_id, error)
+            return False
+        tolerance = 1e-4 if shared[0].dtype == torch.float32 else 2e-2
+        scale = max(1.0, max(float(rows.float().abs().max()) for rows in alone))
+        if all(
+            torch.allclose(a.float(), b.float(), atol=tolerance * scale, rtol=0)
+            for a, b in zip(shared, alone)
+        ):
+            return True
+        log.warning("%s: its KV cache does not reproduce a prefix; not sharing", self.model_id)
         return False
 
     @torch.inference_mode()

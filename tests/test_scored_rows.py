@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
+from transformers import DynamicCache, Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 
 from teacher_service.backend import HFBackend
 from teacher_service.backend_api import ScoreItem
@@ -220,3 +220,16 @@ def test_a_100k_vocabulary_batch_is_scored_without_materialising_its_logits():
     assert out["rows_mb"] < full_mb / 4, out
     assert out["logits_mb"] > full_mb, out  # the measurement sees a [L, V] when there is one
     assert out["agree"] < ATOL
+
+
+def test_a_model_whose_cache_cannot_be_shared_is_scored_unshared(backend, monkeypatch, caplog):
+    def refuse(self, indices):
+        raise NotImplementedError("this cache cannot select rows")
+
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", refuse)
+    with caplog.at_level(logging.WARNING, logger="teacher_service.backend"):
+        unshareable = variant(backend, share_prefixes=True)
+    assert unshareable.rows_only and not unshareable.share_prefixes
+    assert "prefixes are not shared" in caplog.text
+    items = mixed_items(unshareable.vocab_size)
+    check_against_whole_forwards(unshareable, items, unshareable.score_batch(items))
