@@ -135,9 +135,7 @@ class HFBackend:
         except Exception as error:  # an architecture whose body cannot run alone
             log.warning("%s: scoring every position (%s)", self.model_id, error)
             return False
-        tolerance = 1e-4 if expected.dtype == torch.float32 else 2e-2
-        scale = max(1.0, float(expected.float().abs().max()))
-        if torch.allclose(got.float(), expected.float(), atol=tolerance * scale, rtol=0):
+        if _agree([got], [expected]):
             return True
         log.warning(
             "%s: its forward changes the logits after the output layer in a way this service "
@@ -164,12 +162,7 @@ class HFBackend:
         except Exception as error:  # a cache that cannot be repeated or selected per row
             log.warning("%s: prefixes are not shared (%s)", self.model_id, error)
             return False
-        tolerance = 1e-4 if shared[0].dtype == torch.float32 else 2e-2
-        scale = max(1.0, max(float(rows.float().abs().max()) for rows in alone))
-        if all(
-            torch.allclose(a.float(), b.float(), atol=tolerance * scale, rtol=0)
-            for a, b in zip(shared, alone)
-        ):
+        if _agree(shared, alone):
             return True
         log.warning("%s: its KV cache does not reproduce a prefix; not sharing", self.model_id)
         return False
@@ -276,6 +269,17 @@ def _max_seq_len(config, tokenizer) -> int:
     if isinstance(value, int) and 0 < value < 10**7:
         return value
     return DEFAULT_MAX_SEQ_LEN
+
+
+def _agree(got: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:
+    """The load-time checks' equality: float rounding of the model's dtype, relative to the
+    largest value (a few ulps in half precision; a wrong path is off by far more)."""
+    tolerance = 1e-4 if expected[0].dtype == torch.float32 else 2e-2
+    scale = max(1.0, max(float(t.float().abs().max()) for t in expected))
+    return all(
+        torch.allclose(a.float(), b.float(), atol=tolerance * scale, rtol=0)
+        for a, b in zip(got, expected, strict=True)
+    )
 
 
 def _to_host(scores: SequenceScores) -> SequenceScores:

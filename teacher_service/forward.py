@@ -138,9 +138,10 @@ class Body:
                 rows[n], next_rows[n] = item_rows(items[n], hidden[row][:0], hidden[row])
         if groups:
             prefixes = [items[members[0]].token_ids[:length] for length, members in groups]
+            input_ids, attention_mask = padded(prefixes)
             out = self.model(
-                input_ids=padded(prefixes)[0].to(self.device),
-                attention_mask=padded(prefixes)[1].to(self.device),
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
                 use_cache=True,
             )
             prefix_hidden, cache = out.last_hidden_state, out[self.cache]
