@@ -53,6 +53,13 @@ is bounded by the body's share of the cost, as in real teachers (a 7B model with
 vocabulary spends under a tenth of its FLOPs in the output layer). A hidden-256 model with
 a 32k vocabulary spends most of them there, and no sharing could make it 2.5x faster.
 
+mixed: sequences that share nothing, of mixed lengths (`--mixed-batch` (32) sequences of
+`--mixed-min` (16) to prompt-len + completion-len tokens) in one request, every position
+scored, on the groups' model. The service packing several short sequences into one row
+against `serve --no-packing` (every row padded to the longest), and the same in process,
+with the padding fraction of what each forward computed. No target: the issue asks for
+the padding fraction before and after.
+
 A model argument (`--ph-model`, `--group-model`) is `base` (the base section's model), a
 spec `vVOCAB-hHIDDEN-lLAYERS` (a random-weight Llama built once under .cache/), or a local
 model directory.
@@ -105,7 +112,7 @@ PROMPT_HEAVY_TARGET = 1.7  # new path over today's path (the first-wave service)
 LIMIT_TARGET = 0.85  # new path over the in-process body + scored rows' head + top-k
 GROUPS_TARGET = 2.5  # shared prompts over the same sequences unshared
 NOISY_SPREAD = 0.5  # (max - min) / median over rounds above which the run is flagged
-SHAPES = ("base", "prompt-heavy", "groups")
+SHAPES = ("base", "prompt-heavy", "groups", "mixed")
 MODEL_SPEC = re.compile(r"^v(\d+)-h(\d+)-l(\d+)$")
 
 # --- the benchmark models --------------------------------------------------------------------
@@ -418,24 +425,23 @@ def in_process_batches(
     batch_size: int,
     top_k: int,
     score_from: int = 1,
-    share_prefixes: bool | None = None,
+    switches: dict[str, bool] | None = None,
 ) -> Callable:
     """The backend's score_batch (what the server's model worker runs) over the sequences,
     batch_size at a time: what batching buys inside the model, with no service around it.
-    share_prefixes, when not None, sets the backend's prefix sharing for these calls."""
+    switches: the backend's attributes set for these calls (share_prefixes, pack)."""
     options = ScoreOptions(top_k=top_k, dtype=torch.float16)
     items = [ScoreItem(torch.tensor(s), score_from, options) for s in sequences]
+    switches = switches or {}
 
     def run() -> None:
-        saved = getattr(backend, "share_prefixes", None)
-        if share_prefixes is not None:
-            backend.share_prefixes = share_prefixes
+        saved = {name: getattr(backend, name) for name in switches}
+        vars(backend).update(switches)
         try:
             for start in range(0, len(items), batch_size):
                 backend.score_batch(items[start : start + batch_size])
         finally:
-            if share_prefixes is not None:
-                backend.share_prefixes = saved
+            vars(backend).update(saved)
 
     return run
 
@@ -955,7 +961,6 @@ def run_groups(ctx: Context) -> Section:
             "groups: service, shared prompts (this tree's `serve` has no --no-share-prefixes, "
             "so it does not share prompts)"
         )
-    can_share = hasattr(backend, "share_prefixes")
 
     print(f"\n== groups: {describe_model(model_dir, backend)}")
     requests = f"{args.groups} requests of {n}" if per_request else f"1 request of {len(sequences)}"
@@ -970,8 +975,10 @@ def run_groups(ctx: Context) -> Section:
         print(f"server log:    {server.log_path}")
     sys.stdout.flush()
 
-    def batches(share: bool | None) -> Callable:
-        one = in_process_batches(backend, sequences, len(sequences), args.top_k, score_from, share)
+    def batches(share: bool) -> Callable:
+        one = in_process_batches(
+            backend, sequences, len(sequences), args.top_k, score_from, {"share_prefixes": share}
+        )
         return lambda: [one() for _ in range(args.shape_reps)]
 
     servers = list(variants.values())
@@ -986,28 +993,20 @@ def run_groups(ctx: Context) -> Section:
             )
             timed[name] = (fn, scored)
             through_service(client, sequences, args.top_k, 1, window, score_from, per_request)()
-        timed["in-process unshared"] = (batches(False if can_share else None), scored)
-        if can_share:
-            timed["in-process shared"] = (batches(True), scored)
+        timed["in-process unshared"] = (batches(False), scored)
+        timed["in-process shared"] = (batches(True), scored)
         # what one batch's forwards computed, in process (also the in-process warm-up)
         computed = {
-            "unshared": computed_tokens(
+            name: computed_tokens(
                 backend,
                 in_process_batches(
                     backend, sequences, len(sequences), args.top_k, score_from,
-                    False if can_share else None,
+                    {"share_prefixes": share},
                 ),
                 sequences,
             )
+            for name, share in (("unshared", False), ("shared", True))
         }  # fmt: skip
-        if can_share:
-            computed["shared"] = computed_tokens(
-                backend,
-                in_process_batches(
-                    backend, sequences, len(sequences), args.top_k, score_from, True
-                ),
-                sequences,
-            )
         runs = run_rounds(timed, args.rounds, "groups")
         memory = {name: server_memory(server.process.pid) for name, server in variants.items()}
         metrics = {name: scrape_metrics(server.http_port) for name, server in variants.items()}
@@ -1098,6 +1097,90 @@ def run_groups(ctx: Context) -> Section:
     return section
 
 
+def run_mixed(ctx: Context) -> Section:
+    """Sequences of mixed lengths in one batch: packed rows against rows padded to the longest."""
+    args = ctx.args
+    model_dir = resolve_model(args.group_model, args)
+    backend = ctx.backends.get(model_dir)
+    generator = torch.Generator().manual_seed(4)
+    lengths = torch.randint(args.mixed_min, args.prompt_len + args.completion_len + 1,
+                            (args.mixed_batch,), generator=generator).tolist()  # fmt: skip
+    sequences = [torch.randint(0, backend.vocab_size, (n,), generator=generator).tolist()
+                 for n in lengths]  # fmt: skip
+    scored = args.shape_reps * sum(n - 1 for n in lengths)  # score_from 1: every position
+    budget = len(lengths) * max(lengths)  # the batcher counts rows x longest: one forward
+    variants = {"packed": server_process(args, model_dir, budget)}
+    section = Section()
+    if "--no-packing" in ctx.flags:
+        variants["padded"] = server_process(args, model_dir, budget, ["--no-packing"])
+    else:
+        section.skipped.append("mixed: this tree's `serve` has no --no-packing")
+
+    print(f"\n== mixed: {describe_model(model_dir, backend)}")
+    print(
+        f"shape:         1 request of {len(lengths)} sequences of {min(lengths)}-{max(lengths)} "
+        f"tokens, every position scored, {args.shape_reps} batches per measurement, top_k "
+        f"{args.top_k}, float16"
+    )
+    for name, server in variants.items():
+        print(f"server ({name}): {shlex.join(server.command)}")
+    sys.stdout.flush()
+
+    def batches(pack: bool) -> Callable:
+        return in_process_batches(
+            backend,
+            sequences,
+            len(sequences),
+            args.top_k,
+            1,
+            {"pack": pack, "share_prefixes": False},
+        )
+
+    servers = list(variants.values())
+    try:
+        start_all(servers, [ctx.env] * len(servers))
+        timed: dict[str, tuple[Callable, float]] = {}
+        for name, server in variants.items():
+            client = TeacherClient(server.address, timeout=600)
+            timed[name] = (
+                through_service(client, sequences, args.top_k, args.shape_reps, 1),
+                scored,
+            )
+            through_service(client, sequences, args.top_k, 1, 1)()
+        for pack in (False, True):
+            one = batches(pack)
+            timed[f"in-process {'packed' if pack else 'padded'}"] = (
+                lambda one=one: [one() for _ in range(args.shape_reps)],
+                scored,
+            )
+        computed = {name: computed_tokens(backend, batches(name == "packed"), sequences)
+                    for name in ("padded", "packed")}  # fmt: skip
+        runs = run_rounds(timed, args.rounds, "mixed")
+    finally:
+        stop_all(servers)
+
+    m = section.measurements
+    padded = "mixed: in-process score_batch, padded rows"
+    m.append(Measurement(padded, "tok/s", runs["in-process padded"]))
+    m.append(Measurement("mixed: in-process score_batch, packed rows", "tok/s",
+                         runs["in-process packed"], baseline=padded))  # fmt: skip
+    if "padded" in runs:
+        m.append(Measurement("mixed: service, --no-packing", "tok/s", runs["padded"]))
+        m.append(Measurement("mixed: service, packed", "tok/s", runs["packed"],
+                             baseline="mixed: service, --no-packing"))  # fmt: skip
+    section.notes.append(
+        f"mixed: one batch holds {computed['packed']['real_tokens']:,} tokens fed to the model; "
+        "what its forward computed (in process):"
+    )
+    for name, found in computed.items():
+        fraction = 1 - found["real_tokens"] / found["computed_tokens"]
+        section.notes.append(
+            f"  {name:<7} {found['computed_tokens']:>8,} tokens, padding fraction {fraction:.2f}"
+        )
+    section.report = {"model": str(model_dir), "lengths": lengths, "computed_tokens": computed}
+    return section
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -1159,6 +1242,9 @@ def parse_args() -> argparse.Namespace:
         default="batch",
         help="groups: one request per batch of groups (as a trainer's micro-batch), or per group",
     )
+    arg("--mixed-batch", type=int, default=32, help="mixed: sequences per batch")
+    arg("--mixed-min", type=int, default=16, help="mixed: the shortest sequence (the longest: "
+        "prompt-len + completion-len)")  # fmt: skip
     arg("--shape-reps", type=int, help="prompt-heavy, groups: batches per measurement (3; quick 2)")
     arg("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
@@ -1210,7 +1296,12 @@ def main() -> None:
     print(f"rounds:        {args.rounds}, alternating baselines and services; medians reported")
     print(flush=True)
 
-    runners = {"base": run_base, "prompt-heavy": run_prompt_heavy, "groups": run_groups}
+    runners = {
+        "base": run_base,
+        "prompt-heavy": run_prompt_heavy,
+        "groups": run_groups,
+        "mixed": run_mixed,
+    }
     sections = {shape: runners[shape](ctx) for shape in SHAPES if shape in args.shapes}
     measurements = [m for section in sections.values() for m in section.measurements]
     judge(measurements)
@@ -1254,7 +1345,7 @@ def main() -> None:
             report["gpu"] = torch.cuda.get_device_name(device)
         if "base" in sections:
             report |= sections["base"].report
-        for shape in ("prompt-heavy", "groups"):
+        for shape in ("prompt-heavy", "groups", "mixed"):
             if shape in sections:
                 report[shape.replace("-", "_")] = sections[shape].report
         args.json.parent.mkdir(parents=True, exist_ok=True)

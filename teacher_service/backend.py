@@ -69,6 +69,7 @@ class HFBackend:
         model_id: str,
         score_chunk_mb: int = DEFAULT_SCORE_CHUNK_MB,
         share_prefixes: bool = True,
+        pack: bool = True,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -97,6 +98,8 @@ class HFBackend:
         # logits in a way OutputLayer does not know (and to compare against in benchmarks)
         self.rows_only = self._rows_reproduce_the_logits()
         self.share_prefixes = share_prefixes and self.rows_only and self._sharing_is_exact()
+        # several short unshared sequences in one row instead of padding (checked below)
+        self.pack = pack and self.rows_only and self._packing_is_exact()
 
     @classmethod
     def load(
@@ -107,6 +110,7 @@ class HFBackend:
         dtype: str = "float32",
         score_chunk_mb: int = DEFAULT_SCORE_CHUNK_MB,
         share_prefixes: bool = True,
+        pack: bool = True,
     ) -> HFBackend:
         path = Path(model_dir)
         if not (path / "config.json").is_file():
@@ -123,6 +127,7 @@ class HFBackend:
             model_id=path.resolve().name,
             score_chunk_mb=score_chunk_mb,
             share_prefixes=share_prefixes,
+            pack=pack,
         )
 
     @torch.inference_mode()
@@ -168,10 +173,29 @@ class HFBackend:
         return False
 
     @torch.inference_mode()
+    def _packing_is_exact(self) -> bool:
+        """Whether sequences packed into one row (position ids restarting, no mask) get the
+        hidden states they get padded; an attention that lets them see each other is not."""
+        if self.max_seq_len < 6:
+            return False
+        ids = [torch.arange(length) % self.vocab_size for length in (6, 2, 3)]
+        try:
+            packed, fed = self.body.each(ids, pack=True)
+        except Exception as error:  # an architecture that takes no position ids
+            log.warning("%s: sequences are not packed (%s)", self.model_id, error)
+            return False
+        padded, _ = self.body.each(ids, pack=False)
+        if fed < 3 * 6 and _agree(packed, padded):
+            return True
+        log.warning("%s: packed sequences attend to each other; padding instead", self.model_id)
+        return False
+
+    @torch.inference_mode()
     def score_batch(self, items: list[ScoreItem]) -> list[SequenceScores]:
         """Every item's rows, scored together with the rows of items that ask the same."""
         if self.rows_only:
-            found, project = self.body.scored_rows(items, self.share_prefixes), self.output_layer
+            found = self.body.scored_rows(items, self.share_prefixes, self.pack)
+            project = self.output_layer
         else:
             found, project = self._all_logits(items), None
         self.fed_tokens += found.fed_tokens

@@ -30,6 +30,7 @@ def _serve(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         score_chunk_mb=args.score_chunk_mb,
         share_prefixes=not args.no_share_prefixes,
+        pack=not args.no_packing,
         full_logits=args.full_logits,
         max_wait_ms=args.max_wait_ms,
         limits=limits,
@@ -157,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-share-prefixes",
         action="store_true",
         help="run every sequence whole, even when several of a batch share a prefix",
+    )
+    serve.add_argument(
+        "--no-packing",
+        action="store_true",
+        help="pad every unshared sequence to the batch's longest instead of packing several "
+        "short ones into one row",
     )
     serve.add_argument(
         "--full-logits",

@@ -37,6 +37,7 @@ class ServerConfig:
     dtype: str = "float32"  # the model's weights: float32, float16, bfloat16
     score_chunk_mb: int = 256  # float32 logits computed at once when scoring (memory bound)
     share_prefixes: bool = True  # a prefix several sequences of a batch share runs once
+    pack: bool = True  # short unshared sequences share a row instead of padding
     full_logits: bool = False  # score from model(...).logits over every position (the old path)
     max_wait_ms: float = 20.0  # the longest the oldest queued sequence waits for company
     limits: Limits = Limits()

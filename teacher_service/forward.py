@@ -12,6 +12,12 @@ prefix goes through the body with a KV cache, the cache is repeated for the n
 suffixes, and the suffixes run against it. A right-padded batch under a causal mask, or a
 suffix after a cache, gives every position the same hidden state it would have alone (to
 float rounding), so results do not depend on batching or sharing.
+
+Sequences that share nothing are packed: several short ones fill a row as wide as the
+longest, their position ids restarting at 0. Given position ids and neither an attention
+mask nor a cache, transformers' mask keeps each sequence to itself (sdpa and eager through
+a block-diagonal mask, flash-attention through its variable-length kernel), so the padding
+that length grouping leaves is not computed. backend.py checks this at load as well.
 """
 
 from __future__ import annotations
@@ -78,6 +84,23 @@ def _shared_groups(items: list[ScoreItem]) -> tuple[list[tuple[int, list[int]]],
     return groups, [n for n in range(len(items)) if n not in grouped]
 
 
+def packed_rows(lengths: list[int]) -> list[list[int]]:
+    """Indices of the sequences each packed row holds: first fit, longest first, into rows as
+    wide as the longest sequence (so no row's attention is wider than padding would make it)."""
+    width = max(lengths)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for n in sorted(range(len(lengths)), key=lambda n: -lengths[n]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[n]), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(n)
+        room[row] -= lengths[n]
+    return rows
+
+
 def padded(ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input ids [B, W] (pad 0, never attended to) and their attention mask."""
     width = max(len(row) for row in ids)
@@ -124,7 +147,38 @@ class Body:
         )
         return out.last_hidden_state
 
-    def scored_rows(self, items: list[ScoreItem], share_prefixes: bool) -> ScoredRows:
+    def each(self, ids: list[torch.Tensor], pack: bool) -> tuple[list[torch.Tensor], int]:
+        """Each sequence's final hidden states [len_i, H] and the tokens the forward computed:
+        packed (when `pack`) if that saves a row, else right-padded."""
+        rows = packed_rows([len(row) for row in ids]) if pack else []
+        if not rows or len(rows) == len(ids):
+            hidden = self.hidden(ids)
+            return [hidden[n, : len(row)] for n, row in enumerate(ids)], hidden.shape[:2].numel()
+        width = max(len(row) for row in ids)
+        input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        where: dict[int, tuple[int, int]] = {}
+        for r, members in enumerate(rows):
+            start = 0
+            for n in members:
+                input_ids[r, start : start + len(ids[n])] = ids[n]
+                positions[r, start : start + len(ids[n])] = torch.arange(len(ids[n]))
+                where[n] = (r, start)
+                start += len(ids[n])
+            positions[r, start:] = torch.arange(width - start)  # the padding: a sequence of its own
+        hidden = self.model(
+            input_ids=input_ids.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=False,
+        ).last_hidden_state
+        each = [
+            hidden[where[n][0], where[n][1] : where[n][1] + len(row)] for n, row in enumerate(ids)
+        ]
+        return each, input_ids.numel()
+
+    def scored_rows(
+        self, items: list[ScoreItem], share_prefixes: bool, pack: bool = False
+    ) -> ScoredRows:
         """Two forwards at most besides the unshared one: every group's prefix together, then
         every group's suffixes together, after their prefix's rows of the KV cache."""
         rows: list[torch.Tensor | None] = [None] * len(items)
@@ -132,10 +186,9 @@ class Body:
         groups, alone = _shared_groups(items) if share_prefixes else ([], list(range(len(items))))
         fed = 0
         if alone:
-            hidden = self.hidden([items[n].token_ids[: items[n].forward_len] for n in alone])
-            fed += hidden.shape[0] * hidden.shape[1]
-            for row, n in enumerate(alone):
-                rows[n], next_rows[n] = item_rows(items[n], hidden[row][:0], hidden[row])
+            each, fed = self.each([items[n].token_ids[: items[n].forward_len] for n in alone], pack)
+            for hidden, n in zip(each, alone):
+                rows[n], next_rows[n] = item_rows(items[n], hidden[:0], hidden)
         if groups:
             prefixes = [items[members[0]].token_ids[:length] for length, members in groups]
             input_ids, attention_mask = padded(prefixes)

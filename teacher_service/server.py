@@ -104,6 +104,7 @@ def load_backend(config: ServerConfig) -> Backend:
             dtype=config.dtype,
             score_chunk_mb=config.score_chunk_mb,
             share_prefixes=config.share_prefixes,
+            pack=config.pack,
         )
         backend.rows_only = backend.rows_only and not config.full_logits
         return backend

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import DynamicCache, Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
+from transformers import (
+    DynamicCache,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaForCausalLM,
+    masking_utils,
+)
 
 from teacher_service.backend import HFBackend
 from teacher_service.backend_api import ScoreItem
@@ -84,11 +90,12 @@ def check_against_whole_forwards(backend: HFBackend, items, results, atol=ATOL) 
     "flags",
     [
         {"share_prefixes": True},
-        {"share_prefixes": False},
+        {"share_prefixes": False},  # packed: short sequences share a row
+        {"share_prefixes": False, "pack": False},  # padded to the longest
         {"chunk_rows": 3, "share_prefixes": True},  # chunks that cut sequences apart
         {"rows_only": False, "share_prefixes": False},  # today's path: every position's logits
     ],
-    ids=["rows+shared", "rows", "rows+shared+small-chunks", "all-logits"],
+    ids=["rows+shared", "rows+packed", "rows+padded", "rows+shared+small-chunks", "all-logits"],
 )
 def test_every_path_scores_what_a_whole_forward_of_each_sequence_gives(backend, flags):
     scorer = variant(backend, **flags)
@@ -111,15 +118,40 @@ def test_a_shared_prefix_runs_once_and_changes_no_result(backend):
     assert shared.fed_tokens <= alone.fed_tokens - 5 * (PROMPT_LEN - 1)
 
 
-def test_the_token_sampled_after_a_shared_prefix_is_the_one_sampled_alone(backend):
-    items = mixed_items(backend.vocab_size, seed=5)[:5]
-    for n, item in enumerate(items):
-        greedy = SamplingOptions(1, temperature=0.0)
-        item.sample_next = (greedy, None)
+def test_packing_short_sequences_into_shared_rows_computes_less_and_changes_no_result(backend):
+    packed, padded = (variant(backend, share_prefixes=False, pack=p) for p in (True, False))
+    assert packed.pack and not padded.pack  # the load-time check passed
+    items = mixed_items(backend.vocab_size, seed=4)
+    for a, b in zip(packed.score_batch(items), padded.score_batch(items)):
+        torch.testing.assert_close(a.full_logprobs, b.full_logprobs, atol=ATOL, rtol=0)
+    real = sum(item.forward_len for item in items)
+    assert real <= packed.fed_tokens < padded.fed_tokens
+
+
+def test_an_attention_that_lets_packed_sequences_meet_is_padded_instead(
+    backend, monkeypatch, caplog
+):
+    # what an attention without position-id packing does: one causal mask over the row
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda positions: None)
+    with caplog.at_level(logging.WARNING):
+        scorer = variant(backend, share_prefixes=False)
+    assert not scorer.pack
+    assert "packed sequences attend to each other" in caplog.text
+    items = mixed_items(backend.vocab_size, seed=6)
+    check_against_whole_forwards(scorer, items, scorer.score_batch(items))
+
+
+@pytest.mark.parametrize("share_prefixes", [True, False], ids=["shared", "packed"])
+def test_the_token_sampled_after_a_shared_prefix_or_in_a_packed_row_is_the_one_sampled_alone(
+    backend, share_prefixes
+):
+    items = mixed_items(backend.vocab_size, seed=5)
+    items = items[:5] + items[-2:]  # 5 samples of one prompt, two short ones that share a row
+    for item in items:
+        item.sample_next = (SamplingOptions(1, temperature=0.0), None)
         item.options = ScoreOptions(top_k=1)
-        items[n] = item
-    shared = variant(backend, share_prefixes=True).score_batch(items)
-    for item, scores in zip(items, shared):
+    scored = variant(backend, share_prefixes=share_prefixes).score_batch(items)
+    for item, scores in zip(items, scored):
         with torch.inference_mode():
             logits = backend.model(item.token_ids.unsqueeze(0)).logits[0, -1]
         assert scores.next_token_id == int(logits[: backend.vocab_size].argmax())
