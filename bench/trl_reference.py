@@ -1,8 +1,10 @@
 """Reference step time: TRL's in-process-teacher on-policy distillation, same models and shapes.
 
-TRL (>= 1.x) ships on-policy GKD as `trl.DistillationTrainer` (stable API); the older
-`trl.experimental.gkd.GKDTrainer` itself warns that lmbda=1, temperature=1 "is fully covered
-by DistillationTrainer". One optimizer step of it is: the student samples a completion of
+TRL (>= 1.x) ships on-policy GKD as `trl.DistillationTrainer` (stable API) and, older,
+`trl.experimental.gkd.GKDTrainer`, which itself warns that lmbda=1, temperature=1 "is fully
+covered by DistillationTrainer"; `trainer=` picks either. GKDTrainer computes the JSD from
+both models' full logits (`[B, L, V]`) instead of in chunks. One optimizer step of
+DistillationTrainer is: the student samples a completion of
 each prompt (transformers `generate`, KV cache, no grad), the student backbone runs with
 grad and the teacher backbone without on prompt + completion, the generalized JSD(beta) is
 computed over the full vocabulary in chunks from the two hidden states and lm_heads,
@@ -40,8 +42,10 @@ def trl_step_seconds(
     temperature: float = 1.0,
     lr: float = 1e-3,
     seed: int = 0,
+    trainer: str = "distillation",
 ) -> float | None:
-    """Median seconds per optimizer step of TRL's on-policy GKD (lmbda = 1), or None.
+    """Median seconds per optimizer step of TRL's on-policy GKD (lmbda = 1), or None;
+    `trainer` is "distillation" (DistillationTrainer) or "gkd" (GKDTrainer).
 
     `prompts` are token ids (used as they are: no re-tokenization), taken `batch_size` per
     step (cycled as needed); completions are sampled from the student with `temperature`,
@@ -56,6 +60,7 @@ def trl_step_seconds(
         from transformers.trainer_callback import PrinterCallback
         from transformers.utils import logging as hf_logging
         from trl import DistillationConfig, DistillationTrainer
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
     except ImportError as exc:
         print(f"TRL not installed ({exc}): skipped", file=sys.stderr)
         return None
@@ -64,6 +69,9 @@ def trl_step_seconds(
         raise ValueError(f"steps must be > {WARMUP_STEPS} (the untimed warmup), got {steps}")
     if batch_size < 1 or not prompts or any(not p for p in prompts):
         raise ValueError("need batch_size >= 1 and at least one non-empty prompt")
+
+    if trainer not in ("distillation", "gkd"):
+        raise ValueError(f"trainer must be 'distillation' or 'gkd', got {trainer!r}")
 
     class _TokenIdPrompts(DistillationTrainer):
         """Takes the dataset's "prompt" column as token ids instead of text.
@@ -74,6 +82,38 @@ def trl_step_seconds(
 
         def _tokenize_prompts(self, prompts):
             return [list(p) for p in prompts], None, {}
+
+    class _OwnSamplesGKD(GKDTrainer):
+        """GKDTrainer normalises its loss by the labels of the batch it was given, but at
+        lmbda = 1 it trains on its own samples (the given labels are all -100 here: the
+        count would be 0, the loss inf): without that count it takes the token mean over
+        the samples' labels, as DistillationTrainer and ours do."""
+
+        def _get_num_items_in_batch(self, batch_samples, device):
+            return None
+
+    def token_id_collator(pad_id: int):
+        """GKDTrainer's batch from token-id prompts: left-padded prompts (what it samples
+        from at lmbda = 1, replacing input_ids and labels with prompt + completion)."""
+
+        def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+            width = max(len(f["prompt"]) for f in features)
+            ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(features), width), dtype=torch.long)
+            for row, feature in enumerate(features):
+                prompt = list(feature["prompt"])
+                ids[row, width - len(prompt) :] = torch.tensor(prompt)
+                mask[row, width - len(prompt) :] = 1
+            labels = torch.full_like(ids, -100)
+            return {
+                "prompts": ids,
+                "prompt_attention_mask": mask,
+                "input_ids": ids,
+                "attention_mask": mask,
+                "labels": labels,
+            }
+
+        return collate
 
     class _StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -114,7 +154,7 @@ def trl_step_seconds(
         ):
             # transformers 5.x deprecation notes about the name `gradient_checkpointing`
             warnings.simplefilter("ignore", FutureWarning)
-            config = DistillationConfig(
+            common = dict(
                 output_dir=out_dir,
                 # the step
                 per_device_train_batch_size=batch_size,
@@ -129,12 +169,6 @@ def trl_step_seconds(
                 # the loss
                 beta=beta,
                 temperature=temperature,  # TRL uses one temperature for sampling and loss
-                # generation: stop at eos, plain temperature sampling
-                max_completion_length=max_new_tokens,
-                top_p=1.0,
-                top_k=0,
-                min_p=None,
-                repetition_penalty=1.0,
                 # CPU, float32, no checkpointing (TRL defaults to bf16 and checkpointing)
                 use_cpu=True,
                 bf16=False,
@@ -147,18 +181,34 @@ def trl_step_seconds(
                 eval_strategy="no",
                 disable_tqdm=True,
                 dataloader_num_workers=0,
-                log_completions=False,
             )
-            trainer = _TokenIdPrompts(
+            if trainer == "gkd":  # samples with top_k 0, top_p 1 and stops at eos itself
+                config = GKDConfig(**common, lmbda=1.0, max_new_tokens=max_new_tokens)
+                kind = _OwnSamplesGKD
+                extra = {"data_collator": token_id_collator(pad_id(tokenizer))}
+            else:
+                config = DistillationConfig(
+                    **common,
+                    # generation: stop at eos, plain temperature sampling
+                    max_completion_length=max_new_tokens,
+                    top_p=1.0,
+                    top_k=0,
+                    min_p=None,
+                    repetition_penalty=1.0,
+                    log_completions=False,
+                )
+                kind, extra = _TokenIdPrompts, {}
+            runner = kind(
                 model=student,
                 teacher_model=teacher,
                 args=config,
                 train_dataset=dataset,
                 processing_class=tokenizer,
                 callbacks=[timer],
+                **extra,
             )
-            trainer.remove_callback(PrinterCallback)  # it prints the end-of-run log dict
-            trainer.train()
+            runner.remove_callback(PrinterCallback)  # it prints the end-of-run log dict
+            runner.train()
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -170,9 +220,14 @@ def trl_step_seconds(
             f" {1 - timer.logs.get('completions/clipped_ratio', 1.0):.0%} of them)",
             file=sys.stderr,
         )
-    if len(timer.seconds) != steps:
+    if len(timer.seconds) != steps:  # GKDTrainer counts its steps the same way
         raise RuntimeError(f"TRL ran {len(timer.seconds)} optimizer steps, expected {steps}")
     return statistics.median(timer.seconds[WARMUP_STEPS:])
+
+
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, or its eos when it has none (as TRL pads then)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 PROMPT_TEXTS = (
@@ -204,17 +259,19 @@ def main() -> int:
         )
         tokenizer = AutoTokenizer.from_pretrained(student_dir, local_files_only=True)
         prompts = [tokenizer(text)["input_ids"] for text in PROMPT_TEXTS]
-        seconds = trl_step_seconds(
-            str(teacher_dir),
-            str(student_dir),
-            prompts,
-            max_new_tokens=16,
-            batch_size=8,
-            steps=10,
-        )
-    if seconds is None:
-        return 0
-    print(f"TRL DistillationTrainer (on-policy GKD, lmbda=1): median step {seconds * 1e3:.1f} ms")
+        for name in ("distillation", "gkd"):
+            seconds = trl_step_seconds(
+                str(teacher_dir),
+                str(student_dir),
+                prompts,
+                max_new_tokens=16,
+                batch_size=8,
+                steps=10,
+                trainer=name,
+            )
+            if seconds is None:
+                return 0
+            print(f"TRL {name} (on-policy GKD, lmbda=1): median step {seconds * 1e3:.1f} ms")
     return 0
 
 
