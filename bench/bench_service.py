@@ -46,7 +46,7 @@ trainer batch; `--group-request group` sends one request per group instead). The
 with prompt sharing (each prompt's forward runs once, the completions against its KV
 cache) against the same sequences with `serve --no-share-prefixes`. Target: >= 2.5x. The
 section also reports the tokens each variant's forwards computed (padding included) over
-the tokens the sequences hold, from the backend's `fed_tokens` in process and from the
+the tokens the sequences hold, from the backend's `forward_tokens` in process and from the
 server's /metrics. The model is the base section's (`--group-model`, default base): sharing
 saves the prompt's body forward, not the output layer over the completions, so the gain
 is bounded by the body's share of the cost, as in real teachers (a 7B model with a 152k
@@ -530,21 +530,19 @@ def run_rounds(
 
 
 def computed_tokens(backend: HFBackend, items_run: Callable, sequences: list[list[int]]) -> dict:
-    """What one score_batch over `sequences` fed the model: the backend's fed_tokens
-    (prefix sharing and padding included) where it counts them, else rows x longest."""
+    """What one score_batch over `sequences` ran, from the backend's counters
+    (backend_api.ForwardTokens: padding included, a shared prefix once)."""
     real = sum(len(s) - 1 for s in sequences)  # forward_len: the last token is only a target
-    padded = len(sequences) * max(len(s) - 1 for s in sequences)
-    before = getattr(backend, "fed_tokens", None)
+    tokens = backend.forward_tokens
+    computed, padding = tokens.computed, tokens.padding
     items_run()
-    after = getattr(backend, "fed_tokens", None)
-    fed = padded if before is None or after is None else after - before
+    computed, padding = tokens.computed - computed, tokens.padding - padding
     return {
         "real_tokens": real,
-        "padded_tokens": padded,
-        "computed_tokens": fed,
-        "computed_fraction": fed / real,
-        "padding_fraction": 1 - real / padded,
-        "source": "rows x longest" if before is None else "backend.fed_tokens",
+        "computed_tokens": computed,
+        "padding_tokens": padding,
+        "computed_fraction": computed / real,
+        "padding_fraction": padding / computed,
     }
 
 
@@ -1052,7 +1050,7 @@ def run_groups(ctx: Context) -> Section:
         section.notes.append(
             f"  {name:<9} {found['computed_tokens']:>8,} tokens = "
             f"{found['computed_fraction']:.2f} of them, padding fraction "
-            f"{found['padding_fraction']:.2f} ({found['source']})"
+            f"{found['padding_fraction']:.2f}"
         )
     if "shared" in computed:
         ideal = computed["unshared"]["computed_tokens"] / computed["shared"]["computed_tokens"]
@@ -1173,9 +1171,9 @@ def run_mixed(ctx: Context) -> Section:
         "what its forward computed (in process):"
     )
     for name, found in computed.items():
-        fraction = 1 - found["real_tokens"] / found["computed_tokens"]
         section.notes.append(
-            f"  {name:<7} {found['computed_tokens']:>8,} tokens, padding fraction {fraction:.2f}"
+            f"  {name:<7} {found['computed_tokens']:>8,} tokens, padding fraction "
+            f"{found['padding_fraction']:.2f}"
         )
     section.report = {"model": str(model_dir), "lengths": lengths, "computed_tokens": computed}
     return section

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from teacher_client.fingerprint import tokenizer_fingerprint
-from teacher_service.backend_api import Capability, ScoreItem
+from teacher_service.backend_api import Capability, ForwardTokens, ScoreItem
 from teacher_service.codec import torch_dtype
 from teacher_service.forward import (
     MIN_SHARED_TOKENS,
@@ -93,7 +93,7 @@ class HFBackend:
         self.output_layer = OutputLayer(model)
         self.chunk_rows = max(1, score_chunk_mb * 2**20 // (4 * logits_rows))
         # run a prefix that several sequences of a batch share once (checked below)
-        self.fed_tokens = 0  # tokens the forwards computed (padding included), for benchmarks
+        self.forward_tokens = ForwardTokens()
         # False: model(...).logits over every position, for models whose forward changes the
         # logits in a way OutputLayer does not know (and to compare against in benchmarks)
         self.rows_only = self._rows_reproduce_the_logits()
@@ -198,7 +198,8 @@ class HFBackend:
             project = self.output_layer
         else:
             found, project = self._all_logits(items), None
-        self.fed_tokens += found.fed_tokens
+        self.forward_tokens.computed += found.computed_tokens
+        self.forward_tokens.padding += found.padding_tokens
         results: list[SequenceScores | None] = [None] * len(items)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for n, item in enumerate(items):
@@ -245,8 +246,10 @@ class HFBackend:
             use_cache=False,
         ).logits
         rows = [item_rows(item, logits[row][:0], logits[row]) for row, item in enumerate(items)]
+        computed = input_ids.numel()
+        padding = computed - int(attention_mask.sum())
         return ScoredRows(
-            [scored for scored, _ in rows], [last for _, last in rows], input_ids.numel()
+            [scored for scored, _ in rows], [last for _, last in rows], computed, padding
         )
 
     def generate(

@@ -52,6 +52,14 @@ class ScoreItem:
         return int(self.token_ids.numel()) - (0 if self.sample_next else 1)
 
 
+@dataclass
+class ForwardTokens:
+    """Counters of the tokens a backend's forwards ran, for /metrics and benchmarks."""
+
+    computed: int = 0  # every position the body ran: padding included, a shared prefix once
+    padding: int = 0  # of those, positions that were only padding
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A model the service can serve: its description, scoring and generation (isinstance
@@ -74,6 +82,7 @@ class Backend(Protocol):
     # draws from the torch generators the engine makes on `device`; False: an upstream
     # samples, seeded by SamplingOptions.seed
     samples_while_scoring: bool
+    forward_tokens: ForwardTokens | None  # None: an upstream runs the forwards, unseen
 
     def score_batch(self, items: list[ScoreItem]) -> list[SequenceScores]:
         """One result per item, in order; runs on the model worker thread."""

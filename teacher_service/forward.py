@@ -61,7 +61,8 @@ class ScoredRows:
 
     rows: list[torch.Tensor]  # item i: [T_i, H], T_i = len - score_from
     next_rows: list[torch.Tensor | None]  # item i: [1, H] when it samples the next token
-    fed_tokens: int  # tokens the forwards computed, padding included
+    computed_tokens: int  # positions the forwards ran, padding included
+    padding_tokens: int  # of those, padding
 
 
 def _shared_groups(items: list[ScoreItem]) -> tuple[list[tuple[int, list[int]]], list[int]]:
@@ -148,8 +149,8 @@ class Body:
         return out.last_hidden_state
 
     def each(self, ids: list[torch.Tensor], pack: bool) -> tuple[list[torch.Tensor], int]:
-        """Each sequence's final hidden states [len_i, H] and the tokens the forward computed:
-        packed (when `pack`) if that saves a row, else right-padded."""
+        """Each sequence's final hidden states [len_i, H] and the positions the forward ran
+        (padding included): packed (when `pack`) if that saves a row, else right-padded."""
         rows = packed_rows([len(row) for row in ids]) if pack else []
         if not rows or len(rows) == len(ids):
             hidden = self.hidden(ids)
@@ -184,9 +185,11 @@ class Body:
         rows: list[torch.Tensor | None] = [None] * len(items)
         next_rows: list[torch.Tensor | None] = [None] * len(items)
         groups, alone = _shared_groups(items) if share_prefixes else ([], list(range(len(items))))
-        fed = 0
+        fed = real = 0  # positions the forwards ran, and of them the sequences' own
         if alone:
-            each, fed = self.each([items[n].token_ids[: items[n].forward_len] for n in alone], pack)
+            ids = [items[n].token_ids[: items[n].forward_len] for n in alone]
+            each, fed = self.each(ids, pack)
+            real = sum(len(row) for row in ids)
             for hidden, n in zip(each, alone):
                 rows[n], next_rows[n] = item_rows(items[n], hidden[:0], hidden)
         if groups:
@@ -207,13 +210,12 @@ class Body:
                 for n, length in zip(members, lengths)
             ]
             hidden = self.hidden(suffixes, lengths, cache)
-            fed += (
-                prefix_hidden.shape[0] * prefix_hidden.shape[1] + hidden.shape[0] * hidden.shape[1]
-            )
+            fed += prefix_hidden.shape[:2].numel() + hidden.shape[:2].numel()
+            real += sum(len(row) for row in prefixes) + sum(len(row) for row in suffixes)
             for row, (n, g) in enumerate(zip(members, owner)):
                 prefix = prefix_hidden[g, : groups[g][0]]
                 rows[n], next_rows[n] = item_rows(items[n], prefix, hidden[row])
-        return ScoredRows(rows, next_rows, fed)  # type: ignore[arg-type]
+        return ScoredRows(rows, next_rows, fed, fed - real)  # type: ignore[arg-type]
 
 
 def item_rows(

@@ -47,6 +47,7 @@ class RemoteBackend(ABC):
     name = "remote"
     capabilities: tuple[Capability, ...] = ()
     samples_while_scoring = False  # the upstream samples on its own, in its own forward
+    forward_tokens = None  # the upstream's forwards: their padding is not ours to see
     device = "remote"
     model_dtype = "unknown"
 

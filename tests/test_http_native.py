@@ -173,11 +173,16 @@ def test_metrics_move_with_traffic(http_url, client, sequences):
         http_url, "teacher_requests_total", frontend="http", method="POST /v1/score", status="422"
     )
     batches = metric(http_url, "teacher_batch_sequences_count")
+    computed = metric(http_url, "teacher_tokens_computed_total")
+    forwards = metric(http_url, "teacher_batch_padding_fraction_count")
     httpx.post(f"{http_url}/v1/score", json=body(sequences[:2], top_k=3))
     client.score(sequences[2:4], 1, top_k=3)
     httpx.post(f"{http_url}/v1/score", json=body([[1, 2, 900]]))
     positions = sum(len(s) - 1 for s in sequences[:4])
     assert metric(http_url, "teacher_tokens_scored_total") == scored + positions
+    # every position the sequences feed ran (no shared prefixes here), padding on top
+    assert metric(http_url, "teacher_tokens_computed_total") >= computed + positions
+    assert metric(http_url, "teacher_batch_padding_fraction_count") >= forwards + 2
     assert (
         metric(
             http_url,

@@ -115,7 +115,8 @@ def test_a_shared_prefix_runs_once_and_changes_no_result(backend):
         if a.full_logprobs is not None:
             torch.testing.assert_close(a.full_logprobs, b.full_logprobs, atol=ATOL, rtol=0)
     # 7 samples of a 40-token prompt: the prompt's tokens are computed once, not 7 times
-    assert shared.fed_tokens <= alone.fed_tokens - 5 * (PROMPT_LEN - 1)
+    saved = alone.forward_tokens.computed - shared.forward_tokens.computed
+    assert saved >= 5 * (PROMPT_LEN - 1)
 
 
 def test_packing_short_sequences_into_shared_rows_computes_less_and_changes_no_result(backend):
@@ -125,7 +126,10 @@ def test_packing_short_sequences_into_shared_rows_computes_less_and_changes_no_r
     for a, b in zip(packed.score_batch(items), padded.score_batch(items)):
         torch.testing.assert_close(a.full_logprobs, b.full_logprobs, atol=ATOL, rtol=0)
     real = sum(item.forward_len for item in items)
-    assert real <= packed.fed_tokens < padded.fed_tokens
+    assert real <= packed.forward_tokens.computed < padded.forward_tokens.computed
+    for scorer in (packed, padded):  # the counters: what ran = the sequences + padding
+        tokens = scorer.forward_tokens
+        assert tokens.computed - tokens.padding == real
 
 
 def test_an_attention_that_lets_packed_sequences_meet_is_padded_instead(
