@@ -11,6 +11,16 @@ oldest waiting sequence (so nothing starves) from the sequences closest to it in
 (so little padding is computed). The forward runs on the model worker thread, never on
 the event loop. A request whose caller goes away (cancel, deadline) takes its queued
 sequences out of the queue with it, and is skipped if its batch has not started yet.
+
+What to admit: the queue promises a wait, not a number of tokens. Its wait is estimated
+from the throughput of recent forwards (tokens/s); a request arriving when the queue
+already holds more than `max_queue_seconds` of work is refused at once, with a retry hint
+(BatcherOverloaded.retry_after), rather than queued behind minutes of work; callers with
+deadlines learn at once, and the admitted ones keep a bounded latency.
+
+What to drop: a sequence whose deadline passes in the queue, or would pass before its
+forward could end, fails with DeadlineExceeded and never reaches a forward; nobody would
+read its result.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +43,13 @@ log = logging.getLogger(__name__)
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 PEAK_WINDOW_SECONDS = 1.0  # how long a burst of concurrent callers is remembered
+# assumed before any forward has run: slow (a small model on 2 CPU cores), so that a cold
+# server admits too little for one forward rather than minutes of work
+PRIOR_TOKENS_PER_SECOND = 1000.0
+THROUGHPUT_WEIGHT = 0.3  # the newest forward's weight in the throughput estimate
+# a retry hint is the queue's drain time, within these bounds: a refused caller comes back
+# when the queue has room, not in a tight loop of refusals that would eat the cores
+RETRY_AFTER_BOUNDS = (0.1, 30.0)
 
 
 class ModelWorker:
@@ -38,12 +57,73 @@ class ModelWorker:
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-worker")
+        self._waiting: set[asyncio.Future] = set()
+        self._idle = threading.Event()  # set while the thread runs nothing
+        self._idle.set()
+        self._closed = False
+
+    def _timed(self, fn: Callable[..., Result], *args: Any) -> Result:
+        self._idle.clear()
+        try:
+            return fn(*args)
+        finally:
+            self._idle.set()
 
     async def run(self, fn: Callable[..., Result], *args: Any) -> Result:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """fn(*args) on the worker thread. Raises BatcherClosed once the worker is closed,
+        even while fn still runs: a shutdown does not wait for a forward to answer."""
+        if self._closed:
+            raise BatcherClosed("the service is shutting down")
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._timed, fn, *args)
+        self._waiting.add(future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and future.cancelled() and not (task and task.cancelling()):
+                raise BatcherClosed("the service shut down before this finished") from None
+            raise
+        finally:
+            self._waiting.discard(future)
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+    def close(self, *, wait: bool = True) -> None:
+        """Take no more work; those still waiting get BatcherClosed. With `wait`, block
+        until the running call ends (never on the event loop: see `join`)."""
+        self._closed = True
+        for future in list(self._waiting):
+            future.cancel()
+        self._executor.shutdown(wait=wait, cancel_futures=True)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the call the thread runs now, if any; True when it is idle."""
+        return self._idle.wait(timeout)
+
+
+class Throughput:
+    """Tokens per second of recent forwards, from EWMAs of their tokens and their seconds
+    (a ratio of averages: a big forward weighs more than a tiny one, as in a queue)."""
+
+    def __init__(self, prior: float = PRIOR_TOKENS_PER_SECOND) -> None:
+        self._tokens, self._seconds = prior, 1.0
+        self.measured = False  # False while the prior stands
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        if not self.measured:  # the first measurement replaces the prior outright
+            self._tokens, self._seconds, self.measured = float(tokens), seconds, True
+            return
+        self._tokens += THROUGHPUT_WEIGHT * (tokens - self._tokens)
+        self._seconds += THROUGHPUT_WEIGHT * (seconds - self._seconds)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self._tokens / self._seconds
+
+    def seconds(self, tokens: float) -> float:
+        """How long the model takes for `tokens`, at the recent rate."""
+        return tokens / self.tokens_per_second
 
 
 @dataclass
@@ -53,6 +133,9 @@ class BatcherStats:
     real_tokens: int = 0  # tokens the sequences hold
     padded_tokens: int = 0  # rows x longest, summed over batches: what the forwards computed
     cancelled: int = 0  # sequences dropped from the queue because their caller left
+    expired: int = 0  # sequences dropped because their deadline passed, or would in the forward
+    wasted: int = 0  # sequences computed whose caller had left by the time they were done
+    refused: int = 0  # requests refused at the door: the queue's wait was over its budget
 
 
 @dataclass
@@ -61,6 +144,7 @@ class _Pending(Generic[Item]):
     length: int
     enqueued_at: float
     caller: int  # which submit() call it came from
+    deadline: float | None  # loop time after which the caller no longer waits
     future: asyncio.Future = field(repr=False)
 
 
@@ -71,17 +155,30 @@ class BatcherClosed(ServiceError):
 
 
 class BatcherOverloaded(ServiceError):
-    """The queue already holds max_queued_tokens: come back later (HTTP 429)."""
+    """The queue's wait is over max_queue_seconds (or it holds max_queued_tokens): come
+    back after `retry_after` seconds (gRPC RESOURCE_EXHAUSTED / HTTP 429)."""
 
     kind = ErrorKind.OVERLOADED
 
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(ServiceError):
+    """The caller's deadline passed, or would pass before the forward could end."""
+
+    kind = ErrorKind.DEADLINE_EXCEEDED
+
 
 class BatchObserver(Protocol):
-    """Told about every forward pass (metrics.ServiceMetrics implements it)."""
+    """Told about every forward pass and every drop (metrics.ServiceMetrics implements it)."""
 
     def observe_batch(
-        self, sizes: list[int], queue_waits: list[float], forward_seconds: float
+        self, sizes: list[int], queue_waits: list[float], forward_seconds: float, wasted: int
     ) -> None: ...
+
+    def observe_dropped(self, reason: str, count: int) -> None: ...
 
 
 class DynamicBatcher(Generic[Item, Result]):
@@ -94,6 +191,7 @@ class DynamicBatcher(Generic[Item, Result]):
         max_batch_tokens: int,
         max_wait_ms: float,
         max_queued_tokens: int | None = None,
+        max_queue_seconds: float | None = None,
         observer: BatchObserver | None = None,
     ) -> None:
         self._run_batch = run_batch
@@ -102,14 +200,19 @@ class DynamicBatcher(Generic[Item, Result]):
         self._budget = max_batch_tokens
         self._max_wait = max_wait_ms / 1000.0
         self._max_queued = max_queued_tokens
+        self._max_queue_seconds = max_queue_seconds
         self._observer = observer
         self._queue: list[_Pending[Item]] = []
+        self._running: list[_Pending[Item]] = []  # the batch on the worker now
+        self._running_since = 0.0
         self._callers = itertools.count()
         self._in_flight = 0  # submit() calls not yet answered
         self._recent_in_flight: deque[tuple[float, int]] = deque()  # (time, in flight) samples
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._admitting = True  # False once draining: queued work runs, new work is refused
         self._closed = False
+        self.throughput = Throughput()
         self.stats = BatcherStats()
 
     @property
@@ -121,47 +224,98 @@ class DynamicBatcher(Generic[Item, Result]):
     def queued_tokens(self) -> int:
         return sum(p.length for p in self._queue)
 
+    def estimated_wait(self) -> float:
+        """Seconds before a sequence queued now would start its forward: the queue's tokens
+        and what is left of the running forward, at the recent throughput."""
+        left = 0.0
+        if self._running:
+            elapsed = time.monotonic() - self._running_since  # the loop's clock
+            left = max(0.0, self.throughput.seconds(sum(p.length for p in self._running)) - elapsed)
+        return left + self.throughput.seconds(self.queued_tokens)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="dynamic-batcher")
 
+    def stop_admitting(self) -> None:
+        """Drain: what is queued still runs; every submit() from now on gets BatcherClosed."""
+        self._admitting = False
+
     async def close(self) -> None:
-        """Fail what is queued, and from now on every submit(), with BatcherClosed."""
+        """Fail what is queued or running, and from now on every submit(), with BatcherClosed
+        (a forward still on the worker finishes there, for nobody)."""
         self._closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for pending in self._queue:
+        for pending in self._queue + self._running:
             if not pending.future.done():
                 pending.future.set_exception(BatcherClosed("the service is shutting down"))
         self._queue.clear()
+        self._running = []
 
-    async def submit(self, items: Sequence[Item]) -> list[Result]:
-        """Queue items; return their results in order. Raises what running an item raised."""
-        if self._closed:  # nothing would ever run it
+    async def submit(self, items: Sequence[Item], *, deadline: float | None = None) -> list[Result]:
+        """Queue items; return their results in order. Raises what running an item raised,
+        BatcherOverloaded at once when the queue is over its budget, DeadlineExceeded when
+        `deadline` (loop time, i.e. time.monotonic()) passes first."""
+        if self._closed or not self._admitting:  # nothing would ever run it
             raise BatcherClosed("the service is shutting down")
         loop = asyncio.get_running_loop()
         now, caller = loop.time(), next(self._callers)
+        if deadline is not None and deadline <= now:
+            self._dropped("expired", len(items))
+            raise DeadlineExceeded("the caller's deadline passed before the request was queued")
         lengths = [self._length(item) for item in items]
-        if self._max_queued is not None and self.queued_tokens + sum(lengths) > self._max_queued:
-            raise BatcherOverloaded(
-                f"the teacher's queue is full ({self.queued_tokens} tokens waiting, "
-                f"max_queued_tokens = {self._max_queued}): retry later"
-            )
+        self._admit(sum(lengths))
         futures = [loop.create_future() for _ in items]
         for item, length, future in zip(items, lengths, futures):
-            self._queue.append(_Pending(item, length, now, caller, future))
+            self._queue.append(_Pending(item, length, now, caller, deadline, future))
         self._in_flight += 1
         self._recent_in_flight.append((now, self._in_flight))
         self._arrived.set()
+        timeout = None if deadline is None else deadline - now
         try:
-            return list(await asyncio.gather(*futures))
-        except BaseException:
+            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
+        except BaseException as error:
             for future in futures:
                 future.cancel()
-            self._drop_cancelled()
+            # asyncio's own TimeoutError: the builtin one only from Python 3.11
+            expired = isinstance(error, (asyncio.TimeoutError, DeadlineExceeded))
+            self._drop_gone("expired" if expired else "cancelled")
+            if isinstance(error, asyncio.TimeoutError):
+                raise DeadlineExceeded(
+                    "the caller's deadline passed before its sequences were scored"
+                ) from None
             raise
         finally:
             self._in_flight -= 1
+
+    def _admit(self, tokens: int) -> None:
+        """Refuse (BatcherOverloaded) a request the queue cannot serve within its budget."""
+        if self._max_queued is not None and self.queued_tokens + tokens > self._max_queued:
+            self.stats.refused += 1
+            raise BatcherOverloaded(
+                f"the teacher's queue is full ({self.queued_tokens} tokens waiting, "
+                f"max_queued_tokens = {self._max_queued}): retry later",
+                retry_after=self._retry_after(self.estimated_wait()),
+            )
+        if self._max_queue_seconds is None or not self._queue:
+            return  # an empty queue always admits: the request goes into the next forward
+        wait = self.estimated_wait()
+        if wait > self._max_queue_seconds:
+            self.stats.refused += 1
+            hint = self._retry_after(wait)
+            raise BatcherOverloaded(
+                f"the teacher's queue holds {wait:.1f} s of work (at "
+                f"{self.throughput.tokens_per_second:.0f} tokens/s), over max_queue_seconds = "
+                f"{self._max_queue_seconds:g}: retry in {hint:.1f} s",
+                retry_after=hint,
+            )
+
+    @staticmethod
+    def _retry_after(wait: float) -> float:
+        """The queue's drain time, bounded: by then what is queued now has run."""
+        low, high = RETRY_AFTER_BOUNDS
+        return min(high, max(low, wait))
 
     def _expected_callers(self, now: float) -> int:
         """The most requests that were in flight at once during the last PEAK_WINDOW_SECONDS."""
@@ -178,45 +332,77 @@ class DynamicBatcher(Generic[Item, Result]):
             return True
         return len({p.caller for p in self._queue}) >= self._expected_callers(now)
 
-    def _drop_cancelled(self) -> None:
+    def _dropped(self, reason: str, count: int) -> None:
+        if count:
+            setattr(self.stats, reason, getattr(self.stats, reason) + count)
+            if self._observer is not None:
+                self._observer.observe_dropped(reason, count)
+
+    def _drop_gone(self, reason: str = "cancelled") -> None:
+        """Take sequences whose caller left (their future is done) out of the queue."""
         kept = [p for p in self._queue if not p.future.done()]
-        self.stats.cancelled += len(self._queue) - len(kept)
+        self._dropped(reason, len(self._queue) - len(kept))
         self._queue = kept
+
+    def _drop_hopeless(self, batch: list[_Pending[Item]], now: float) -> list[_Pending[Item]]:
+        """Fail, before the forward, sequences whose deadline passes before it would end
+        (once the throughput is measured: the prior only guards admission)."""
+        if not self.throughput.measured or all(p.deadline is None for p in batch):
+            return batch
+        ends = now + self.throughput.seconds(sum(p.length for p in batch))
+        kept = [p for p in batch if p.deadline is None or p.deadline >= ends]
+        for pending in batch:
+            if pending.deadline is not None and pending.deadline < ends:
+                pending.future.set_exception(
+                    DeadlineExceeded("the caller's deadline would pass before its forward ended")
+                )
+        self._dropped("expired", len(batch) - len(kept))
+        return kept
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._arrived.wait()
             self._arrived.clear()
-            self._drop_cancelled()
+            self._drop_gone()
             while self._queue and not self._ready(loop.time()):
                 remaining = self._queue[0].enqueued_at + self._max_wait - loop.time()
                 with contextlib.suppress(TimeoutError):  # then the oldest has waited enough
                     await asyncio.wait_for(self._arrived.wait(), remaining)
                 self._arrived.clear()
-                self._drop_cancelled()
+                self._drop_gone()
             if not self._queue:
                 continue
-            batch = self._take_batch()
-            started = loop.time()
-            outcomes = await self._worker.run(self._run_live, batch)
-            ran = [p for p, outcome in zip(batch, outcomes) if outcome is not None]
-            self._count(ran)
-            if ran and self._observer is not None:
-                self._observer.observe_batch(
-                    [p.length for p in ran],
-                    [started - p.enqueued_at for p in ran],
-                    loop.time() - started,
-                )
-            for pending, outcome in zip(batch, outcomes):
-                if pending.future.done():
-                    continue
-                if isinstance(outcome, BaseException):
-                    pending.future.set_exception(outcome)
-                else:
-                    pending.future.set_result(outcome)
+            batch = self._drop_hopeless(self._take_batch(), loop.time())
+            if batch:
+                await self._run(batch, loop)
             if self._queue:
                 self._arrived.set()
+
+    async def _run(self, batch: list[_Pending[Item]], loop: asyncio.AbstractEventLoop) -> None:
+        """One forward on the worker; results to the callers still waiting."""
+        self._running, started = batch, loop.time()
+        self._running_since = started
+        try:
+            outcomes = await self._worker.run(self._run_live, batch)
+        finally:
+            self._running = []
+        seconds = loop.time() - started
+        ran = [p for p, outcome in zip(batch, outcomes) if outcome is not None]
+        wasted = sum(p.future.done() for p in ran)  # their caller left during the forward
+        self._count(ran, wasted)
+        self.throughput.observe(sum(p.length for p in ran), seconds)
+        if ran and self._observer is not None:
+            self._observer.observe_batch(
+                [p.length for p in ran], [started - p.enqueued_at for p in ran], seconds, wasted
+            )
+        for pending, outcome in zip(batch, outcomes):
+            if pending.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
 
     def _take_batch(self) -> list[_Pending[Item]]:
         """The oldest sequence plus those nearest it in length, within the token budget."""
@@ -234,8 +420,9 @@ class DynamicBatcher(Generic[Item, Result]):
         self._queue = [p for p in self._queue if id(p) not in taken]
         return batch
 
-    def _count(self, ran: list[_Pending[Item]]) -> None:
+    def _count(self, ran: list[_Pending[Item]], wasted: int) -> None:
         if ran:
+            self.stats.wasted += wasted
             self.stats.batches += 1
             self.stats.sequences += len(ran)
             self.stats.real_tokens += sum(p.length for p in ran)

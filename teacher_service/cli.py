@@ -21,6 +21,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_sequences_per_request=args.max_sequences_per_request,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         max_queued_tokens=args.max_queued_tokens,
+        max_queue_seconds=args.max_queue_seconds,
     )
     config = ServerConfig(
         model=args.model,
@@ -40,6 +41,9 @@ def _serve(args: argparse.Namespace) -> None:
         backend=args.backend,
         upstream=args.upstream or "",
         http_port=args.http_port,
+        http_header_timeout_s=args.http_header_timeout_s,
+        http_body_timeout_s=args.http_body_timeout_s,
+        http_max_connections=args.http_max_connections,
         auth_token=read_token(args.auth_token_file),
         tls_cert=args.tls_cert or "",
         tls_key=args.tls_key or "",
@@ -124,6 +128,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also serve HTTP here (native API, vLLM/OpenAI and TGI dialects, /metrics)",
     )
+    serve.add_argument(
+        "--http-header-timeout-s",
+        type=float,
+        default=defaults.http_header_timeout_s,
+        help="HTTP: a request line and headers must arrive within this long of the connection "
+        "opening (or the request's first byte), else 408 and the connection is closed",
+    )
+    serve.add_argument(
+        "--http-body-timeout-s",
+        type=float,
+        default=defaults.http_body_timeout_s,
+        help="HTTP: a request body must arrive within this long of its headers, else 408 and "
+        "the connection is closed",
+    )
+    serve.add_argument(
+        "--http-max-connections",
+        type=int,
+        default=defaults.http_max_connections,
+        help="HTTP: open connections served at once; a request on one past the cap gets 503 "
+        "and its connection is closed",
+    )
     serve.add_argument("--no-grpc", action="store_true", help="serve HTTP only")
     serve.add_argument(
         "--auth-token-file",
@@ -185,10 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-tokens-per-request", type=int, default=limits.max_tokens_per_request)
     serve.add_argument(
+        "--max-queue-seconds",
+        type=float,
+        default=limits.max_queue_seconds,
+        help="admission: a request is refused at once (RESOURCE_EXHAUSTED / HTTP 429, with a "
+        "retry-after hint) while the queue holds more than this many seconds of work, "
+        "estimated from the measured tokens/s of recent forwards",
+    )
+    serve.add_argument(
         "--max-queued-tokens",
         type=int,
         default=limits.max_queued_tokens,
-        help="tokens waiting in the batcher beyond which requests are refused (HTTP 429)",
+        help="a hard cap on the tokens waiting in the batcher, whatever the estimate says "
+        "(beyond it requests are refused like --max-queue-seconds)",
     )
     serve.add_argument(
         "--max-sequences-per-request", type=int, default=limits.max_sequences_per_request
@@ -203,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace-seconds",
         type=float,
         default=defaults.grace_seconds,
-        help="time in-flight requests get to finish on SIGTERM",
+        help="on SIGTERM, time in-flight requests get to finish (new ones are refused at "
+        "once); then what is left is answered UNAVAILABLE / 503 and the process exits within "
+        "about a second",
     )
     serve.add_argument(
         "--max-connection-age-s",

@@ -13,7 +13,10 @@ class Limits:
     max_tokens_per_request: int = 65536
     max_sequences_per_request: int = 1024
     max_message_bytes: int = 256 * 1024 * 1024  # request and response messages
-    max_queued_tokens: int = 4 * 1024 * 1024  # beyond this the service is overloaded (429)
+    max_queued_tokens: int = 4 * 1024 * 1024  # a hard cap on queued tokens (429 beyond it)
+    # the longest wait for a forward the queue may promise (estimated from measured
+    # throughput): beyond it a request is refused at once with a retry hint (429)
+    max_queue_seconds: float = 2.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -24,6 +27,8 @@ class Limits:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_queue_seconds > 0:
+            raise ValueError(f"max_queue_seconds must be > 0, got {self.max_queue_seconds}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
 
@@ -50,6 +55,13 @@ class ServerConfig:
     backend: str = "huggingface"  # or "openai" / "tgi": front an upstream server
     upstream: str = ""  # the upstream's URL for a remote backend
     http_port: int | None = None  # serve the HTTP front end there (None: off; 0: a free port)
+    # HTTP connection hygiene (web/server.py): a request's line and headers must arrive
+    # within this long, its body within the next; past them the client gets 408 and is
+    # closed, so slow clients cannot hold connections. Past the connection cap a request
+    # gets 503 and its connection is closed.
+    http_header_timeout_s: float = 10.0
+    http_body_timeout_s: float = 60.0
+    http_max_connections: int = 1024
     auth_token: str = field(default="", repr=False)  # require it as a bearer token ("" off)
     tls_cert: str = ""  # PEM certificate chain: serve TLS on both front ends ("" off)
     tls_key: str = ""  # its private key
@@ -68,6 +80,11 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
+        for name in ("http_header_timeout_s", "http_body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.http_max_connections < 1:
+            raise ValueError(f"http_max_connections must be >= 1, got {self.http_max_connections}")
         if self.backend not in ("huggingface", "openai", "tgi"):
             raise ValueError(f"backend must be huggingface, openai or tgi, got {self.backend!r}")
         if (self.backend != "huggingface") != bool(self.upstream):

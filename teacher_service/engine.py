@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from teacher_client import TeacherInfo
 from teacher_service.backend_api import Backend, Capability, ScoreItem, describe
-from teacher_service.batcher import DynamicBatcher, ModelWorker
+from teacher_service.batcher import BatcherClosed, DynamicBatcher, ModelWorker
 from teacher_service.config import ServerConfig
+from teacher_service.deadlines import caller_deadline
 from teacher_service.errors import Unsupported
 from teacher_service.metrics import ServiceMetrics
 from teacher_service.requests import GenerateRequest, ScoreRequest
@@ -27,23 +28,43 @@ class Engine:
         self.metrics = ServiceMetrics()
         self.worker = ModelWorker()
         self.batcher: DynamicBatcher[ScoreItem, SequenceScores] = DynamicBatcher(
-            backend.score_batch,
+            self._score_batch,
             self.worker,
             length=lambda item: item.forward_len,
             max_batch_tokens=config.limits.max_batch_tokens,
             max_wait_ms=config.max_wait_ms,
             max_queued_tokens=config.limits.max_queued_tokens,
+            max_queue_seconds=config.limits.max_queue_seconds,
             observer=self.metrics,
         )
-        self.metrics.track_queue(lambda: self.batcher.pending)
+        self.metrics.track_queue(self.batcher)
+        self.draining = False
+
+    def _score_batch(self, items: list[ScoreItem]) -> list[SequenceScores]:
+        """The backend's score_batch (on the model worker), and what its forwards ran."""
+        tokens = self.backend.forward_tokens
+        if tokens is None:
+            return self.backend.score_batch(items)
+        computed, padding = tokens.computed, tokens.padding
+        results = self.backend.score_batch(items)
+        self.metrics.observe_forward_tokens(tokens.computed - computed, tokens.padding - padding)
+        return results
 
     def start(self) -> None:
         """Start the batcher's loop (call from the event loop that will serve requests)."""
         self.batcher.start()
 
+    def drain(self) -> None:
+        """Shutdown begins: new calls are refused (SHUTTING_DOWN), in-flight ones go on."""
+        self.draining = True
+        self.batcher.stop_admitting()
+
     async def close(self) -> None:
+        """Fail whatever is still in flight with SHUTTING_DOWN, without waiting for the
+        forward on the worker (worker.join waits for it, off the event loop)."""
+        self.draining = True
         await self.batcher.close()
-        self.worker.close()
+        self.worker.close(wait=False)
 
     def info(self) -> TeacherInfo:
         return describe(self.backend, self.config.limits)
@@ -51,6 +72,8 @@ class Engine:
     async def score(self, request: ScoreRequest) -> list[SequenceScores]:
         """Validate and score. With `sample_next`, sequence n's next token is drawn from its
         own generator, seeded seed + n, so it does not depend on what it is batched with."""
+        self._refuse_if_draining()
+        deadline = caller_deadline()
         self._require_capabilities(request)
         items = parse_score_request(request, self.limits)
         sample_next = request.sample_next
@@ -62,9 +85,13 @@ class Engine:
                     1, sample_next.temperature, sample_next.top_p, (sample_next.seed + n) % 2**64
                 )
                 item.sample_next = (seeded, new_generator(seeded, self.backend.device))
-        results = await self.batcher.submit(items)
+        results = await self.batcher.submit(items, deadline=deadline)
         self.metrics.tokens_scored.inc(sum(int(r.target_logprobs.numel()) for r in results))
         return results
+
+    def _refuse_if_draining(self) -> None:
+        if self.draining:
+            raise BatcherClosed("the service is shutting down")
 
     def _require_capabilities(self, request: ScoreRequest) -> None:
         """Refuse, naming the capability, what this backend cannot compute (remote ones)."""
@@ -95,6 +122,7 @@ class Engine:
                 )
 
     async def generate(self, request: GenerateRequest) -> list[Completion]:
+        self._refuse_if_draining()
         if Capability.GENERATE not in self.backend.capabilities:
             raise Unsupported(f"Generate: the {self.backend.name} backend cannot generate")
         prompts, options = parse_generate_request(request, self.limits)

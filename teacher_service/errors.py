@@ -10,6 +10,8 @@ has one handler that applies it (grpc_api.py, web/errors.py).
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 
@@ -25,6 +27,7 @@ class ErrorKind(Enum):
     UNSUPPORTED = "unsupported"
     MALFORMED_BODY = "malformed_body"
     OVERLOADED = "overloaded"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
     SHUTTING_DOWN = "shutting_down"
     OUT_OF_MEMORY = "out_of_memory"
     UPSTREAM_FAILED = "upstream_failed"
@@ -49,10 +52,13 @@ STATUS: dict[ErrorKind, Status] = {
         grpc.StatusCode.UNIMPLEMENTED, 422, "the backend lacks the capability asked for"
     ),
     ErrorKind.MALFORMED_BODY: Status(
-        grpc.StatusCode.INVALID_ARGUMENT, 400, "an HTTP body that is not JSON / msgpack"
+        grpc.StatusCode.INVALID_ARGUMENT, 400, "a body / message that does not decode"
     ),
     ErrorKind.OVERLOADED: Status(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "the batcher's queue is full"
+        grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "the queue's wait is over its budget: retry later"
+    ),
+    ErrorKind.DEADLINE_EXCEEDED: Status(
+        grpc.StatusCode.DEADLINE_EXCEEDED, 504, "the caller's deadline passed before its work ran"
     ),
     ErrorKind.SHUTTING_DOWN: Status(
         grpc.StatusCode.UNAVAILABLE, 503, "the service stopped before running it"
@@ -83,6 +89,7 @@ class ServiceError(Exception):
     """A failure the service reports as its kind; `field` is the caller's path to the cause."""
 
     kind = ErrorKind.INTERNAL
+    retry_after: float | None = None  # seconds: back-pressure, the caller may come back then
 
     def __init__(
         self, message: str, *, field: str | None = None, kind: ErrorKind | None = None
@@ -117,6 +124,7 @@ class Failure:
     kind: ErrorKind
     message: str
     field: str | None
+    retry_after: float | None = None  # seconds, sent as the front end's retry hint
 
     @property
     def status(self) -> Status:
@@ -126,7 +134,7 @@ class Failure:
 def classify(error: BaseException) -> Failure:
     """The kind and message of any exception (no side effects: metrics use it too)."""
     if isinstance(error, ServiceError):
-        return Failure(error.kind, str(error), error.field)
+        return Failure(error.kind, str(error), error.field, error.retry_after)
     if isinstance(error, torch.OutOfMemoryError):
         return Failure(ErrorKind.OUT_OF_MEMORY, f"the teacher ran out of memory: {error}", None)
     return Failure(
@@ -142,3 +150,30 @@ def report(error: BaseException) -> Failure:
     if failure.kind in UNEXPECTED_KINDS:
         log.error("request failed", exc_info=error)
     return failure
+
+
+class PeerWarnings:
+    """One WARNING per client host per `every_s` (then with the count since), no traceback:
+    a client that sends garbage in a loop must not be able to flood the log. The port is
+    left out of the key, so reconnecting does not reset it; at most `hosts` are tracked."""
+
+    def __init__(self, every_s: float = 60.0, hosts: int = 4096) -> None:
+        self.every_s, self._hosts = every_s, hosts
+        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()  # host -> (logged, since)
+
+    @staticmethod
+    def host(peer: str) -> str:
+        """ipv4:1.2.3.4:5678 -> ipv4:1.2.3.4 ([::1] likewise); unix: peers have no port."""
+        return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+    def warn(self, peer: str, message: str) -> None:
+        host, now = self.host(peer), time.monotonic()
+        logged, since = self._seen.pop(host, (-float("inf"), 0))
+        if now - logged < self.every_s:
+            self._seen[host] = (logged, since + 1)
+            return
+        more = f" ({since} more since the last warning)" if since else ""
+        log.warning("%s: %s%s", host, message, more)  # a caller's fault: no traceback
+        self._seen[host] = (now, 0)
+        while len(self._seen) > self._hosts:
+            self._seen.popitem(last=False)

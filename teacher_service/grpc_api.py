@@ -3,15 +3,18 @@
 The servicer is thin: it turns each proto request into the engine's plain request
 (requests.py), the engine's results back into protos, and any failure into the gRPC code
 that errors.STATUS gives its kind (one handler, `abort`). `start_grpc` adds the standard
-health service, server reflection, auth and TLS.
+health service, server reflection, auth and TLS, and `UndecodableGuard`: bytes that are
+not the method's message get INVALID_ARGUMENT naming it, on every method.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NamedTuple
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,11 +25,20 @@ from teacher_client.codec import CodecError, dtype_name
 from teacher_client.messages import info_to_proto
 from teacher_client.proto import teacher_pb2 as pb
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
+from teacher_client.retry import RETRY_AFTER_KEY
 from teacher_service.auth import TokenInterceptor, grpc_server_credentials
 from teacher_service.codec import decode_ids, encode_torch
 from teacher_service.config import ServerConfig
+from teacher_service.deadlines import set_timeout
 from teacher_service.engine import Engine
-from teacher_service.errors import RequestError, classify, report
+from teacher_service.errors import (
+    ErrorKind,
+    PeerWarnings,
+    RequestError,
+    ServiceError,
+    classify,
+    report,
+)
 from teacher_service.requests import (
     GenerateRequest,
     Prompt,
@@ -104,6 +116,8 @@ async def abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     """The gRPC front end's one error handler: ends the call with the code that
     errors.STATUS gives the error's kind (context.abort raises)."""
     failure = report(error)
+    if failure.retry_after is not None:  # back-pressure: when to come back, for the client
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, f"{failure.retry_after:.3f}"),))
     await context.abort(failure.status.grpc, failure.message)
 
 
@@ -147,6 +161,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         try:
+            set_timeout(context.time_remaining())
             async with self._observed("Score"):
                 return await self._score(request)
         except Exception as error:
@@ -156,6 +171,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         self, request_iterator: AsyncIterator[pb.ScoreRequest], context
     ) -> AsyncIterator[pb.ScoreStreamResponse]:
         """Work on up to MAX_IN_FLIGHT_PER_STREAM requests at once; answer as each finishes."""
+        set_timeout(context.time_remaining())  # the stream's deadline, for each of its requests
         done: asyncio.Queue[pb.ScoreStreamResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(MAX_IN_FLIGHT_PER_STREAM)
         tasks: set[asyncio.Task] = set()
@@ -206,6 +222,120 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         )
 
 
+# --- messages that do not parse -----------------------------------------------------------
+
+
+class Undecodable(NamedTuple):
+    """What the guard's deserializer returns for bytes that are not the method's message."""
+
+    message_type: str
+    reason: str
+
+
+MALFORMED_BODY = ErrorKind.MALFORMED_BODY
+
+
+class UndecodableGuard(grpc.aio.ServerInterceptor):
+    """Every method's deserializer made tolerant: gRPC parses a request before any servicer
+    runs, and a parse failure there is UNKNOWN with a logged traceback per call. Here it is
+    MALFORMED_BODY (INVALID_ARGUMENT) naming the message type, logged through PeerWarnings.
+    A streaming call ends at its first undecodable message (no request_id to answer it
+    under). Health and reflection are guarded too: it wraps whatever handler is found."""
+
+    def __init__(self, warnings: PeerWarnings | None = None) -> None:
+        self.warnings = warnings or PeerWarnings()
+        self._guarded: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler  # not found, or one that takes raw bytes (auth's refusal)
+        if handler not in self._guarded:  # once per method, not per call
+            self._guarded[handler] = self._guard(handler)
+        return self._guarded[handler]
+
+    def _guard(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        # a streaming behavior either yields its responses (an async generator: the servicer,
+        # reflection) or writes them with context.write and returns (health's Watch)
+        wrap = {
+            (False, False): (grpc.unary_unary_rpc_method_handler, self._unary_unary),
+            (False, True): (grpc.unary_stream_rpc_method_handler, self._unary_stream),
+            (True, False): (grpc.stream_unary_rpc_method_handler, self._stream_unary),
+            (True, True): (grpc.stream_stream_rpc_method_handler, self._stream_stream),
+        }
+        make, wrapper = wrap[handler.request_streaming, handler.response_streaming]
+        behavior = (
+            handler.stream_stream
+            or handler.stream_unary
+            or handler.unary_stream
+            or handler.unary_unary
+        )
+        return make(
+            wrapper(behavior),
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _check(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, Undecodable):
+            message = f"request: not a valid {request.message_type} protobuf ({request.reason})"
+            self.warnings.warn(context.peer(), f"refused: {message}")
+            await abort(context, ServiceError(message, field="request", kind=MALFORMED_BODY))
+
+    async def _checked(self, requests: AsyncIterator, context) -> AsyncIterator:
+        async for request in requests:
+            await self._check(request, context)
+            yield request
+
+    def _unary_unary(self, behavior: Callable) -> Callable:
+        async def call(request, context):
+            await self._check(request, context)
+            return await behavior(request, context)
+
+        return call
+
+    def _unary_stream(self, behavior: Callable) -> Callable:
+        if not inspect.isasyncgenfunction(behavior):  # it writes (context.write): health Watch
+            return self._unary_unary(behavior)
+
+        async def call(request, context):
+            await self._check(request, context)
+            async for response in behavior(request, context):
+                yield response
+
+        return call
+
+    def _stream_unary(self, behavior: Callable) -> Callable:
+        async def call(requests, context):
+            return await behavior(self._checked(requests, context), context)
+
+        return call
+
+    def _stream_stream(self, behavior: Callable) -> Callable:
+        if not inspect.isasyncgenfunction(behavior):  # it writes (context.write)
+            return self._stream_unary(behavior)
+
+        async def call(requests, context):
+            async for response in behavior(self._checked(requests, context), context):
+                yield response
+
+        return call
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    message_type = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(message_type, "full_name", "request message")
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as error:  # protobuf's DecodeError, or whatever a deserializer raises
+            # protobuf words it "Error parsing message with type 'X': <reason>"
+            return Undecodable(name, str(error).rpartition(": ")[2] or type(error).__name__)
+
+    return parse
+
+
 # --- the server --------------------------------------------------------------------------
 
 
@@ -214,6 +344,7 @@ async def start_grpc(
 ) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     """The servicer, health and reflection on config.port; returns the bound port."""
     interceptors = [TokenInterceptor(config.auth_token)] if config.auth_token else []
+    interceptors.append(UndecodableGuard())  # innermost: it wraps the servicers' handlers
     options = [
         ("grpc.max_receive_message_length", config.limits.max_message_bytes),
         ("grpc.max_send_message_length", config.limits.max_message_bytes),

@@ -9,7 +9,9 @@ answers exactly as it handles the service's.
 It also re-exports the KV-cache sampler the service's Generate runs (`sample`,
 `SamplingOptions`, `new_generator`) and the helpers it depends on (`eos_token_ids`,
 `resolve_device`): a student's rollouts are then drawn by the very code that draws the
-teacher's samples, one implementation, not a copy that could drift from it.
+teacher's samples, one implementation, not a copy that could drift from it. So is the
+output layer the scoring applies to a body's hidden states (`OutputLayer`): the student's
+loss applies it to its completion rows the same way.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from teacher_client import GenerateResult, ScoreResult, TeacherInfo, compare_tok
 from teacher_service.backend import HFBackend, eos_token_ids, resolve_device
 from teacher_service.backend_api import ScoreItem, describe
 from teacher_service.codec import torch_dtype
+from teacher_service.forward import OutputLayer
 from teacher_service.sampling import SamplingOptions, new_generator, sample
 from teacher_service.scoring import ScoreOptions
 
 __all__ = [
     "InProcessTeacher",
+    "OutputLayer",
     "SamplingOptions",
     "eos_token_ids",
     "new_generator",

@@ -6,7 +6,7 @@ benchmarks) never share counters.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -14,6 +14,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 FRACTION_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class Queue(Protocol):
+    """What the queue gauges read (batcher.DynamicBatcher)."""
+
+    @property
+    def pending(self) -> int: ...
+
+    def estimated_wait(self) -> float: ...
 
 
 class ServiceMetrics:
@@ -50,9 +59,15 @@ class ServiceMetrics:
             buckets=SIZE_BUCKETS,
             registry=r,
         )
+        self.tokens_computed = Counter(
+            "teacher_tokens_computed",
+            "Positions the model's forwards ran: padding included, a shared prefix once "
+            "(local backends only)",
+            registry=r,
+        )
         self.padding_waste = Histogram(
             "teacher_batch_padding_fraction",
-            "Padded positions / all positions of a forward",
+            "Padding positions / all positions a forward ran (local backends only)",
             buckets=FRACTION_BUCKETS,
             registry=r,
         )
@@ -71,20 +86,51 @@ class ServiceMetrics:
         self.queue_depth = Gauge(
             "teacher_queue_sequences", "Sequences waiting for a forward pass", registry=r
         )
+        self.queue_wait_estimate = Gauge(
+            "teacher_queue_wait_estimate_seconds",
+            "The queue's estimated wait, which admission compares with max_queue_seconds",
+            registry=r,
+        )
+        self.computed = Counter(
+            "teacher_sequences_computed", "Sequences run through a forward pass", registry=r
+        )
+        self.wasted = Counter(
+            "teacher_sequences_wasted",
+            "Sequences computed whose caller had left (cancelled, deadline) before the end",
+            registry=r,
+        )
+        self.dropped = Counter(
+            "teacher_sequences_dropped",
+            "Sequences dropped before a forward: reason=cancelled (the caller left) or "
+            "expired (its deadline passed, or would have before the forward ended)",
+            ["reason"],
+            registry=r,
+        )
 
-    def track_queue(self, depth: Callable[[], int]) -> None:
-        self.queue_depth.set_function(depth)
+    def track_queue(self, queue: Queue) -> None:
+        self.queue_depth.set_function(lambda: queue.pending)
+        self.queue_wait_estimate.set_function(queue.estimated_wait)
+
+    def observe_dropped(self, reason: str, count: int) -> None:
+        self.dropped.labels(reason).inc(count)
 
     def observe_batch(
-        self, sizes: list[int], queue_waits: list[float], forward_seconds: float
+        self, sizes: list[int], queue_waits: list[float], forward_seconds: float, wasted: int
     ) -> None:
         """Called by the batcher after every forward pass (sizes: tokens per sequence)."""
-        padded = max(sizes) * len(sizes)
+        self.computed.inc(len(sizes))
+        self.wasted.inc(wasted)
         self.batch_size.observe(len(sizes))
-        self.padding_waste.observe(1 - sum(sizes) / padded)
         self.forward_seconds.observe(forward_seconds)
         for wait in queue_waits:
             self.queue_wait.observe(wait)
+
+    def observe_forward_tokens(self, computed: int, padding: int) -> None:
+        """Called on the model worker after every local forward pass (backend_api.ForwardTokens:
+        padding included, a shared prefix once), so packing and sharing show here."""
+        self.tokens_computed.inc(computed)
+        if computed:
+            self.padding_waste.observe(padding / computed)
 
     def observe_request(self, frontend: str, method: str, status: str, seconds: float) -> None:
         self.requests.labels(frontend, method, status).inc()

@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1.health import aio as health_aio
@@ -36,6 +39,11 @@ __all__ = [
     "start_server",
 ]
 log = logging.getLogger(__name__)
+# the front ends outlive the engine by this much on shutdown, so that the calls the engine
+# fails at the end of the grace are answered (UNAVAILABLE / 503) before they are cut
+SHUTDOWN_MARGIN = 0.5
+# serve() exits within grace + this: a forward still running then has nobody to answer
+EXIT_MARGIN = 1.0
 
 
 @dataclass
@@ -51,18 +59,25 @@ class RunningServer:
         return None if self.http is None else self.http.port
 
     async def stop(self, grace: float) -> None:
-        """Report NOT_SERVING, let in-flight calls finish for `grace` seconds, then stop."""
+        """At once: NOT_SERVING, /health 503, new calls refused (UNAVAILABLE / 503). In-flight
+        calls get `grace` seconds; what is still running then is answered SHUTTING_DOWN by
+        the engine, and the front ends close SHUTDOWN_MARGIN later: by then every call has
+        its answer, so none ends in a front end's own cancellation (an HTTP 500)."""
+        self.engine.drain()
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         if self.http is not None:
             self.http.mark_shutting_down()
         stops = []
         if self.grpc_server is not None:
-            stops.append(self.grpc_server.stop(grace))
+            stops.append(self.grpc_server.stop(grace + SHUTDOWN_MARGIN))
         if self.http is not None:
-            stops.append(self.http.stop(grace))
-        await asyncio.gather(*stops)
+            stops.append(self.http.stop(grace + SHUTDOWN_MARGIN))
+        front_ends = asyncio.gather(*stops)
+        with contextlib.suppress(TimeoutError):  # else every call ended within the grace
+            await asyncio.wait_for(asyncio.shield(front_ends), grace)
         await self.engine.close()
+        await front_ends
 
 
 async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
@@ -113,12 +128,13 @@ def load_backend(config: ServerConfig) -> Backend:
     return BACKENDS[config.backend].connect(config.upstream, config.model)
 
 
-def serve(config: ServerConfig, backend: Backend | None = None) -> None:
-    """Run the service in the foreground until SIGINT or SIGTERM, then shut down gracefully."""
+def serve(config: ServerConfig, backend: Backend | None = None) -> NoReturn:
+    """Run the service in the foreground until SIGINT or SIGTERM, shut down gracefully and
+    end the process (within grace_seconds + EXIT_MARGIN: see _exit_within)."""
     if backend is None:
         backend = load_backend(config)
 
-    async def main() -> None:
+    async def main() -> tuple[Engine, float]:
         running = await start_server(config, backend)
         if running.port is not None:
             print(
@@ -136,10 +152,27 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        signalled = time.monotonic()
         log.info("shutting down (grace %.1fs)", config.grace_seconds)
         await running.stop(config.grace_seconds)
+        return running.engine, signalled
 
-    asyncio.run(main())
+    engine, signalled = asyncio.run(main())
+    _exit_within(engine, signalled, config.grace_seconds)
+
+
+def _exit_within(engine: Engine, since: float, grace: float) -> NoReturn:
+    """End the process once the model worker is idle, and at the latest grace + EXIT_MARGIN
+    after the signal. Every call has its answer by now; what is left is a forward that
+    nobody waits for and the interpreter's teardown (gRPC's core, torch: seconds under
+    load), neither worth overrunning the grace an orchestrator gave this process."""
+    left = since + grace + EXIT_MARGIN - 0.2 - time.monotonic()
+    if not engine.worker.join(max(0.0, left)):
+        log.warning("exiting while a forward is still running (its callers were answered)")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class BackgroundServer:
@@ -181,6 +214,7 @@ class BackgroundServer:
     def stop(self) -> None:
         if self.running is not None:
             self.call(self.running.stop(self._config.grace_seconds))
+            self.running.engine.worker.join()  # the model is free for whoever uses it next
             self.running = None
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)

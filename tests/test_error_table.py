@@ -63,6 +63,8 @@ class Case:
     request: Any  # a ScoreRequest (gRPC), a JSON body, raw bytes, or tokenizer -> body
     says: str  # in the message: shows that it is this kind, not another with the same code
     failure: Callable[[], BaseException] | None = None  # what the faulty backend raises
+    headers: dict[str, str] | None = None  # HTTP headers; over gRPC, X-Request-Timeout is
+    # the call's own timeout
 
     @property
     def id(self) -> str:
@@ -108,6 +110,7 @@ def bug() -> BaseException:
     return RuntimeError("an unexpected bug")
 
 
+EXPIRED = {"X-Request-Timeout": "0"}  # the caller stopped waiting as it sent the request
 SHORT, LONG, TOO_MANY = [1, 5, 9, 20], [1] + [7] * 39, [1] * 150
 TEXT = {"inputs": "Ada has 12 apples.", "parameters": {"max_new_tokens": 2}}
 CASES = [
@@ -123,6 +126,7 @@ CASES = [
     Case(K.UNSUPPORTED, "native", "remote", native(SHORT, top_k=5), "'topk' capability"),
     Case(K.UNSUPPORTED, "openai", "remote", texts_completion, "'topk' capability"),
     Case(K.UNSUPPORTED, "tgi", "remote", tgi_details(top_n_tokens=2), "'topk' capability"),
+    Case(K.MALFORMED_BODY, "grpc", "server", b"\xff", "not a valid teacher.v1.ScoreRequest"),
     Case(K.MALFORMED_BODY, "native", "server", b"{nope", "not valid JSON"),
     Case(K.MALFORMED_BODY, "openai", "server", b"{nope", "not valid JSON"),
     Case(K.MALFORMED_BODY, "tgi", "server", b"{nope", "not valid JSON"),
@@ -130,6 +134,17 @@ CASES = [
     Case(K.OVERLOADED, "native", "faulty", native(LONG), "max_queued_tokens"),
     Case(K.OVERLOADED, "openai", "faulty", scoring_completion(LONG), "max_queued_tokens"),
     Case(K.OVERLOADED, "tgi", "faulty", tgi_details(), "max_queued_tokens"),
+    Case(K.DEADLINE_EXCEEDED, "grpc", "server", score(SHORT), "eadline", headers=EXPIRED),
+    Case(K.DEADLINE_EXCEEDED, "native", "server", native(SHORT), "deadline", headers=EXPIRED),
+    Case(
+        K.DEADLINE_EXCEEDED,
+        "openai",
+        "server",
+        scoring_completion(SHORT),
+        "deadline",
+        headers=EXPIRED,
+    ),
+    Case(K.DEADLINE_EXCEEDED, "tgi", "server", tgi_details(), "deadline", headers=EXPIRED),
     Case(K.SHUTTING_DOWN, "grpc", "closed", score(SHORT), "shutting down"),
     Case(K.SHUTTING_DOWN, "native", "closed", native(SHORT), "shutting down"),
     Case(K.SHUTTING_DOWN, "openai", "closed", scoring_completion(SHORT), "shutting down"),
@@ -192,23 +207,30 @@ def closed(tiny_model_dir, backend) -> Iterator[BackgroundServer]:
     running.stop()
 
 
-def grpc_failure(address: str, request: pb.ScoreRequest) -> tuple[grpc.StatusCode, str]:
-    """The raw stub (the client library would retry UNAVAILABLE)."""
+def grpc_failure(
+    address: str, request: pb.ScoreRequest | bytes, timeout: float = 60
+) -> tuple[grpc.StatusCode, str]:
+    """The raw stub (the client library would retry UNAVAILABLE); bytes are sent as they are."""
     with grpc.insecure_channel(address) as channel:
+        score = pb_grpc.TeacherStub(channel).Score
+        if isinstance(request, bytes):
+            score = channel.unary_unary("/teacher.v1.Teacher/Score", request_serializer=None)
         try:
-            pb_grpc.TeacherStub(channel).Score(request, timeout=60)
+            score(request, timeout=timeout)
         except grpc.RpcError as error:
             return error.code(), error.details()
     pytest.fail(f"{request} succeeded")
 
 
-def http_failure(url: str, door: str, request: Any) -> tuple[int, str]:
+def http_failure(
+    url: str, door: str, request: Any, headers: dict[str, str] | None = None
+) -> tuple[int, str]:
     """The status and the message, read from the dialect's own error shape."""
     if isinstance(request, bytes):
-        headers = {"content-type": "application/json"}
+        headers = {"content-type": "application/json", **(headers or {})}
         answer = httpx.post(url + PATHS[door], content=request, headers=headers, timeout=60)
     else:
-        answer = httpx.post(url + PATHS[door], json=request, timeout=60)
+        answer = httpx.post(url + PATHS[door], json=request, headers=headers, timeout=60)
     error = answer.json()["error"]
     if door == "openai":
         assert error["code"] == answer.status_code
@@ -241,10 +263,11 @@ def test_each_kind_gets_the_tables_code_and_status_on_each_front_end(
     try:
         with caplog.at_level(logging.ERROR, logger="teacher_service.errors"):
             if case.door == "grpc":
-                code, message = grpc_failure(server.address, payload)
+                timeout = float(case.headers["X-Request-Timeout"]) if case.headers else 60
+                code, message = grpc_failure(server.address, payload, max(timeout, 1e-3))
                 assert code == STATUS[case.kind].grpc, message
             else:
-                status, message = http_failure(server.http_url, case.door, payload)
+                status, message = http_failure(server.http_url, case.door, payload, case.headers)
                 assert status == STATUS[case.kind].http, message
     finally:
         if faulty_backend is not None:
@@ -260,7 +283,6 @@ def test_the_table_has_a_row_for_every_kind():
 
 def test_every_kind_is_provoked_on_both_front_ends():
     on_grpc = {case.kind for case in CASES if case.door == "grpc"}
-    # gRPC bodies are parsed by grpc itself: a malformed message never reaches the service
-    assert on_grpc == set(ErrorKind) - {K.MALFORMED_BODY}
+    assert on_grpc == set(ErrorKind)
     for door in HTTP_DOORS:
         assert {case.kind for case in CASES if case.door == door} == set(ErrorKind), door

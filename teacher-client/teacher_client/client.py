@@ -7,8 +7,10 @@
 
 Every call has a deadline (`timeout`, per call or the client's default) that covers its
 retries: UNAVAILABLE (server restarting, connection lost) is retried with exponential
-backoff and jitter; every other error raises TeacherServiceError at once, with the
-server's message naming the offending field.
+backoff and jitter, and an overloaded server's refusal (RESOURCE_EXHAUSTED with a
+`retry-after` hint) after the hint; every other error raises TeacherServiceError at once,
+with the server's message naming the offending field. The deadline also travels with the
+call, so the server drops work whose caller has stopped waiting.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ class TeacherClient(_ClientBase):
                 if delay is None:
                     raise _error(method, error) from None
                 time.sleep(delay)
-                attempt += 1
+                attempt += self.retry.counts_as_attempt(error)
 
     def info(self, *, timeout: float | None = None) -> TeacherInfo:
         return parse_info(self._call("Info", pb.InfoRequest(), timeout))
@@ -273,7 +275,7 @@ class AsyncTeacherClient(_ClientBase):
                 if delay is None:
                     raise _error(method, error) from None
                 await asyncio.sleep(delay)
-                attempt += 1
+                attempt += self.retry.counts_as_attempt(error)
 
     async def info(self, *, timeout: float | None = None) -> TeacherInfo:
         return parse_info(await self._call("Info", pb.InfoRequest(), timeout))

@@ -7,6 +7,8 @@ a bfloat16 is the top half of a float32, so BFLOAT16 payloads decode to float32 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from teacher_client.proto import teacher_pb2 as pb
@@ -21,6 +23,7 @@ WIRE_DTYPES: dict[str, tuple[int, str]] = {
 }
 _BY_ENUM = {enum: name for name, (enum, _) in WIRE_DTYPES.items()}
 LOGPROB_DTYPES = ("float32", "float16", "bfloat16")
+MAX_DIMS = 32  # numpy 1.x's limit (2.x allows 64); the API's tensors have at most 2
 
 
 class CodecError(ValueError):
@@ -60,15 +63,20 @@ def decode_numpy(message: pb.Tensor) -> np.ndarray:
     name = dtype_name(message.dtype)
     np_dtype = np.dtype(WIRE_DTYPES[name][1])
     shape = tuple(message.shape)
+    if len(shape) > MAX_DIMS:
+        raise CodecError(f"shape has {len(shape)} dimensions, over the {MAX_DIMS} numpy holds")
     if any(d < 0 for d in shape):
         raise CodecError(f"negative dimension in shape {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: [2**32, 2**32] must not wrap to 0 as int64 does
     if len(message.data) != count * np_dtype.itemsize:
         raise CodecError(
             f"{len(message.data)} bytes do not hold shape {list(shape)} of {name} "
             f"({count * np_dtype.itemsize} bytes expected)"
         )
-    array = np.frombuffer(message.data, dtype=np_dtype).reshape(shape)
+    try:
+        array = np.frombuffer(message.data, dtype=np_dtype).reshape(shape)
+    except ValueError as error:  # numpy's own limits, e.g. shape [0, 2**62]: "too big"
+        raise CodecError(f"shape {list(shape)}: {error}") from None
     if name == "bfloat16":
         return (array.astype(np.uint32) << 16).view(np.float32)
     return array.astype(array.dtype.newbyteorder("="), copy=False)

@@ -2,7 +2,8 @@
 
 A bad request gets a 4xx whose JSON body names the field; a request error never becomes a
 500. Statuses come from errors.STATUS (web/errors.py applies it): 422 invalid, 400
-malformed body, 413 too large, 429 overloaded, 503 shutting down, 507 out of memory.
+malformed body, 413 too large, 429 overloaded (with Retry-After), 503 shutting down, 504
+deadline exceeded (the caller's `X-Request-Timeout`), 507 out of memory.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from teacher_service import __version__
 from teacher_service.auth import HTTP_OPEN_PATHS, REFUSED, bearer_matches
+from teacher_service.deadlines import TIMEOUT_HEADER, set_timeout_header
 from teacher_service.engine import Engine
 from teacher_service.web import native, openai, tgi
 
@@ -46,7 +48,9 @@ def create_app(engine: Engine, *, auth_token: str = "") -> FastAPI:
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
+        """Request metrics; and the caller's X-Request-Timeout, for the engine to read."""
         started = time.perf_counter()
+        set_timeout_header(request.headers.get(TIMEOUT_HEADER))
         response = await call_next(request)
         route = request.scope.get("route")
         method = getattr(route, "path", "unmatched")

@@ -25,10 +25,11 @@ from teacher_client.messages import info_to_proto
 from teacher_client.proto import teacher_pb2 as pb
 from teacher_service.codec import decode_ids, encode_torch
 from teacher_service.engine import Engine
+from teacher_service.errors import RequestError
 from teacher_service.requests import GenerateRequest, Prompt, ScoreRequest, Sequence
 from teacher_service.scoring import SequenceScores
 from teacher_service.web.body import BodyError, SchemaError, read_body
-from teacher_service.web.errors import http_error
+from teacher_service.web.errors import error_headers, http_error
 
 MSGPACK = "application/msgpack"
 router = APIRouter(prefix="/v1", tags=["native"])
@@ -114,10 +115,16 @@ def _ids_array(value: Any, field: str) -> np.ndarray:
     """Candidate ids as a list [m], a list of lists [T, m], or a msgpack tensor."""
     if isinstance(value, TensorBody):
         try:
-            tensor = pb.Tensor(dtype=dtype_enum(value.dtype), shape=value.shape, data=value.data)
+            dtype = dtype_enum(value.dtype)
         except CodecError as error:
             raise BodyError(f"{field}.dtype: {error}") from None
-        return decode_ids(tensor, field)
+        for n, size in enumerate(value.shape):
+            if not 0 <= size < 2**63:  # the proto's int64, so that the error names the field
+                raise RequestError(
+                    f"{field}.shape[{n}] = {size}: a dimension must be in [0, 2**63)",
+                    field=f"{field}.shape[{n}]",
+                )
+        return decode_ids(pb.Tensor(dtype=dtype, shape=value.shape, data=value.data), field)
     try:
         array = np.asarray(value)
         fits = array.dtype.kind in "iu" and array.ndim in (1, 2)
@@ -132,7 +139,7 @@ def _describe(problems: list[dict[str, Any]]) -> tuple[str, str | None]:
     """The first problem as one readable line naming the field (FastAPI's `detail` too)."""
     first = problems[0] if problems else {}
     where = ".".join(str(part) for part in first.get("loc", ()))
-    return f"{where}: {first.get('msg', '')}", where or None
+    return f"{where or 'body'}: {first.get('msg', '')}", where or None
 
 
 # --- serving: engine results -> response content -----------------------------------------
@@ -208,7 +215,7 @@ def error_response(error: Exception) -> JSONResponse:
     content: dict[str, Any] = {"error": message}
     if isinstance(error, SchemaError):
         content = {"detail": error.problems, **content}
-    return JSONResponse(status_code=status, content=content)
+    return JSONResponse(status_code=status, content=content, headers=error_headers(error))
 
 
 def _body_doc(model: type[BaseModel]) -> dict[str, Any]:

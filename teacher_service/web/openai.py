@@ -58,7 +58,7 @@ from teacher_service.requests import GenerateRequest, Names, Prompt, ScoreReques
 from teacher_service.sampling import Completion, SamplingOptions
 from teacher_service.scoring import SequenceScores
 from teacher_service.web.body import read_body
-from teacher_service.web.errors import http_error
+from teacher_service.web.errors import error_headers, http_error
 
 router = APIRouter(tags=["openai"])
 STARTED = int(time.time())
@@ -430,7 +430,9 @@ def error_response(error: Exception) -> JSONResponse:
         "invalid_request_error" if status < 500 else "server_error"
     )
     content = {"message": message, "type": error_type, "param": field, "code": status}
-    return JSONResponse(status_code=status, content={"error": content})
+    return JSONResponse(
+        status_code=status, content={"error": content}, headers=error_headers(error)
+    )
 
 
 _SCHEMA = {"application/json": {"schema": CompletionBody.model_json_schema()}}

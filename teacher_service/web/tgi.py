@@ -40,7 +40,7 @@ from teacher_service.engine import Engine
 from teacher_service.errors import ErrorKind, RequestError
 from teacher_service.requests import GenerateRequest, Names, Prompt, ScoreRequest, Sequence
 from teacher_service.web.body import read_body
-from teacher_service.web.errors import http_error
+from teacher_service.web.errors import error_headers, http_error
 
 router = APIRouter(tags=["tgi"])
 
@@ -168,12 +168,6 @@ def encode(engine: Engine, body: GenerateBody, p: Parameters) -> tuple[list[int]
             f"`truncate` must be strictly positive and less than {max_input}. Given: {p.truncate}",
             field="truncate",
         )
-    try:
-        body.inputs.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RequestError(
-            "`inputs` is not valid Unicode text (lone surrogates)", field="inputs"
-        ) from None
     ids = list(engine.backend.tokenizer(body.inputs, add_special_tokens=True)["input_ids"])
     if p.truncate is not None:
         ids = ids[-p.truncate :]
@@ -324,7 +318,8 @@ def error_response(error: Exception) -> JSONResponse:
         error_type = "overloaded"
     else:
         error_type = "validation" if status < 500 else "generation"
-    return JSONResponse(status_code=status, content={"error": message, "error_type": error_type})
+    content = {"error": message, "error_type": error_type}
+    return JSONResponse(status_code=status, content=content, headers=error_headers(error))
 
 
 async def generate_text(request: Request) -> tuple[dict[str, Any], dict[str, str]]:

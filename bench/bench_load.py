@@ -1,0 +1,235 @@
+"""Load, overload, a cancel storm and a soak against one `teacher-service serve` process.
+
+    .venv/bin/python bench/bench_load.py --quick          # ~1.5 minutes
+    .venv/bin/python bench/bench_load.py                  # ~8 minutes (a 5-minute soak)
+
+Not a test: it prints one table per run. Every client is a raw gRPC stub on asyncio (no
+retries: each refusal is seen and timed), sending 4 sequences of 64 tokens (top_k 8) and,
+when refused, coming back after the server's `retry-after` hint, as TeacherClient does.
+
+- levels: 1 / 8 / 32 / 128 concurrent clients: admitted requests/s and tokens/s, p50/p99
+  of admitted requests, refusals and their p99, the server's RSS before and after.
+  Targets with the defaults: at 128 clients the admitted p99 <= 3 x the 8-client p99 of
+  the same run; refusals answered within 50 ms p99.
+- cancel storm: 50 clients whose calls have a 0.2 s deadline, resending at once, and one
+  live client (no deadline): the wasted-compute fraction is the server's own count,
+  sequences computed whose caller had gone / all computed (target <= 10 %), from /metrics.
+- soak: 8 clients for --soak-seconds (default 300), the server's RSS every 30 s.
+
+The model defaults to models/translation/teacher (the checked-in demo teacher), else the
+tiny model bench_service.py builds. On a shared machine the figures are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_service import ROOT, ServerProcess, bench_spec, ensure_bench_model, scrape_metrics
+
+from teacher_client.proto import teacher_pb2 as pb
+from teacher_client.proto import teacher_pb2_grpc as pb_grpc
+from teacher_client.retry import BACKPRESSURE_JITTER, RETRY_AFTER_KEY
+from teacher_service.cli import free_port
+
+SEQUENCES, LENGTH, TOP_K = 4, 64, 8
+
+
+@dataclass
+class Outcomes:
+    admitted: list[float] = field(default_factory=list)  # seconds, per answered request
+    refused: list[float] = field(default_factory=list)  # seconds until the refusal came
+    failed: dict[str, int] = field(default_factory=dict)  # other codes
+
+    def fail(self, code: grpc.StatusCode) -> None:
+        self.failed[code.name] = self.failed.get(code.name, 0) + 1
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def request(rng: random.Random, vocab: int) -> pb.ScoreRequest:
+    sequences = [
+        pb.Sequence(token_ids=[rng.randrange(3, vocab) for _ in range(LENGTH)], score_from=1)
+        for _ in range(SEQUENCES)
+    ]
+    return pb.ScoreRequest(sequences=sequences, top_k=TOP_K)
+
+
+def hint(error: grpc.aio.AioRpcError) -> float | None:
+    for key, value in error.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            return float(value)
+    return None
+
+
+async def client(
+    stub: pb_grpc.TeacherStub,
+    until: float,
+    out: Outcomes,
+    seed: int,
+    vocab: int,
+    timeout: float | None = None,
+) -> None:
+    """Send until `until`; after a refusal, wait the hint (jittered like TeacherClient)."""
+    rng = random.Random(seed)
+    while time.monotonic() < until:
+        started = time.monotonic()
+        try:
+            await stub.Score(request(rng, vocab), timeout=timeout)
+            out.admitted.append(time.monotonic() - started)
+        except grpc.aio.AioRpcError as error:
+            retry_after = hint(error)
+            if retry_after is not None:
+                out.refused.append(time.monotonic() - started)
+                await asyncio.sleep(retry_after * rng.uniform(1, 1 + BACKPRESSURE_JITTER))
+            else:
+                out.fail(error.code())
+
+
+async def run_clients(address: str, n: int, seconds: float, vocab: int, **kw) -> Outcomes:
+    out = Outcomes()
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.TeacherStub(channel)
+        until = time.monotonic() + seconds
+        await asyncio.gather(*(client(stub, until, out, s, vocab, **kw) for s in range(n)))
+    return out
+
+
+def level_row(n: int, out: Outcomes, seconds: float, rss: tuple[float, float]) -> str:
+    tokens = len(out.admitted) * SEQUENCES * LENGTH / seconds
+    failed = ",".join(f"{k}:{v}" for k, v in out.failed.items()) or "-"
+    return (
+        f"| {n} | {len(out.admitted) / seconds:.1f} | {tokens:.0f} | "
+        f"{percentile(out.admitted, 0.5) * 1000:.0f} | "
+        f"{percentile(out.admitted, 0.99) * 1000:.0f} | "
+        f"{len(out.refused)} | {percentile(out.refused, 0.99) * 1000:.1f} | {failed} | "
+        f"{rss[0]:.0f} -> {rss[1]:.0f} |"
+    )
+
+
+def counters(http_port: int) -> dict[str, float]:
+    found = scrape_metrics(http_port) or {}
+    # scrape_metrics keeps token counters only: read the sequence counters here
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith("teacher_sequences_") and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                found[name] = float(value)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="short levels, storm and soak")
+    parser.add_argument("--model", type=Path, default=ROOT / "models/translation/teacher")
+    parser.add_argument("--level-seconds", type=float, default=20.0)
+    parser.add_argument("--storm-seconds", type=float, default=20.0)
+    parser.add_argument("--soak-seconds", type=float, default=300.0)
+    parser.add_argument("--rss-every", type=float, default=30.0)
+    parser.add_argument("--levels", default="1,8,32,128")
+    parser.add_argument("--server-flags", default="", help="extra `serve` flags, one string")
+    args = parser.parse_args()
+    if args.quick:
+        args.level_seconds, args.storm_seconds = 6.0, 8.0
+        args.soak_seconds, args.rss_every = 20.0, 5.0
+    model = args.model
+    if not model.exists():
+        model = ensure_bench_model(bench_spec(argparse.Namespace(
+            vocab_size=4000, hidden_size=384, layers=6)))  # fmt: skip
+    port, http_port = free_port(), free_port()
+    command = [sys.executable, "-m", "teacher_service", "--log-level", "WARNING", "serve",
+               "--model", str(model), "--port", str(port), "--device", "cpu",
+               "--http-port", str(http_port), *args.server_flags.split()]  # fmt: skip
+    log_path = Path(tempfile.gettempdir()) / f"bench-load-server-{port}.log"
+    server = ServerProcess(command, f"127.0.0.1:{port}", log_path, http_port=http_port)
+    server.start(dict(os.environ))
+    pid = server.process.pid
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/info") as reply:
+            vocab = int(json.loads(reply.read())["vocab_size"])
+        print(f"# bench_load: {model}, flags [{args.server_flags}], 2-core shared machine\n")
+        asyncio.run(run_clients(server.address, 4, 3.0, vocab))  # warm-up: measured throughput
+        print("| clients | admitted req/s | tokens/s | p50 ms | p99 ms | refused | "
+              "refusal p99 ms | other errors | RSS MiB before -> after |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        p99 = {}
+        for n in (int(x) for x in args.levels.split(",")):
+            before = rss_mib(pid)
+            out = asyncio.run(run_clients(server.address, n, args.level_seconds, vocab))
+            print(level_row(n, out, args.level_seconds, (before, rss_mib(pid))), flush=True)
+            p99[n] = percentile(out.admitted, 0.99)
+            time.sleep(2.0)  # let the queue drain between levels
+        if 8 in p99 and 128 in p99:
+            print(f"\n128-client admitted p99 / 8-client p99 = {p99[128] / p99[8]:.2f} (<= 3)")
+
+        async def storm() -> tuple[Outcomes, Outcomes]:
+            live = run_clients(server.address, 1, args.storm_seconds, vocab)
+            short = run_clients(server.address, 50, args.storm_seconds, vocab, timeout=0.2)
+            return await asyncio.gather(live, short)
+
+        base = counters(http_port)
+        live, short = asyncio.run(storm())
+        after = counters(http_port)
+        delta = {k: after.get(k, 0.0) - base.get(k, 0.0) for k in after}
+        computed = delta.get("teacher_sequences_computed_total", 0.0)
+        wasted = delta.get("teacher_sequences_wasted_total", 0.0)
+        print("\n| cancel storm | computed seqs | wasted seqs | wasted fraction | dropped "
+              "expired | dropped cancelled | short calls ok / refused / deadline | live p50 "
+              "ms | live p99 ms |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        expired = delta.get('teacher_sequences_dropped_total{reason="expired"}', 0.0)
+        cancelled = delta.get('teacher_sequences_dropped_total{reason="cancelled"}', 0.0)
+        deadline = short.failed.get("DEADLINE_EXCEEDED", 0)
+        print(f"| 50 x 0.2 s + 1 live | {computed:.0f} | {wasted:.0f} | "
+              f"{wasted / max(computed, 1):.1%} | {expired:.0f} | {cancelled:.0f} | "
+              f"{len(short.admitted)} / {len(short.refused)} / {deadline} | "
+              f"{percentile(live.admitted, 0.5) * 1000:.0f} | "
+              f"{percentile(live.admitted, 0.99) * 1000:.0f} |", flush=True)  # fmt: skip
+
+        print(f"\n| soak ({args.soak_seconds:.0f} s, 8 clients) | RSS MiB |")
+        print("| --- | --- |")
+        print(f"| 0 s | {rss_mib(pid):.0f} |", flush=True)
+
+        async def soak() -> Outcomes:
+            task = asyncio.ensure_future(run_clients(server.address, 8, args.soak_seconds, vocab))
+            started = time.monotonic()
+            while not task.done():
+                await asyncio.wait([task], timeout=args.rss_every)
+                print(f"| {time.monotonic() - started:.0f} s | {rss_mib(pid):.0f} |", flush=True)
+            return task.result()
+
+        soaked = asyncio.run(soak())
+        print(f"\nsoak: {len(soaked.admitted)} answered, {len(soaked.refused)} refused, "
+              f"other errors {soaked.failed or 'none'}")  # fmt: skip
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
