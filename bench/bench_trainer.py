@@ -4,6 +4,7 @@ Run it from the repository root (`make bench-trainer` does):
 
     .venv/bin/python bench/bench_trainer.py             # ~2 minutes on 2 CPU cores
     .venv/bin/python bench/bench_trainer.py --quick     # ~1 minute
+    .venv/bin/python bench/bench_trainer.py --memory    # peak memory, full vs chunked logits
 
 One step, the same for all three: 8 prompts, the student samples up to 16 new tokens each
 (temperature 1, stop at eos), the teacher scores prompt + completion, generalized
@@ -21,6 +22,14 @@ service's cost; `--separate-cores` gives every trainer CPU 0 (1 thread) and the 
 CPU 1, a teacher on its own device as deployed (TRL and the in-process teacher then run
 the teacher on the trainer's core, as they do on a GPU). The configurations alternate over
 several rounds and the table reports medians per step.
+
+`--memory` measures something else: the peak memory of one training step's student side
+(forward, top-64 generalized JSD, backward, clip, AdamW) at a 32k and a 152k vocabulary,
+with the student's logits at every position and the loss over all rows at once (the path
+before issue 15, still the one for a model whose output layer cannot be split off) against
+completion rows only, a chunk at a time (student.loss_chunk_rows). Each runs in a process
+of its own: CPU peak RSS, plus CUDA max_memory_allocated on a GPU (`--device cuda`). The
+teacher's signal is synthetic (its memory is the service's, not the trainer's).
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,8 +52,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_service import ROOT, ServerProcess
 from trl_reference import trl_step_seconds
 
-from student_trainer.config import load_config
+from student_trainer.config import DEFAULT_LOSS_CHUNK_ROWS, MethodConfig, load_config
 from student_trainer.data import encode_prompt
+from student_trainer.losses import token_level_loss
+from student_trainer.objective import TeacherRows, divergence
+from student_trainer.rollouts import build_batch
+from student_trainer.student import Student
 from student_trainer.tasks import TASKS
 from student_trainer.teacher import LocalTeacher
 from student_trainer.tiny_model import TinyModelSpec, build_tiny_model
@@ -50,6 +65,8 @@ from student_trainer.train import Trainer
 from teacher_service.cli import free_port, serve_command
 
 WARMUP_STEPS = 2
+MEMORY_VOCABULARIES = (32_000, 151_936)  # Llama 2's, Qwen 2's (padded to 152,064 rows)
+MEMORY_PATHS = ("full logits", "chunked rows")
 
 
 def build_models(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -104,6 +121,122 @@ def our_steps(args, student: Path, address: str, teacher=None) -> tuple[list[flo
     return [r["step_s"] for r in timed], statistics.mean(r["hidden_fraction"] for r in timed)
 
 
+def memory_step(args: argparse.Namespace) -> dict[str, float]:
+    """One training step's student side at vocabulary `args.memory_step[0]` by path
+    `args.memory_step[1]` (one of MEMORY_PATHS): what it adds to the peak memory."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab, path = int(args.memory_step[0]), args.memory_step[1]
+    device = torch.device(args.device)
+    words = {f"t{i}": i for i in range(vocab)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, "t0")))
+    config = LlamaConfig(
+        vocab_size=(vocab // 128 + 1) * 128,  # padded output rows, as real checkpoints have
+        hidden_size=args.student_hidden,
+        intermediate_size=args.student_hidden * 8 // 3,
+        num_hidden_layers=args.student_layers,
+        num_attention_heads=max(2, args.student_hidden // 64),
+        num_key_value_heads=2,
+        max_position_embeddings=args.memory_prompt + args.memory_completion,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device)
+    chunked = path == "chunked rows"
+    student = Student(
+        model, tokenizer, frozenset({2}), 0, args.loss_chunk_rows if chunked else 0, chunked
+    )
+    prompts = torch.randint(3, vocab, (args.batch_size, args.memory_prompt)).tolist()
+    completions = torch.randint(3, vocab, (args.batch_size, args.memory_completion)).tolist()
+    batch = build_batch(prompts, completions, eos_ids={2}, pad_id=0)
+    n = batch.num_tokens
+    support = torch.randint(0, vocab, (n, args.top_k))
+    teacher = TeacherRows(
+        torch.zeros(n), support, torch.randn(n, args.top_k).log_softmax(-1) - 0.5, None
+    ).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    resident, allocated = _peak_rss_mb(), _cuda_mb(device, torch.cuda.memory_allocated)
+    started = time.perf_counter()
+    rows, targets = student.completion_rows(batch)
+    per_token, _ = divergence(rows, targets, teacher, MethodConfig(beta=0.5, top_k=args.top_k))
+    token_level_loss(per_token, torch.ones_like(per_token, dtype=torch.bool), n).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {
+        "rows": n,
+        "rss_mb": _peak_rss_mb() - resident,
+        "cuda_mb": _cuda_mb(device, torch.cuda.max_memory_allocated) - allocated,
+        "step_s": time.perf_counter() - started,
+    }
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cuda_mb(device: torch.device, measure) -> float:
+    return measure(device) / 2**20 if device.type == "cuda" else 0.0
+
+
+def memory_main(args: argparse.Namespace) -> None:
+    """--memory: every vocabulary and path in a fresh process (a process's peak only grows),
+    printed side by side."""
+    # glibc keeps a freed block under its mmap threshold (dynamic, up to 32 MB) in the heap,
+    # where RSS counts it as live: a fixed threshold returns every large tensor on free
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    results: dict[tuple[int, str], dict[str, float]] = {}
+    for vocab in MEMORY_VOCABULARIES:
+        for path in MEMORY_PATHS:
+            print(f"vocabulary {vocab}, {path}", flush=True)
+            command = [sys.executable, __file__, "--memory-step", str(vocab), path]
+            command += _memory_flags(args)
+            done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+            results[vocab, path] = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = next(iter(results.values()))["rows"]
+    print(
+        f"\none training step's student side: {args.batch_size} x ({args.memory_prompt} prompt "
+        f"+ {args.memory_completion} completion) tokens = {rows} completion rows, student "
+        f"h{args.student_hidden}/l{args.student_layers}, top-{args.top_k} JSD(0.5), "
+        f"loss_chunk_rows {args.loss_chunk_rows}, {args.device}"
+    )
+    cuda = args.device.startswith("cuda")
+    header = f"{'vocabulary':>10s} {'path':14s} {'peak RSS MB':>12s}"
+    print(header + (f" {'CUDA MB':>10s}" if cuda else "") + f" {'step s':>8s}")
+    for (vocab, path), out in results.items():
+        line = f"{vocab:>10d} {path:14s} {out['rss_mb']:12.0f}"
+        print(line + (f" {out['cuda_mb']:10.0f}" if cuda else "") + f" {out['step_s']:8.2f}")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "memory": {f"{v}/{p}": out for (v, p), out in results.items()},
+                    "args": vars(args) | {"json": str(args.json)},
+                    "time": time.time(),
+                },
+                indent=2,
+            )
+        )
+
+
+def _memory_flags(args: argparse.Namespace) -> list[str]:
+    """The flags a --memory-step child needs to measure what its parent was asked."""
+    return [
+        f"--batch-size={args.batch_size}",
+        f"--memory-prompt={args.memory_prompt}",
+        f"--memory-completion={args.memory_completion}",
+        f"--student-hidden={args.student_hidden}",
+        f"--student-layers={args.student_layers}",
+        f"--top-k={args.top_k}",
+        f"--loss-chunk-rows={args.loss_chunk_rows}",
+        f"--device={args.device}",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -127,7 +260,23 @@ def main() -> None:
         "with 1 thread: a teacher on its own device, as deployed",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--memory", action="store_true", help="peak memory of a step: full vs chunked logits"
+    )
+    parser.add_argument("--memory-prompt", type=int, default=64, help="--memory: prompt tokens")
+    parser.add_argument("--memory-completion", type=int, default=256, help="--memory: new tokens")
+    parser.add_argument(
+        "--loss-chunk-rows", type=int, default=DEFAULT_LOSS_CHUNK_ROWS, help="--memory: chunk"
+    )
+    parser.add_argument("--device", default="cpu", help="--memory: cpu or cuda")
+    parser.add_argument("--memory-step", nargs=2, help=argparse.SUPPRESS)  # one child's run
     args = parser.parse_args()
+    if args.memory_step:
+        print(json.dumps(memory_step(args)))
+        return
+    if args.memory:
+        memory_main(args)
+        return
     if args.quick:
         args.rounds, args.steps = 2, 5
     hf_logging.disable_progress_bar()

@@ -17,6 +17,9 @@ import yaml
 METHODS = ("sft", "seqkd", "gkd")
 SUPPORTS = ("topk", "full", "sampled")
 SCHEDULES = ("cosine", "linear", "constant")
+# completion rows whose logits the loss holds at once: 512 x 152k float32 is 311 MB per
+# tensor, a few of which (log_softmax, divergence, their gradients) exist together
+DEFAULT_LOSS_CHUNK_ROWS = 512
 
 
 class ConfigError(ValueError):
@@ -28,6 +31,9 @@ class StudentConfig:
     model: str = "models/translation/student"  # a local directory (from_pretrained)
     device: str = "cpu"  # cpu, cuda, cuda:N or auto
     dtype: str = "float32"  # weights are trained in this dtype
+    # the loss computes the student's logits this many completion rows at a time (and
+    # again in the backward): memory O(rows x vocabulary); 0 = all rows at once
+    loss_chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS
 
 
 @dataclass
@@ -76,6 +82,9 @@ class RolloutConfig:
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    # sample (and score) step t + k while step t trains, from weights k steps old; 0: exact
+    # on-policy, each step samples with the weights it trains (rollout_queue.py)
+    max_staleness: int = 0
 
 
 @dataclass
@@ -218,6 +227,15 @@ def validate(config: TrainConfig) -> None:
     _require(r.temperature > 0, "rollout.temperature", f"{r.temperature} must be > 0")
     _require(0.0 < r.top_p <= 1.0, "rollout.top_p", f"{r.top_p} is outside (0, 1]")
     _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    _require(r.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
+    if r.max_staleness > 0:
+        # the policy-gradient terms assume the samples come from the weights being trained
+        _require(
+            m.support != "sampled" and m.alpha == 1.0,
+            "rollout.max_staleness",
+            "support=sampled and RL + GKD (alpha < 1) are policy-gradient estimators that "
+            "need samples from the weights being trained (no importance correction): use 0",
+        )
     _require(o.steps >= 1, "optim.steps", "must be >= 1")
     _require(o.batch_size >= 1, "optim.batch_size", "must be >= 1")
     _require(o.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
@@ -234,6 +252,7 @@ def validate(config: TrainConfig) -> None:
         "student.dtype",
         "must be float32, bfloat16 or float16",
     )
+    _require(config.student.loss_chunk_rows >= 0, "student.loss_chunk_rows", "must be >= 0")
     _require(
         config.teacher.dtype in ("float32", "bfloat16", "float16"),
         "teacher.dtype",

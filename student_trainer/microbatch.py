@@ -15,7 +15,6 @@ import torch
 
 from student_trainer.config import TrainConfig
 from student_trainer.data import decode_completion, encode_answer, encode_prompt
-from student_trainer.objective import completion_rows
 from student_trainer.rollouts import Batch, build_batch, sample_completions
 from student_trainer.student import Student
 from student_trainer.tasks import REWARDS, Example
@@ -99,11 +98,11 @@ class MicroBatchBuilder:
 
 
 def student_candidates(student: Student, batch: Batch, count: int) -> list[torch.Tensor]:
-    """The student's own top-`count` ids at each completion position (the union support)."""
+    """The student's own top-`count` ids at each completion position (the union support),
+    from a forward of its own without gradients, its logits a chunk of rows at a time."""
     with torch.no_grad():
-        logits = student.logits(batch)
-    rows, _ = completion_rows(logits, batch)
-    ids = rows.topk(count, dim=-1).indices.cpu()
+        rows, _ = student.completion_rows(batch)
+        ids = rows.map(lambda logits: logits.topk(count, dim=-1).indices).cpu()  # [N, count]
     return list(ids.split(batch.loss_mask.sum(dim=1).tolist()))
 
 

@@ -1,12 +1,15 @@
-"""One micro-batch's per-token losses: student logits + teacher signal -> loss terms.
+"""One micro-batch's per-token losses: student rows + teacher signal -> loss terms.
 
 Rows are completion tokens in batch order (sequence by sequence, left to right), the
-order both `logits[:, :-1][batch.loss_mask]` and the concatenated teacher rows have.
+order both `logits[:, :-1][batch.loss_mask]` and the concatenated teacher rows have. The
+student arrives as StudentRows (rows.py): hidden states whose logits are computed a chunk
+of rows at a time, so every loss here is written per chunk of logits and mapped over them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import partial
 
 import numpy as np
 import torch
@@ -19,6 +22,7 @@ from student_trainer.losses import (
     sparse_generalized_jsd,
 )
 from student_trainer.rollouts import Batch
+from student_trainer.rows import StudentRows
 from teacher_client import ScoreResult
 
 
@@ -64,29 +68,65 @@ def completion_rows(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, t
     return logits[:, :-1][mask], batch.input_ids.to(logits.device)[:, 1:][mask]
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log q(y) per row, in float32."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[n, V] logits in float32, divided by the distillation temperature."""
+    return logits.float() / temperature
+
+
+def _target_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """log q(y) [n] of rows of logits [n, V] at `temperature`, in float32."""
+    log_q = torch.log_softmax(_scaled(logits, temperature), dim=-1)
+    return log_q.gather(-1, targets[:, None]).squeeze(-1)
+
+
+def token_logprobs(
+    rows: StudentRows, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log q(y) per row [N], in float32, a chunk of rows at a time (rows.py)."""
+    return rows.map(partial(_target_logprobs, temperature=temperature), targets)
+
+
+def _full_jsd(
+    logits: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float, beta: float
+) -> torch.Tensor:
+    """Generalized JSD [n] of rows of logits [n, V] against the teacher's [n, V]."""
+    return generalized_jsd(_scaled(logits, temperature), teacher_logprobs, beta)
+
+
+def _sparse_jsd(
+    logits: torch.Tensor,
+    support_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    temperature: float,
+    beta: float,
+) -> torch.Tensor:
+    """Generalized JSD [n] on the teacher's support [n, k + m] plus the tail bucket."""
+    return sparse_generalized_jsd(_scaled(logits, temperature), support_ids, teacher_logprobs, beta)
 
 
 def divergence(
-    logits: torch.Tensor, targets: torch.Tensor, teacher: TeacherRows, method: MethodConfig
+    rows: StudentRows, targets: torch.Tensor, teacher: TeacherRows, method: MethodConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token loss to differentiate, per-token divergence to report), both [N].
 
     The teacher's log-probs come from the service at `method.temperature` already, so only
-    the student's logits are divided by it here.
+    the student's logits are divided by it here. Every support goes through `rows.map`, so
+    the student's logits exist a chunk of rows at a time.
     """
-    scaled = logits.float() / method.temperature
+    t, beta = method.temperature, method.beta
     if method.support == "sampled":
-        estimate = sampled_reverse_kl(token_logprobs(scaled, targets), teacher.target_logprobs)
-        loss = policy_gradient_loss(token_logprobs(scaled, targets), -estimate.detach())
-        return loss, estimate.detach()
+        log_q = token_logprobs(rows, targets, t)
+        estimate = sampled_reverse_kl(log_q, teacher.target_logprobs).detach()
+        return policy_gradient_loss(log_q, -estimate), estimate
     if method.support == "full":
-        value = generalized_jsd(scaled, teacher.full_logprobs, method.beta)
+        value = rows.map(partial(_full_jsd, temperature=t, beta=beta), teacher.full_logprobs)
     else:
-        value = sparse_generalized_jsd(
-            scaled, teacher.support_ids, teacher.support_logprobs, method.beta
+        value = rows.map(
+            partial(_sparse_jsd, temperature=t, beta=beta),
+            teacher.support_ids,
+            teacher.support_logprobs,
         )
     return value, value.detach()
 
@@ -98,8 +138,8 @@ def group_advantages(rewards: list[float], group_size: int) -> torch.Tensor:
 
 
 def reward_loss(
-    logits: torch.Tensor, targets: torch.Tensor, batch: Batch, advantages: torch.Tensor
+    rows: StudentRows, targets: torch.Tensor, batch: Batch, advantages: torch.Tensor
 ) -> torch.Tensor:
     """Policy-gradient term for E[r]: each sequence's advantage on each of its tokens."""
     per_token_advantage = advantages.repeat_interleave(batch.loss_mask.sum(dim=1))
-    return policy_gradient_loss(token_logprobs(logits, targets), per_token_advantage)
+    return policy_gradient_loss(token_logprobs(rows, targets), per_token_advantage)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ class RunState:
     rollout_generator: torch.Generator  # this rank's sampling stream
     mixing: random.Random  # Algorithm 1's coin: one draw per step
     stream: ExampleStream  # the training examples, in their seeded order
+    # this rank's steps built ahead of training (rollout_queue.py), as a checkpoint keeps them
+    pending_rollouts: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def start(
@@ -81,6 +83,7 @@ class RunState:
     ) -> Path | None:
         """Every rank must call it (their sampling streams are gathered); rank 0 writes."""
         streams = world.gather(self.rollout_generator.get_state().cpu())
+        pending = world.gather(self.pending_rollouts)
         if not world.is_main:
             return None
         state = {
@@ -90,6 +93,7 @@ class RunState:
             "rollout_generators": streams,
             "mixing": self.mixing.getstate(),
             "data": self.stream.state_dict(),
+            "pending_rollouts": pending,
             "torch": torch.get_rng_state(),
             "python": random.getstate(),
             "numpy": np.random.get_state(),
@@ -111,6 +115,8 @@ class RunState:
         else:
             log.info("rank %d: a new sampling stream (the checkpoint had none)", world.rank)
         self.mixing.setstate(state["mixing"])
+        pending = state.get("pending_rollouts", [])  # per rank; a rank it lacks builds afresh
+        self.pending_rollouts = pending[world.rank] if world.rank < len(pending) else []
         self.stream.load_state_dict(state["data"])
         torch.set_rng_state(state["torch"])
         random.setstate(state["python"])

@@ -4,20 +4,60 @@ The tokenizer decides the vocabulary: logits past it (padded embedding rows, as 
 checkpoints have) are cut before any loss. A completion ends at the tokenizer's eos or at
 any eos the model's generation config adds; a tokenizer without a pad token pads with an
 eos (the loss mask comes from lengths, so that is safe: rollouts.py).
+
+The loss reads the student only where a completion token is predicted, so its forward
+stops before the output layer: the body's hidden states at those positions, to which the
+loss applies the output layer a chunk of rows at a time (rows.py). The output layer is the
+teacher service's (`OutputLayer`: Gemma 2's soft-capping, Cohere's and Granite's logit
+scales); a model whose forward changes its logits in a way it does not reproduce (checked
+at load, as the service checks its teacher) is read from `model(...).logits` instead.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from student_trainer.config import ConfigError
+from student_trainer.config import DEFAULT_LOSS_CHUNK_ROWS, ConfigError
 from student_trainer.rollouts import Batch
-from teacher_service.in_process import eos_token_ids
+from student_trainer.rows import StudentRows
+from teacher_service.in_process import OutputLayer, eos_token_ids
+
+log = logging.getLogger(__name__)
+
+
+class CompletionForward(torch.nn.Module):
+    """The student's forward as the loss needs it: states [N, D] of the positions that
+    predict completion tokens (`loss_mask`, objective.completion_rows' rows and order).
+
+    D = H, the body's final hidden states, when `rows_only`; otherwise D = the padded
+    vocabulary, rows of `model(...).logits`. The trainer hands this module, not the model,
+    to DDP: DDP's forward must be the one that runs the body (its gradient hooks are armed
+    there), and it holds the whole model, so the output layer, applied after it, is
+    all-reduced with the rest."""
+
+    def __init__(self, model: torch.nn.Module, rows_only: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.rows_only = rows_only
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+    ) -> torch.Tensor:
+        if self.rows_only:
+            states = self.model.get_decoder()(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state  # [B, L, H]
+        else:
+            states = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).logits  # [B, L, padded V]
+        return states[:, :-1][loss_mask]  # [N, D]: position i predicts token i + 1
 
 
 @dataclass
@@ -26,6 +66,15 @@ class Student:
     tokenizer: Any
     eos_ids: frozenset[int]
     pad_id: int
+    loss_chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS  # student.loss_chunk_rows
+    # False: states are rows of model(...).logits (an output layer that cannot be split off)
+    rows_only: bool = True
+    completion_forward: CompletionForward = field(init=False)
+    output_layer: OutputLayer | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.completion_forward = CompletionForward(self.model, self.rows_only)
+        self.output_layer = OutputLayer(self.model) if self.rows_only else None
 
     @property
     def vocab(self) -> int:
@@ -35,16 +84,26 @@ class Student:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def logits(self, batch: Batch, module: torch.nn.Module | None = None) -> torch.Tensor:
-        """[B, L, vocab] for a batch; `module` is the model as trained (DDP) when it differs."""
-        out = (module or self.model)(
-            input_ids=batch.input_ids.to(self.device),
-            attention_mask=batch.attention_mask.to(self.device),
+    def completion_rows(
+        self, batch: Batch, module: torch.nn.Module | None = None
+    ) -> tuple[StudentRows, torch.Tensor]:
+        """The student at a batch's completion positions and the tokens they predict [N];
+        `module` is `self.completion_forward` as trained (DDP) when it differs."""
+        mask = batch.loss_mask.to(self.device)
+        states = (module or self.completion_forward)(
+            batch.input_ids.to(self.device), batch.attention_mask.to(self.device), mask
         )
-        return out.logits[..., : self.vocab]
+        targets = batch.input_ids.to(self.device)[:, 1:][mask]
+        rows = StudentRows(states, self.output_layer, self.vocab, self.loss_chunk_rows)
+        return rows, targets
 
 
-def load_student(source: str | Path, dtype: str, device: torch.device) -> Student:
+def load_student(
+    source: str | Path,
+    dtype: str,
+    device: torch.device,
+    loss_chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS,
+) -> Student:
     """The model directory `source` (student.model, or a checkpoint) in `dtype`, on `device`."""
     if not (Path(source) / "config.json").is_file():
         raise ConfigError(f"student.model: {source} is not a model directory (no config.json)")
@@ -57,4 +116,41 @@ def load_student(source: str | Path, dtype: str, device: torch.device) -> Studen
         raise ConfigError(f"student.model: {rows} output rows < {len(tokenizer)} tokens")
     eos_ids = frozenset(eos_token_ids(model, tokenizer))
     pad = tokenizer.pad_token_id
-    return Student(model, tokenizer, eos_ids, pad if pad is not None else min(eos_ids))
+    return Student(
+        model,
+        tokenizer,
+        eos_ids,
+        pad if pad is not None else min(eos_ids),
+        loss_chunk_rows,
+        rows_only=output_layer_splits_off(model),
+    )
+
+
+@torch.no_grad()
+def output_layer_splits_off(model: torch.nn.Module) -> bool:
+    """Whether the body's hidden states + OutputLayer give model(...).logits (on a short
+    sequence); a model whose body cannot run alone, or whose forward transforms its logits
+    some other way, is read from its logits (with a warning)."""
+    name = type(model).__name__
+    ids = torch.arange(8, device=next(model.parameters()).device).unsqueeze(0)
+    expected = model(input_ids=ids).logits[0, :-1]  # [7, padded V]
+    try:
+        hidden = CompletionForward(model, rows_only=True)(
+            ids, torch.ones_like(ids), torch.ones_like(ids[:, 1:], dtype=torch.bool)
+        )
+        got = OutputLayer(model)(hidden)
+    except Exception as error:  # an architecture whose body cannot run alone
+        log.warning("%s: the student's loss reads model(...).logits (%s)", name, error)
+        return False
+    # float rounding of the model's dtype, relative to the largest logit; a wrong path is
+    # off by far more
+    tolerance = 1e-4 if expected.dtype == torch.float32 else 2e-2
+    scale = max(1.0, float(expected.float().abs().max()))
+    if torch.allclose(got.float(), expected.float(), atol=tolerance * scale, rtol=0):
+        return True
+    log.warning(
+        "%s: its forward changes the logits after the output layer in a way OutputLayer does "
+        "not reproduce; the student's loss reads model(...).logits at every position",
+        name,
+    )
+    return False

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from student_trainer.config import ConfigError, TrainConfig
 from teacher_client import (
     GenerateResult,
+    RetryPolicy,
     ScoreResult,
     TeacherClient,
     TeacherInfo,
@@ -174,7 +175,10 @@ def connect(config: TrainConfig, *, workers: int = 2) -> Teacher | None:
     if not (config.uses_teacher or t.address):
         return None
     tls = dict(tls=t.tls, tls_ca=t.tls_ca, tls_cert=t.tls_cert, tls_key=t.tls_key)
-    client = TeacherClient(t.address, timeout=t.timeout_s, **tls)
+    # retried within teacher.timeout_s, however many tries that takes: a trainer waits out
+    # a teacher's restart or overload (the same request, the same answer) rather than die
+    retry = RetryPolicy(max_retries=None)
+    client = TeacherClient(t.address, timeout=t.timeout_s, retry=retry, **tls)
     log.info("waiting for the teacher service at %s", t.address)
     try:
         client.wait_until_serving(timeout=t.connect_timeout_s)

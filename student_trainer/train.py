@@ -6,6 +6,8 @@ Each optimizer step:
   2. every micro-batch of the step is built and handed to the teacher at once
      (microbatch.py), so the teacher scores micro-batch i while the student samples i + 1
      and runs its forward passes (the parameters do not change within a step: no staleness);
+     with rollout.max_staleness = k > 0 a worker builds step t + k's while step t trains,
+     from a copy of step t's weights (rollout_queue.py);
   3. each micro-batch's token losses are summed and divided by the completion-token count
      of the whole step (all micro-batches), then backward; clip, AdamW, schedule.
 
@@ -43,12 +45,12 @@ from student_trainer.metrics import MetricsLog
 from student_trainer.microbatch import MicroBatch, MicroBatchBuilder
 from student_trainer.objective import (
     TeacherRows,
-    completion_rows,
     divergence,
     group_advantages,
     reward_loss,
     token_logprobs,
 )
+from student_trainer.rollout_queue import Rollout, RolloutQueue
 from student_trainer.run_state import RunState
 from student_trainer.student import load_student
 from student_trainer.teacher import Teacher, connect, handshake
@@ -91,9 +93,12 @@ class Trainer:
         init_process_group(self.world, device)
         checkpoint = resume_checkpoint(resume, self.out_dir)
         self.student = load_student(
-            checkpoint or config.student.model, config.student.dtype, device
+            checkpoint or config.student.model,
+            config.student.dtype,
+            device,
+            config.student.loss_chunk_rows,
         )
-        self.trained = data_parallel(self.student.model, self.world)
+        self.trained = data_parallel(self.student.completion_forward, self.world)
         if teacher is None:
             # a thread for every micro-batch of a step: all of them are in flight at once
             teacher = connect(config, workers=max(2, config.optim.grad_accum))
@@ -108,6 +113,8 @@ class Trainer:
         self.builder = MicroBatchBuilder(
             self.student, teacher, config, self.state.rollout_generator
         )
+        self.rollouts = RolloutQueue(self.builder, self._build_step, config.rollout.max_staleness)
+        self.rollouts.restore(self.state.pending_rollouts)
 
     @property
     def step(self) -> int:
@@ -116,29 +123,32 @@ class Trainer:
     def save(self) -> Path | None:
         """Every rank must call it (their sampling streams are gathered); rank 0 writes."""
         student = self.student
+        self.state.pending_rollouts = self.rollouts.pending()
         return self.state.save(
             self.out_dir, student.model, student.tokenizer, self.config, self.world
         )
 
-    def _micro_batches(self, on_policy: bool) -> list[MicroBatch]:
-        """Every micro-batch of the step, each submitted to the teacher as soon as it exists."""
+    def _build_step(self, step: int, version: int, builder: MicroBatchBuilder) -> Rollout:
+        """Step `step`'s coin and micro-batches, each submitted to the teacher as soon as it
+        exists; `builder` samples with the weights of optimizer step `version`."""
         m, o = self.config.method, self.config.optim
+        on_policy = m.name == "gkd" and self.state.mixing.random() < m.lmbda
         group = m.samples_per_prompt if on_policy else 1
-        micro_batches = []
+        micro_batches: list[MicroBatch] = []
         for index in range(o.grad_accum):
             examples = self.world.shard(self.state.stream.take(o.batch_size))
             examples = [e for e in examples for _ in range(group)]
             micro_batches.append(
-                self.builder.build(examples, on_policy=on_policy, step=self.step, index=index)
+                builder.build(examples, on_policy=on_policy, step=step, index=index)
             )
-        return micro_batches
+        return Rollout(step, version, on_policy, micro_batches)
 
     def train_step(self) -> dict[str, Any]:
         m, o, state = self.config.method, self.config.optim, self.state
         started = time.perf_counter()
-        on_policy = m.name == "gkd" and state.mixing.random() < m.lmbda
         self.student.model.train()
-        micro_batches = self._micro_batches(on_policy)
+        rollout = self.rollouts.take(state.step)
+        on_policy, micro_batches = rollout.on_policy, rollout.micro_batches
         device = self.student.device
         # the whole world's completion tokens: every rank's loss is a share of one mean
         (total,) = self.world.sum([sum(mb.batch.num_tokens for mb in micro_batches)], device)
@@ -152,8 +162,7 @@ class Trainer:
             # hence the world size factor, which turns the average back into the sum)
             accumulate = self.world.distributed and not last
             with self.trained.no_sync() if accumulate else contextlib.nullcontext():
-                logits = self.student.logits(mb.batch, self.trained)
-                rows, targets = completion_rows(logits, mb.batch)
+                rows, targets = self.student.completion_rows(mb.batch, self.trained)
                 if mb.scores is None:  # sft / seqkd: next-token NLL on the given outputs
                     per_token = -token_logprobs(rows, targets)
                 else:
@@ -191,6 +200,7 @@ class Trainer:
             "step": state.step,
             "loss": loss_sum,
             "on_policy": on_policy,
+            "staleness": rollout.staleness,
             "tokens": total_tokens,
             "lr": lr,
             "grad_norm": float(grad_norm),
@@ -228,6 +238,7 @@ class Trainer:
             student.model.train(was_training)
 
     def close(self) -> None:
+        self.rollouts.close()
         if self.teacher is not None:
             self.teacher.close()
         destroy_process_group(self.world)

@@ -54,7 +54,8 @@ def test_crash_after_the_last_checkpoint_redoes_the_lost_steps(
 def test_a_checkpoint_with_one_sampling_stream_still_resumes_exactly(
     tmp_path, student_model_dir, backend
 ):
-    """Checkpoints from before per-rank streams kept one, as "rollout_generator"."""
+    """Checkpoints from before per-rank streams kept one, as "rollout_generator" (and had no
+    steps built ahead)."""
     overrides = ("optim.steps=4", "method.lmbda=1")  # on-policy: every step samples
     straight = train(
         small_config(tmp_path / "straight", student_model_dir, *overrides),
@@ -66,8 +67,9 @@ def test_a_checkpoint_with_one_sampling_stream_still_resumes_exactly(
     state = torch.load(path, weights_only=False)
     assert set(state) == {
         "step", "optimizer", "scheduler", "rollout_generators", "mixing", "data",
-        "torch", "python", "numpy", "cuda", "config",
+        "torch", "python", "numpy", "cuda", "config", "pending_rollouts",
     }  # fmt: skip
+    assert state.pop("pending_rollouts") == [[]]  # one rank, nothing built ahead
     state["rollout_generator"] = state.pop("rollout_generators")[0]
     torch.save(state, path)
     resumed = train(config, teacher=in_process(backend), resume="auto")

@@ -15,11 +15,17 @@ from student_trainer.objective import (
     reward_loss,
 )
 from student_trainer.rollouts import build_batch
+from student_trainer.rows import StudentRows
 from teacher_service.in_process import InProcessTeacher
 from tests.conftest import reference_logprobs
 
 PROMPTS = [[1, 30, 31, 32], [1, 40], [1, 50, 51]]
 COMPLETIONS = [[60, 61, 2], [70, 71, 72, 73, 2], [80]]
+
+
+def as_rows(logits: torch.Tensor) -> StudentRows:
+    """Rows that are logits already, all at once (tests/test_student_rows.py covers chunks)."""
+    return StudentRows(logits, None, logits.shape[-1])
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +63,9 @@ def test_topk_over_the_whole_vocabulary_equals_full(batch, backend, student_logi
     full = TeacherRows.from_results(
         teacher.score(batch.sequences, batch.prompt_lens, top_k=0, full=True, temperature=2.0)
     )
-    got_sparse, _ = divergence(rows, targets, sparse, method)
+    got_sparse, _ = divergence(as_rows(rows), targets, sparse, method)
     got_full, _ = divergence(
-        rows, targets, full, MethodConfig(beta=beta, temperature=2.0, support="full")
+        as_rows(rows), targets, full, MethodConfig(beta=beta, temperature=2.0, support="full")
     )
     # independent: the formula on explicit probabilities, teacher from a plain forward
     p = torch.cat(
@@ -84,7 +90,8 @@ def test_sampled_support_is_the_token_estimator(batch, backend, student_logits):
     teacher = InProcessTeacher(backend)
     rows, targets = completion_rows(student_logits.clone().requires_grad_(True), batch)
     signal = TeacherRows.from_results(teacher.score(batch.sequences, batch.prompt_lens, top_k=0))
-    loss, estimate = divergence(rows, targets, signal, MethodConfig(support="sampled", beta=1.0))
+    method = MethodConfig(support="sampled", beta=1.0)
+    loss, estimate = divergence(as_rows(rows), targets, signal, method)
     log_q = torch.log_softmax(rows.detach().float(), -1).gather(-1, targets[:, None]).squeeze(-1)
     torch.testing.assert_close(estimate, log_q - signal.target_logprobs)
     # gradient of sum(loss): (log q - log p) * d log q(y), the score-function estimator
@@ -106,7 +113,8 @@ def test_group_advantages_subtract_the_group_mean():
 def test_reward_loss_gradient_is_reinforce(batch, student_logits):
     rows, targets = completion_rows(student_logits.clone().requires_grad_(True), batch)
     advantages = torch.tensor([0.5, -1.0, 2.0])
-    (grad,) = torch.autograd.grad(reward_loss(rows, targets, batch, advantages).sum(), rows)
+    loss = reward_loss(as_rows(rows), targets, batch, advantages)
+    (grad,) = torch.autograd.grad(loss.sum(), rows)
     per_token = torch.tensor([0.5] * 3 + [-1.0] * 5 + [2.0], dtype=torch.float64)
     onehot = torch.nn.functional.one_hot(targets, rows.shape[-1]).double()
     expected = -per_token[:, None] * (onehot - torch.softmax(rows.detach(), -1))

@@ -94,14 +94,17 @@ def test_accumulation_normalises_by_the_whole_step(tmp_path, student_model_dir, 
     assert split == pytest.approx(whole, rel=1e-5)
 
 
-def test_resume_continues_exactly(tmp_path, student_model_dir, backend):
-    """Stop at N/2, resume: the same losses and weights as the uninterrupted run."""
+@pytest.mark.parametrize("staleness", [0, 1], ids=["in-step", "built-ahead"])
+def test_resume_continues_exactly(tmp_path, student_model_dir, backend, staleness):
+    """Stop at N/2, resume: the same losses and weights as the uninterrupted run (with steps
+    built ahead, the checkpoint keeps them and the resumed run trains the same ones)."""
     overrides = (
         "method.lmbda=0.5",
         "optim.grad_accum=2",
         "optim.steps=6",
         "method.student_candidates=4",
         "optim.schedule=linear",
+        f"rollout.max_staleness={staleness}",
     )
     straight = train(
         small_config(tmp_path / "a", student_model_dir, *overrides),
