@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from student_trainer.tiny_model import TINY_STUDENT_SPEC, build_tiny_model
 from teacher_client import TeacherClient
@@ -96,3 +97,24 @@ def reference_logprobs(
     with torch.inference_mode():
         logits = backend.model(torch.tensor([token_ids])).logits[0, :, : backend.vocab_size]
     return torch.log_softmax(logits.double() / temperature, dim=-1).float()
+
+
+def soft_capped_gemma2(vocab_size: int, layers: int) -> Gemma2ForCausalLM:
+    """A tiny Gemma 2 (eval mode) whose logits reach far beyond its final soft cap of 3, so
+    the cap changes every logit: what the rows paths must reproduce after the output layer."""
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=3.0,
+        pad_token_id=0,
+    )
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)
+    return model

@@ -14,8 +14,6 @@ import pytest
 import torch
 from transformers import (
     DynamicCache,
-    Gemma2Config,
-    Gemma2ForCausalLM,
     LlamaForCausalLM,
     masking_utils,
 )
@@ -24,7 +22,7 @@ from teacher_service.backend import HFBackend
 from teacher_service.backend_api import ScoreItem
 from teacher_service.sampling import SamplingOptions
 from teacher_service.scoring import ScoreOptions
-from tests.conftest import reference_logprobs
+from tests.conftest import reference_logprobs, soft_capped_gemma2
 
 ATOL = 1e-5
 PROMPT_LEN = 40  # longer than forward.MIN_SHARED_TOKENS: its samples share it
@@ -162,21 +160,7 @@ def test_the_token_sampled_after_a_shared_prefix_or_in_a_packed_row_is_the_one_s
 
 
 def test_a_soft_capped_architecture_gemma2_scores_its_own_logits(backend):
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=backend.model.config.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        final_logit_softcapping=3.0,  # small: the cap changes every logit
-        pad_token_id=0,
-    )
-    model = Gemma2ForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(50)  # logits far beyond the cap
+    model = soft_capped_gemma2(backend.model.config.vocab_size, layers=2)
     gemma = HFBackend(model, backend.tokenizer, model_id="tiny-gemma2")
     assert gemma.rows_only  # OutputLayer reproduces its soft-capping
     items = mixed_items(gemma.vocab_size)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from student_trainer.config import ConfigError, MethodConfig, load_config
 from student_trainer.microbatch import student_candidates
@@ -29,6 +29,7 @@ from student_trainer.rollouts import Batch, build_batch
 from student_trainer.rows import StudentRows
 from student_trainer.student import Student, load_student, output_layer_splits_off
 from teacher_service.in_process import InProcessTeacher
+from tests.conftest import soft_capped_gemma2
 
 ATOL = 1e-5
 CHUNKS = [0, 1, 5, 7, 64]  # 0: all rows at once; 5 and 7 do not divide the 23 rows
@@ -175,21 +176,7 @@ def test_the_students_own_candidates_are_its_top_ids_at_completion_rows(student,
 
 
 def test_a_soft_capped_student_gemma2_is_trained_through_its_output_layer(student, backend, batch):
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=student.model.config.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        final_logit_softcapping=3.0,  # small: the cap changes every logit
-        pad_token_id=0,
-    )
-    model = Gemma2ForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(50)  # logits far beyond the cap
+    model = soft_capped_gemma2(student.model.config.vocab_size, layers=1)
     assert output_layer_splits_off(model.eval())  # OutputLayer reproduces its soft-capping
     gemma = Student(model, student.tokenizer, student.eos_ids, student.pad_id)
     teacher = teacher_rows(backend, batch, LOSSES["JSD(0.5)"], None)
