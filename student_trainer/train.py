@@ -6,8 +6,8 @@ Each optimizer step:
   2. every micro-batch of the step is built and handed to the teacher at once
      (microbatch.py), so the teacher scores micro-batch i while the student samples i + 1
      and runs its forward passes (the parameters do not change within a step: no staleness);
-     with rollout.max_staleness = k > 0 a worker builds step t + k's while step t trains,
-     from a copy of step t's weights (rollout_queue.py);
+     with rollout.max_staleness = k > 0, step t starts by building step t + k's, so the
+     teacher scores them while k steps train (rollout_queue.py);
   3. each micro-batch's token losses are summed and divided by the completion-token count
      of the whole step (all micro-batches), then backward; clip, AdamW, schedule.
 
@@ -128,9 +128,9 @@ class Trainer:
             self.out_dir, student.model, student.tokenizer, self.config, self.world
         )
 
-    def _build_step(self, step: int, version: int, builder: MicroBatchBuilder) -> Rollout:
+    def _build_step(self, step: int, version: int) -> Rollout:
         """Step `step`'s coin and micro-batches, each submitted to the teacher as soon as it
-        exists; `builder` samples with the weights of optimizer step `version`."""
+        exists, sampled with the weights as they are (optimizer step `version`'s)."""
         m, o = self.config.method, self.config.optim
         on_policy = m.name == "gkd" and self.state.mixing.random() < m.lmbda
         group = m.samples_per_prompt if on_policy else 1
@@ -139,7 +139,7 @@ class Trainer:
             examples = self.world.shard(self.state.stream.take(o.batch_size))
             examples = [e for e in examples for _ in range(group)]
             micro_batches.append(
-                builder.build(examples, on_policy=on_policy, step=step, index=index)
+                self.builder.build(examples, on_policy=on_policy, step=step, index=index)
             )
         return Rollout(step, version, on_policy, micro_batches)
 
@@ -238,7 +238,6 @@ class Trainer:
             student.model.train(was_training)
 
     def close(self) -> None:
-        self.rollouts.close()
         if self.teacher is not None:
             self.teacher.close()
         destroy_process_group(self.world)
