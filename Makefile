@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: venv client-venv tgi-client-venv kustomize demo test lint proto bench bench-trainer bench-http models \
+.PHONY: venv client-venv tgi-client-venv trl-venv kustomize demo test lint proto bench bench-trainer bench-http models \
 	paper-table clean
 
 venv: $(STAMP)
@@ -61,10 +61,29 @@ $(TGI_CLIENT_STAMP):
 		text-generation==$(TGI_CLIENT_VERSION)
 	touch $(TGI_CLIENT_STAMP)
 
+# TRL's own DistillationTrainer with the service as its teacher (teacher_client.trl), for
+# tests/test_trl.py: torch (pinned, from local disk), trl and the client distribution with
+# its [trl] extra, non-editable; not the project: what a TRL user installs. When the client
+# changes, only the client is reinstalled (torch and trl stay); a new TRL_VERSION rebuilds.
+TRL_VERSION := 1.16.0
+TRL_VENV := .cache/trl-venv
+TRL_STAMP := $(TRL_VENV)/.installed-$(TRL_VERSION)
+TRL_PIP := $(TRL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+trl-venv: $(TRL_STAMP)
+
+$(TRL_STAMP): $(CLIENT_SOURCES) constraints.txt
+	if ! test -f $(TRL_STAMP) && test -d $(TRL_VENV); then rm -rf $(TRL_VENV); fi
+	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_PIP) torch==2.13.0
+	$(TRL_PIP) trl==$(TRL_VERSION) './teacher-client[trl]'
+	$(TRL_PIP) --force-reinstall --no-deps ./teacher-client
+	touch $(TRL_STAMP)
+
 demo: venv
 	$(PY) -m student_trainer.demo
 
-test: venv client-venv tgi-client-venv kustomize
+test: venv client-venv tgi-client-venv trl-venv kustomize
 	$(PY) -m pytest -q
 
 lint: venv

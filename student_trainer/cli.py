@@ -1,5 +1,6 @@
-"""`student-trainer`: train a student against the teacher service, evaluate one, or build
-the built-in tasks' models (pretrain) and small random ones (tiny-model)."""
+"""`student-trainer`: train a student against the teacher service, evaluate one, export a
+checkpoint as a plain model (LoRA adapters merged), or build the built-in tasks' models
+(pretrain) and small random ones (tiny-model)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from student_trainer.config import ConfigError, load_config
+from student_trainer.config import FILE_TASK, ConfigError, load_config
 from student_trainer.tiny_model import TinyModelSpec
 
 
@@ -37,9 +38,21 @@ def _eval(args: argparse.Namespace) -> None:
     config = _config(args)
     step = int(load_state(args.checkpoint)["step"]) if args.checkpoint else 0
     size = config.run.eval_size
+    if config.task.name == FILE_TASK:  # counted first: a missing split fails before loading
+        from student_trainer.user_data import split_size
+
+        prompts = min(size, split_size(config.task, args.split))
+    else:
+        prompts = min(size, getattr(config.task, f"{args.split}_size"))
     scores = evaluate_split(config, args.split, checkpoint=args.checkpoint, size=size)
-    prompts = min(size, getattr(config.task, f"{args.split}_size"))
     print(json.dumps({"step": step, "split": args.split, "prompts": prompts, **scores}))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from student_trainer.student import export_student
+
+    out = export_student(args.checkpoint, args.out_dir, args.dtype, args.base)
+    print(f"wrote {args.checkpoint} as a plain transformers model to {out}")
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -98,6 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="scored on its first run.eval_size prompts (--set run.eval_size=N for more)",
     )
     evaluate.set_defaults(run=_eval)
+    export = commands.add_parser(
+        "export",
+        help="write a checkpoint as a plain transformers model directory: a LoRA run's "
+        "adapters merged into its base weights (AutoModelForCausalLM loads it, no peft)",
+    )
+    export.add_argument("checkpoint", help="a checkpoint dir (runs/NAME/checkpoints/step-N)")
+    export.add_argument("out_dir", help="where the model and its tokenizer are written")
+    export.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="the exported weights' dtype",
+    )
+    export.add_argument(
+        "--base",
+        help="a LoRA checkpoint's base model dir (default: the one the checkpoint names)",
+    )
+    export.set_defaults(run=_export)
     pretrain = commands.add_parser(
         "pretrain", help="train a built-in task's teacher or student from random weights (SFT)"
     )
@@ -146,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.run(args)
     except ConfigError as error:
-        print(f"student-trainer: config error: {error}", file=sys.stderr)
+        # a bad record (user_data.DataError) names its file, line and field itself
+        kind = "bad data" if type(error).__name__ == "DataError" else "config error"
+        print(f"student-trainer: {kind}: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except FileNotFoundError as error:
         print(f"student-trainer: {error}", file=sys.stderr)

@@ -7,6 +7,7 @@ bad values are refused with a ConfigError that names the key (`method.beta`, ...
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,15 +16,31 @@ from typing import Any
 import yaml
 
 METHODS = ("sft", "seqkd", "gkd")
+FILE_TASK = "file"  # task.name for the user's own data files (user_data.py)
+TASK_FORMATS = ("auto", "prompt", "prompt_completion", "messages")
 SUPPORTS = ("topk", "full", "sampled")
 SCHEDULES = ("cosine", "linear", "constant")
+AUTOCASTS = ("none", "bf16", "fp16")
 # completion rows whose logits the loss holds at once: 512 x 152k float32 is 311 MB per
 # tensor, a few of which (log_softmax, divergence, their gradients) exist together
 DEFAULT_LOSS_CHUNK_ROWS = 512
+PEFT_INSTALL = "pip install 'teacher-service[lora]' (or: pip install peft)"
 
 
 class ConfigError(ValueError):
     """A bad configuration; the message starts with the offending key."""
+
+
+@dataclass
+class LoraConfig:
+    """student.lora: train low-rank adapters (peft) instead of every weight (lora.py)."""
+
+    r: int = 0  # the adapters' rank; 0 = no LoRA, every parameter is trained
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapters' input while training
+    # "all-linear" (every linear layer but the output layer) or comma-separated module
+    # names, e.g. "q_proj,k_proj,v_proj,o_proj" (Llama's attention projections)
+    target_modules: str = "all-linear"
 
 
 @dataclass
@@ -34,6 +51,12 @@ class StudentConfig:
     # the loss computes the student's logits this many completion rows at a time (and
     # again in the backward): memory O(rows x vocabulary); 0 = all rows at once
     loss_chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # recompute each decoder layer's activations in the backward instead of keeping them
+    gradient_checkpointing: bool = False
+    # the training forward and loss under torch.autocast: none | bf16 | fp16 (CUDA only,
+    # with a GradScaler); weights and optimizer stay in student.dtype (precision.py)
+    autocast: str = "none"
 
 
 @dataclass
@@ -53,11 +76,19 @@ class TeacherConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "translation"  # translation, arithmetic (tasks.py), or addition (tests)
-    train_size: int = 2000
+    # translation, arithmetic, records (tasks.py), addition (tests), or file: your own data
+    name: str = "translation"
+    train_size: int = 2000  # the built-in tasks' split sizes (a file's records are all used)
     validation_size: int = 64
     test_size: int = 64
     seed: int = 0  # the dataset's own seed (splits), independent of run.seed
+    # task.name=file (user_data.py): JSONL, JSON, Parquet, CSV or a save_to_disk directory
+    train_file: str = ""
+    validation_file: str = ""  # held-out prompts; or a fraction of train_file:
+    validation_fraction: float = 0.0  # ... held out at random (task.seed), in [0, 1)
+    test_file: str = ""  # for `student-trainer eval --split test`
+    format: str = "auto"  # auto | prompt | prompt_completion | messages (TRL's formats)
+    metric: str = ""  # module:function(predictions, references) -> float | dict (user_metric.py)
 
 
 @dataclass
@@ -243,8 +274,10 @@ def validate(config: TrainConfig) -> None:
     _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _require(o.schedule in SCHEDULES, "optim.schedule", f"{o.schedule!r} not in {SCHEDULES}")
     _require(o.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0")
-    _require(config.task.name in TASKS, "task.name", f"{config.task.name!r} not in {list(TASKS)}")
+    names = [*TASKS, FILE_TASK]
+    _require(config.task.name in names, "task.name", f"{config.task.name!r} not in {names}")
     _require(config.task.train_size >= 1, "task.train_size", "must be >= 1")
+    _validate_task_files(config.task)
     _require(config.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
     _require(config.run.eval_size >= 0, "run.eval_size", "must be >= 0")
     _require(
@@ -253,6 +286,7 @@ def validate(config: TrainConfig) -> None:
         "must be float32, bfloat16 or float16",
     )
     _require(config.student.loss_chunk_rows >= 0, "student.loss_chunk_rows", "must be >= 0")
+    validate_student(config.student)
     _require(
         config.teacher.dtype in ("float32", "bfloat16", "float16"),
         "teacher.dtype",
@@ -266,6 +300,76 @@ def validate(config: TrainConfig) -> None:
             "teacher.address",
             f"method {m.name} needs a teacher (address or in_process)",
         )
+
+
+def validate_student(s: StudentConfig) -> None:
+    """LoRA, gradient checkpointing and autocast: what makes a larger student fit."""
+    lora = s.lora
+    _require(lora.r >= 0, "student.lora.r", f"{lora.r} must be >= 0 (0: no LoRA)")
+    if lora.r > 0:
+        _require(lora.alpha > 0, "student.lora.alpha", f"{lora.alpha} must be > 0")
+        _require(0 <= lora.dropout < 1, "student.lora.dropout", f"{lora.dropout} not in [0, 1)")
+        names = [n.strip() for n in lora.target_modules.split(",")]
+        _require(
+            all(names),
+            "student.lora.target_modules",
+            f"{lora.target_modules!r}: 'all-linear' or comma-separated module names",
+        )
+        _require(
+            importlib.util.find_spec("peft") is not None,
+            "student.lora.r",
+            f"LoRA needs peft, which is not installed: {PEFT_INSTALL}",
+        )
+    _require(s.autocast in AUTOCASTS, "student.autocast", f"{s.autocast!r} not in {AUTOCASTS}")
+    if s.autocast == "fp16":
+        _require(
+            not s.device.startswith("cpu"),
+            "student.autocast",
+            "fp16 autocast needs CUDA (a GradScaler on a GPU); on CPU use bf16 or none",
+        )
+        _require(
+            s.dtype != "float16" or lora.r > 0,
+            "student.autocast",
+            "fp16 autocast scales float32 gradients: student.dtype=float32 (or bfloat16), "
+            "not float16 (LoRA adapters are float32 whatever the dtype)",
+        )
+
+
+def _validate_task_files(task: TaskConfig) -> None:
+    """The file task's keys (the files themselves are read, and checked record by record,
+    when training or evaluation starts: user_data.py)."""
+    from student_trainer.user_metric import load_metric
+
+    file_keys = ("train_file", "validation_file", "test_file", "metric")
+    if task.name != FILE_TASK:
+        for name in file_keys:
+            _require(not getattr(task, name), f"task.{name}", "is read only with task.name=file")
+        _require(task.format == "auto", "task.format", "is read only with task.name=file")
+        _require(
+            task.validation_fraction == 0,
+            "task.validation_fraction",
+            "is read only with task.name=file (the built-in tasks: task.validation_size)",
+        )
+        return
+    _require(
+        bool(task.train_file),
+        "task.train_file",
+        "task.name=file needs a file of prompts (JSONL, JSON, Parquet, CSV or a directory "
+        "written by datasets' save_to_disk)",
+    )
+    _require(task.format in TASK_FORMATS, "task.format", f"{task.format!r} not in {TASK_FORMATS}")
+    fraction = task.validation_fraction
+    _require(0.0 <= fraction < 1.0, "task.validation_fraction", f"{fraction} is outside [0, 1)")
+    _require(
+        not (task.validation_file and fraction > 0),
+        "task.validation_fraction",
+        "give either task.validation_file or a fraction of task.train_file, not both",
+    )
+    if task.metric:
+        try:
+            load_metric(task.metric)
+        except ValueError as error:
+            raise ConfigError(f"task.metric: {error}") from None
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:

@@ -7,29 +7,58 @@ import random
 from collections.abc import Collection
 from typing import Any
 
-from student_trainer.config import TaskConfig
+from student_trainer.config import FILE_TASK, TaskConfig, TrainConfig
 from student_trainer.tasks import TASKS, Example, Splits
+from student_trainer.user_data import load_user_splits, require_completions
 
 
-def task_splits(task: TaskConfig) -> Splits:
-    """The task's train / validation / test examples (task.seed decides them)."""
+def task_splits(task: TaskConfig, tokenizer: Any = None) -> Splits:
+    """The task's train / validation / test examples (task.seed decides them): a built-in
+    task's, or the user's files (task.name=file), whose conversations are rendered with
+    `tokenizer`'s chat template (the student's: the teacher's must be the same)."""
+    if task.name == FILE_TASK:
+        return load_user_splits(task, tokenizer)
     return TASKS[task.name].splits(task.train_size, task.validation_size, task.test_size, task.seed)
 
 
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """The prompt as the model sees it, with the tokenizer's special tokens (e.g. <bos>)."""
-    return list(tokenizer(text)["input_ids"])
+def training_splits(config: TrainConfig, tokenizer: Any) -> Splits:
+    """`task_splits`, refused when the method needs completions the data does not have."""
+    splits = task_splits(config.task, tokenizer)
+    require_completions(config, splits)
+    return splits
+
+
+def encode_prompt(tokenizer: Any, text: str, *, special_tokens: bool = True) -> list[int]:
+    """The prompt as the model sees it, with the tokenizer's special tokens (e.g. <bos>)
+    unless `special_tokens` is False (a chat template's rendering has its own)."""
+    return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
+
+
+def prompt_ids(tokenizer: Any, example: Example) -> list[int]:
+    """An example's prompt as token ids: a chat-rendered prompt is encoded as is, exactly
+    as `apply_chat_template(..., tokenize=True)` would (no second <bos>)."""
+    return encode_prompt(tokenizer, example.prompt, special_tokens=not example.templated)
 
 
 def encode_answer(tokenizer: Any, text: str) -> list[int]:
-    """The reference completion: its tokens then eos, so stopping is learned too."""
+    """The reference completion: its tokens then eos, so stopping is learned too (a chat
+    template's rendering may end in the eos already: it is not doubled)."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return [*ids, tokenizer.eos_token_id]
+    return ids if ids and ids[-1] == tokenizer.eos_token_id else [*ids, tokenizer.eos_token_id]
 
 
 def decode_completion(tokenizer: Any, ids: list[int], eos_ids: Collection[int]) -> str:
     """A completion's text, without its eos (what the task's metrics and rewards read)."""
     return tokenizer.decode([t for t in ids if t not in eos_ids], skip_special_tokens=True)
+
+
+def reference_text(tokenizer: Any, example: Example, eos_ids: Collection[int]) -> str:
+    """The example's completion as the student's own output would read if it generated
+    exactly that: encoded, cut after the first eos, decoded without special tokens. A
+    chat-rendered answer ("Hi<end_of_turn>\n") thus compares with predictions as "Hi"."""
+    ids = encode_answer(tokenizer, example.answer)
+    end = next((i for i, token in enumerate(ids) if token in eos_ids), len(ids))
+    return decode_completion(tokenizer, ids[:end], eos_ids)
 
 
 class ExampleStream:

@@ -12,22 +12,42 @@ any model directory to score it (a student, a checkpoint, the teacher itself), a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from student_trainer.config import TrainConfig
-from student_trainer.data import decode_completion, encode_prompt, task_splits
+from student_trainer.config import FILE_TASK, TaskConfig, TrainConfig
+from student_trainer.data import decode_completion, prompt_ids, reference_text, task_splits
 from student_trainer.losses import sparse_generalized_jsd
 from student_trainer.objective import TeacherRows, completion_rows
 from student_trainer.rollouts import build_batch, sample_completions
 from student_trainer.student import load_student
 from student_trainer.tasks import TASKS, Example
 from student_trainer.teacher import Teacher, connect, handshake
+from student_trainer.user_metric import load_metric, metric_scores
 from teacher_service.in_process import SamplingOptions, resolve_device
 
 EVAL_SEED_OFFSET = 7919  # evaluation draws never share a stream with training rollouts
+
+Scorer = Callable[[list[str], list[Example]], dict[str, float]]
+
+
+def task_scorer(task: TaskConfig, tokenizer: Any, eos_ids: Collection[int]) -> Scorer:
+    """The task's metrics on a list of predictions, the primary one first: a built-in
+    task's (percent), task.metric's on the user's data (as it returns them), or none."""
+    if task.name != FILE_TASK:
+        return TASKS[task.name].score
+    if not task.metric:
+        return lambda predictions, examples: {}
+    function = load_metric(task.metric)
+
+    def score(predictions: list[str], examples: list[Example]) -> dict[str, float]:
+        references = [reference_text(tokenizer, e, eos_ids) for e in examples]
+        return metric_scores(function, task.metric, predictions, references)
+
+    return score
 
 
 @torch.no_grad()
@@ -43,10 +63,12 @@ def evaluate(
 ) -> dict[str, float]:
     """{"metric": the task's primary metric (greedy), each task metric by name (greedy),
     "sampled_metric" and "sampled_<name>" (sampled), and with a teacher "forward_kl",
-    "reverse_kl", "divergence"}. Metrics are in percent."""
+    "reverse_kl", "divergence"}. Built-in metrics are in percent; the user's data has
+    only task.metric's (as it returns them), or none: the divergences alone."""
     if not examples:
         return {}
-    task, rollout, method = TASKS[config.task.name], config.rollout, config.method
+    score = task_scorer(config.task, tokenizer, eos_ids)
+    rollout, method = config.rollout, config.method
     device = next(model.parameters()).device
     vocab = len(tokenizer)
     sampling = dict(vocab_size=vocab, eos_ids=eos_ids, pad_id=pad_id)
@@ -58,7 +80,7 @@ def evaluate(
     size = config.optim.batch_size
     for start in range(0, len(examples), size):
         chunk = examples[start : start + size]
-        prompts = [encode_prompt(tokenizer, e.prompt) for e in chunk]
+        prompts = [prompt_ids(tokenizer, e) for e in chunk]
         greedy = SamplingOptions(rollout.max_new_tokens, temperature=0.0)
         completions = sample_completions(model, prompts, greedy, generator=None, **sampling)
         predictions += [decode_completion(tokenizer, ids, eos_ids) for ids in completions]
@@ -83,11 +105,14 @@ def evaluate(
             )
             totals[name] += float(per_token.sum())
         tokens += batch.num_tokens
-    scores = task.score(predictions, examples)
-    result = {"metric": scores[task.metric_name], **scores}
-    sampled_scores = task.score(sampled, examples)
-    result["sampled_metric"] = sampled_scores[task.metric_name]
-    result.update({f"sampled_{name}": value for name, value in sampled_scores.items()})
+    result: dict[str, float] = {}
+    scores = score(predictions, examples)
+    if scores:  # the primary metric is the first
+        result = {"metric": next(iter(scores.values())), **scores}
+    sampled_scores = score(sampled, examples)
+    if sampled_scores:
+        result["sampled_metric"] = next(iter(sampled_scores.values()))
+        result.update({f"sampled_{name}": value for name, value in sampled_scores.items()})
     if teacher is not None:
         result.update({k: totals[k] / tokens for k in ("forward_kl", "reverse_kl", "divergence")})
     return result
@@ -107,7 +132,7 @@ def evaluate_model(
     student = load_student(model_dir, config.student.dtype, resolve_device(config.student.device))
     if teacher is not None:
         handshake(teacher, student.tokenizer, config)
-    examples = getattr(task_splits(config.task), split)[:size]
+    examples = getattr(task_splits(config.task, student.tokenizer), split)[:size]
     return evaluate(
         student.model.eval(),
         student.tokenizer,

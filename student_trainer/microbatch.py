@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from student_trainer.config import TrainConfig
-from student_trainer.data import decode_completion, encode_answer, encode_prompt
+from student_trainer.data import decode_completion, encode_answer, prompt_ids
 from student_trainer.rollouts import Batch, build_batch, sample_completions
 from student_trainer.student import Student
 from student_trainer.tasks import REWARDS, Example
@@ -47,7 +47,7 @@ class MicroBatchBuilder:
         """Micro-batch `index` of `step`: sequences built, scoring submitted, rewards set."""
         m, tokenizer = self.config.method, self.student.tokenizer
         distill = m.name == "gkd"
-        prompts = [encode_prompt(tokenizer, e.prompt) for e in examples]
+        prompts = [prompt_ids(tokenizer, e) for e in examples]
         completed = self.completions(prompts, examples, on_policy=on_policy, step=step, index=index)
         batch = build_batch(
             prompts, completed, eos_ids=self.student.eos_ids, pad_id=self.student.pad_id

@@ -57,7 +57,7 @@ class Rollout:
                 {
                     "sequences": mb.batch.sequences,
                     "prompt_lens": mb.batch.prompt_lens,
-                    "examples": [(e.prompt, e.answer) for e in mb.examples],
+                    "examples": [(e.prompt, e.answer, e.templated) for e in mb.examples],
                     "candidates": mb.candidates,
                     "rewards": mb.rewards,
                 }
@@ -115,7 +115,7 @@ class RolloutQueue:
         )
         item = MicroBatch(
             batch,
-            [Example(prompt, answer) for prompt, answer in saved["examples"]],
+            [Example(*fields) for fields in saved["examples"]],  # older: (prompt, answer)
             saved["candidates"],
             rewards=saved["rewards"],
         )

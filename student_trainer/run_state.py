@@ -1,8 +1,9 @@
 """Everything a run carries from step to step besides the weights, and its checkpoints.
 
 A resumed run must compute exactly the steps the uninterrupted run would have, so all
-that moves or draws lives here: the step, AdamW's moments, the schedule, each rank's
-sampling stream, Algorithm 1's coin, the data position and the global torch / Python /
+that moves or draws lives here: the step, AdamW's moments (of the trainable parameters
+only: with LoRA, the adapters'), the schedule, fp16's loss scale, each rank's sampling
+stream, Algorithm 1's coin, the data position and the global torch / Python /
 numpy / CUDA generators. checkpoint.py writes and finds the files; this decides what
 goes in them (the keys of trainer_state.pt stay as they are, so old checkpoints load).
 """
@@ -23,6 +24,8 @@ from student_trainer.checkpoint import load_state, save_checkpoint
 from student_trainer.config import TrainConfig, to_dict
 from student_trainer.data import ExampleStream
 from student_trainer.distributed import World
+from student_trainer.lora import trainable_parameters
+from student_trainer.precision import Precision
 
 log = logging.getLogger(__name__)
 # rank r samples with its own stream, seeded run.seed + r * RANK_SEED_STRIDE (rank 0: run.seed)
@@ -51,6 +54,7 @@ class RunState:
     stream: ExampleStream  # the training examples, in their seeded order
     # this rank's steps built ahead of training (rollout_queue.py), as a checkpoint keeps them
     pending_rollouts: list[dict[str, Any]] = field(default_factory=list)
+    precision: Precision = field(default_factory=Precision)  # autocast and fp16's scaler
 
     @classmethod
     def start(
@@ -64,14 +68,18 @@ class RunState:
         """Step 0 of a run (torch's global generator is seeded here, as a fresh run's is)."""
         torch.manual_seed(config.run.seed)
         o = config.optim
-        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        optimizer = torch.optim.AdamW(
+            trainable_parameters(model), lr=o.lr, weight_decay=o.weight_decay
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, o.warmup_steps, o.steps, o.schedule)
         )
         generator = torch.Generator(device=device).manual_seed(
             config.run.seed + RANK_SEED_STRIDE * world.rank
         )
-        return cls(0, optimizer, scheduler, generator, random.Random(config.run.seed), stream)
+        precision = Precision.create(config.student.autocast, device)
+        mixing = random.Random(config.run.seed)
+        return cls(0, optimizer, scheduler, generator, mixing, stream, precision=precision)
 
     def save(
         self,
@@ -100,6 +108,9 @@ class RunState:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "config": to_dict(config),
         }
+        scaler = self.precision.state_dict()
+        if scaler is not None:  # fp16 autocast's loss scale (other runs' files keep their keys)
+            state["grad_scaler"] = scaler
         keep = config.run.keep_checkpoints
         return save_checkpoint(out_dir, self.step, model, tokenizer, state, keep=keep)
 
@@ -118,6 +129,7 @@ class RunState:
         pending = state.get("pending_rollouts", [])  # per rank; a rank it lacks builds afresh
         self.pending_rollouts = pending[world.rank] if world.rank < len(pending) else []
         self.stream.load_state_dict(state["data"])
+        self.precision.load_state_dict(state.get("grad_scaler"))
         torch.set_rng_state(state["torch"])
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])

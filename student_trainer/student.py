@@ -5,6 +5,12 @@ checkpoints have) are cut before any loss. A completion ends at the tokenizer's 
 any eos the model's generation config adds; a tokenizer without a pad token pads with an
 eos (the loss mask comes from lengths, so that is safe: rollouts.py).
 
+With `student.lora` the model carries peft's LoRA adapters, injected in place (lora.py):
+`Student.model` stays the transformers model, so sampling, the completion rows and DDP
+compute with the adapters through the API they already use, and `Student.adapters` (the
+PeftModel) is what a checkpoint saves: the adapters alone. `export_student` merges them
+into a plain model directory.
+
 The loss reads the student only where a completion token is predicted, so its forward
 stops before the output layer: the body's hidden states at those positions, to which the
 loss applies the output layer a chunk of rows at a time (rows.py). The output layer is the
@@ -23,7 +29,14 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from student_trainer.config import DEFAULT_LOSS_CHUNK_ROWS, ConfigError
+from student_trainer.config import DEFAULT_LOSS_CHUNK_ROWS, ConfigError, LoraConfig
+from student_trainer.lora import (
+    adapter_base,
+    add_adapters,
+    enable_gradient_checkpointing,
+    is_adapter_dir,
+    load_adapters,
+)
 from student_trainer.rollouts import Batch
 from student_trainer.rows import StudentRows
 from teacher_service.in_process import OutputLayer, eos_token_ids
@@ -69,6 +82,8 @@ class Student:
     loss_chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS  # student.loss_chunk_rows
     # False: states are rows of model(...).logits (an output layer that cannot be split off)
     rows_only: bool = True
+    # the PeftModel around `model` when it carries LoRA adapters (student.lora), else None
+    adapters: torch.nn.Module | None = None
     completion_forward: CompletionForward = field(init=False)
     output_layer: OutputLayer | None = field(init=False)
 
@@ -83,6 +98,12 @@ class Student:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def saved(self) -> torch.nn.Module:
+        """What a checkpoint's save_pretrained writes: the adapters alone with LoRA (the
+        base weights never change), else the whole model."""
+        return self.model if self.adapters is None else self.adapters
 
     def completion_rows(
         self, batch: Batch, module: torch.nn.Module | None = None
@@ -103,14 +124,33 @@ def load_student(
     dtype: str,
     device: torch.device,
     loss_chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS,
+    *,
+    lora: LoraConfig | None = None,
+    base: str | Path | None = None,
+    gradient_checkpointing: bool = False,
+    seed: int = 0,
 ) -> Student:
-    """The model directory `source` (student.model, or a checkpoint) in `dtype`, on `device`."""
-    if not (Path(source) / "config.json").is_file():
-        raise ConfigError(f"student.model: {source} is not a model directory (no config.json)")
+    """The model directory `source` (student.model, or a checkpoint) in `dtype`, on `device`.
+
+    A LoRA checkpoint (adapters only) is loaded onto its base model: `base`, else the one
+    the checkpoint names; its adapters train when `lora` is given. A whole model with `lora`
+    gets fresh adapters drawn from `seed`."""
+    adapter_dir = is_adapter_dir(source)
+    weights = (base or adapter_base(source)) if adapter_dir else source
+    if not (Path(weights) / "config.json").is_file():
+        raise ConfigError(f"student.model: {weights} is not a model directory (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=getattr(torch, dtype), local_files_only=True
-    ).to(device)
+        weights, dtype=getattr(torch, dtype), local_files_only=True
+    )
+    adapters = None
+    if adapter_dir:
+        adapters = load_adapters(model, source, trainable=lora is not None)
+    elif lora is not None:
+        adapters = add_adapters(model, lora, weights, seed)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.to(device)
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < len(tokenizer):
         raise ConfigError(f"student.model: {rows} output rows < {len(tokenizer)} tokens")
@@ -123,7 +163,25 @@ def load_student(
         pad if pad is not None else min(eos_ids),
         loss_chunk_rows,
         rows_only=output_layer_splits_off(model),
+        adapters=adapters,
     )
+
+
+def export_student(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    base: str | Path | None = None,
+) -> Path:
+    """A checkpoint as a plain transformers model directory (model + tokenizer): LoRA
+    adapters merged into the weights, so AutoModelForCausalLM loads it without peft and
+    computes the adapted model's logits; a whole-model checkpoint is written as it is."""
+    student = load_student(checkpoint, dtype, torch.device("cpu"), base=base)
+    model = student.model if student.adapters is None else student.adapters.merge_and_unload()
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    student.tokenizer.save_pretrained(out)
+    return out
 
 
 @torch.no_grad()

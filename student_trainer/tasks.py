@@ -34,7 +34,12 @@ from student_trainer.tiny_model import ITEMS, NAMES
 @dataclass(frozen=True)
 class Example:
     prompt: str
-    answer: str  # the reference completion (without eos)
+    # the reference completion (without eos, though a chat template's rendering ends with
+    # its end-of-turn text); "" for a prompt-only dataset
+    answer: str
+    # the prompt is a chat template's rendering (user_data.py): its special tokens (<bos>,
+    # turn markers) are in the text already, so encoding it must not add another <bos>
+    templated: bool = False
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,9 @@ class Splits:
     train: list[Example]
     validation: list[Example]
     test: list[Example]
+    # every training example has a reference completion (False: prompts only, which only
+    # methods that complete the prompts themselves can train on: on-policy GKD, SeqKD)
+    has_completions: bool = True
 
 
 def normalize(text: str) -> str:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from student_trainer.checkpoint import resume_checkpoint
 from student_trainer.config import ConfigError, TrainConfig, to_dict
-from student_trainer.data import ExampleStream, task_splits
+from student_trainer.data import ExampleStream, training_splits
 from student_trainer.distributed import (
     World,
     data_parallel,
@@ -40,6 +40,7 @@ from student_trainer.distributed import (
     init_process_group,
 )
 from student_trainer.evaluate import evaluate
+from student_trainer.lora import is_adapter_dir, trainable_parameters
 from student_trainer.losses import token_level_loss
 from student_trainer.metrics import MetricsLog
 from student_trainer.microbatch import MicroBatch, MicroBatchBuilder
@@ -52,7 +53,7 @@ from student_trainer.objective import (
 )
 from student_trainer.rollout_queue import Rollout, RolloutQueue
 from student_trainer.run_state import RunState
-from student_trainer.student import load_student
+from student_trainer.student import Student, load_student
 from student_trainer.teacher import Teacher, connect, handshake
 from teacher_service.in_process import resolve_device
 
@@ -92,12 +93,7 @@ class Trainer:
         device = device_for(self.world, resolve_device(config.student.device))
         init_process_group(self.world, device)
         checkpoint = resume_checkpoint(resume, self.out_dir)
-        self.student = load_student(
-            checkpoint or config.student.model,
-            config.student.dtype,
-            device,
-            config.student.loss_chunk_rows,
-        )
+        self.student = _load_student(config, checkpoint, device)
         self.trained = data_parallel(self.student.completion_forward, self.world)
         if teacher is None:
             # a thread for every micro-batch of a step: all of them are in flight at once
@@ -105,9 +101,10 @@ class Trainer:
         if teacher is not None:
             handshake(teacher, self.student.tokenizer, config)
         self.teacher = teacher
-        self.splits = task_splits(config.task)
+        self.splits = training_splits(config, self.student.tokenizer)
         stream = ExampleStream(self.splits.train, seed=config.run.seed)
         self.state = RunState.start(config, self.student.model, stream, self.world, device)
+        self.precision = self.state.precision
         if checkpoint:
             self.state.load(checkpoint, self.world)
         self.builder = MicroBatchBuilder(
@@ -125,7 +122,7 @@ class Trainer:
         student = self.student
         self.state.pending_rollouts = self.rollouts.pending()
         return self.state.save(
-            self.out_dir, student.model, student.tokenizer, self.config, self.world
+            self.out_dir, student.saved, student.tokenizer, self.config, self.world
         )
 
     def _build_step(self, step: int, version: int) -> Rollout:
@@ -162,36 +159,38 @@ class Trainer:
             # hence the world size factor, which turns the average back into the sum)
             accumulate = self.world.distributed and not last
             with self.trained.no_sync() if accumulate else contextlib.nullcontext():
-                rows, targets = self.student.completion_rows(mb.batch, self.trained)
-                if mb.scores is None:  # sft / seqkd: next-token NLL on the given outputs
-                    per_token = -token_logprobs(rows, targets)
-                else:
-                    waited = time.perf_counter()
-                    results = mb.scores.result()
-                    wait += time.perf_counter() - waited
-                    latency += mb.scores.latency_s
-                    teacher = TeacherRows.from_results(results, mb.candidates).to(device)
-                    per_token, div = divergence(rows, targets, teacher, m)
-                    divergence_sum += float(div.sum())
-                    if mb.rewards is not None:
-                        advantages = group_advantages(mb.rewards, m.samples_per_prompt)
-                        per_token = m.alpha * per_token + (1 - m.alpha) * reward_loss(
-                            rows, targets, mb.batch, advantages.to(device)
-                        )
-                        rewards.extend(mb.rewards)
-                mask = torch.ones_like(per_token, dtype=torch.bool)
-                loss = token_level_loss(per_token, mask, total_tokens)
-                (loss * self.world.size).backward()
+                with self.precision.autocast():  # student.autocast: forward and loss only
+                    rows, targets = self.student.completion_rows(mb.batch, self.trained)
+                    if mb.scores is None:  # sft / seqkd: next-token NLL on the given outputs
+                        per_token = -token_logprobs(rows, targets)
+                    else:
+                        waited = time.perf_counter()
+                        results = mb.scores.result()
+                        wait += time.perf_counter() - waited
+                        latency += mb.scores.latency_s
+                        teacher = TeacherRows.from_results(results, mb.candidates).to(device)
+                        per_token, div = divergence(rows, targets, teacher, m)
+                        divergence_sum += float(div.sum())
+                        if mb.rewards is not None:
+                            advantages = group_advantages(mb.rewards, m.samples_per_prompt)
+                            per_token = m.alpha * per_token + (1 - m.alpha) * reward_loss(
+                                rows, targets, mb.batch, advantages.to(device)
+                            )
+                            rewards.extend(mb.rewards)
+                    mask = torch.ones_like(per_token, dtype=torch.bool)
+                    loss = token_level_loss(per_token, mask, total_tokens)
+                self.precision.backward(loss * self.world.size)
             loss_sum += float(loss.detach())
         loss_sum, divergence_sum, reward_sum, reward_count = self.world.sum(
             [loss_sum, divergence_sum, sum(rewards), len(rewards)], device
         )
+        self.precision.unscale(state.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.student.model.parameters(),
+            trainable_parameters(self.student.model),
             o.max_grad_norm if o.max_grad_norm > 0 else float("inf"),
         )
         lr = state.scheduler.get_last_lr()[0]
-        state.optimizer.step()
+        self.precision.step(state.optimizer)
         state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.step += 1
@@ -241,6 +240,31 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.close()
         destroy_process_group(self.world)
+
+
+def _load_student(config: TrainConfig, checkpoint: Path | None, device: torch.device) -> Student:
+    """The student to train: student.model, or the checkpoint resumed, with its adapters
+    (student.lora) and gradient checkpointing. A checkpoint must be of the run's kind: a
+    LoRA run's holds adapters, a full run's a whole model (the optimizer state of one does
+    not fit the other)."""
+    s = config.student
+    lora = s.lora if s.lora.r > 0 else None
+    if checkpoint is not None and is_adapter_dir(checkpoint) != (lora is not None):
+        held = "LoRA adapters" if is_adapter_dir(checkpoint) else "a whole model"
+        raise ConfigError(
+            f"student.lora.r: the checkpoint {checkpoint} holds {held}; resume it with the "
+            "student.lora settings it was trained with"
+        )
+    return load_student(
+        checkpoint or s.model,
+        s.dtype,
+        device,
+        s.loss_chunk_rows,
+        lora=lora,
+        base=s.model,
+        gradient_checkpointing=s.gradient_checkpointing,
+        seed=config.run.seed,
+    )
 
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:

@@ -160,7 +160,7 @@ class BatcherOverloaded(ServiceError):
 
     kind = ErrorKind.OVERLOADED
 
-    def __init__(self, message: str, *, retry_after: float) -> None:
+    def __init__(self, message: str, *, retry_after: float | None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
@@ -293,10 +293,13 @@ class DynamicBatcher(Generic[Item, Result]):
         """Refuse (BatcherOverloaded) a request the queue cannot serve within its budget."""
         if self._max_queued is not None and self.queued_tokens + tokens > self._max_queued:
             self.stats.refused += 1
+            # no hint for a request over the cap by itself: coming back would not help
+            alone_too_big = tokens > self._max_queued
             raise BatcherOverloaded(
-                f"the teacher's queue is full ({self.queued_tokens} tokens waiting, "
-                f"max_queued_tokens = {self._max_queued}): retry later",
-                retry_after=self._retry_after(self.estimated_wait()),
+                f"the teacher's queue is full ({self.queued_tokens} tokens waiting + {tokens} "
+                f"asked, max_queued_tokens = {self._max_queued})"
+                + (": the request alone is over it" if alone_too_big else ": retry later"),
+                retry_after=None if alone_too_big else self._retry_after(self.estimated_wait()),
             )
         if self._max_queue_seconds is None or not self._queue:
             return  # an empty queue always admits: the request goes into the next forward
@@ -367,7 +370,7 @@ class DynamicBatcher(Generic[Item, Result]):
             self._drop_gone()
             while self._queue and not self._ready(loop.time()):
                 remaining = self._queue[0].enqueued_at + self._max_wait - loop.time()
-                with contextlib.suppress(TimeoutError):  # then the oldest has waited enough
+                with contextlib.suppress(asyncio.TimeoutError):  # the oldest has waited enough
                     await asyncio.wait_for(self._arrived.wait(), remaining)
                 self._arrived.clear()
                 self._drop_gone()

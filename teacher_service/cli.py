@@ -48,6 +48,9 @@ def _serve(args: argparse.Namespace) -> None:
         tls_cert=args.tls_cert or "",
         tls_key=args.tls_key or "",
         tls_client_ca=args.tls_client_ca or "",
+        zmq_port=args.zmq_port,
+        zmq_host=args.zmq_host,
+        zmq_top_k=args.zmq_top_k,
     )
     serve(config)
 
@@ -149,7 +152,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP: open connections served at once; a request on one past the cap gets 503 "
         "and its connection is closed",
     )
-    serve.add_argument("--no-grpc", action="store_true", help="serve HTTP only")
+    serve.add_argument("--no-grpc", action="store_true", help="no gRPC front end")
+    serve.add_argument(
+        "--zmq-port",
+        type=int,
+        default=defaults.zmq_port,
+        help="also serve verl's GKD teacher protocol (ZeroMQ ROUTER, torch.save payloads) "
+        "here; 0 = off. No auth, no TLS: it listens on --zmq-host",
+    )
+    serve.add_argument(
+        "--zmq-host",
+        default=defaults.zmq_host,
+        help="address the ZeroMQ front end listens on (loopback by default, whatever --host "
+        "says; must stay loopback when auth or TLS is on)",
+    )
+    serve.add_argument(
+        "--zmq-top-k",
+        type=int,
+        default=defaults.zmq_top_k,
+        help="top-k log-probs per row for verl requests that name none (verl's teacher "
+        "server: --n-logprobs); at most the vocabulary",
+    )
     serve.add_argument(
         "--auth-token-file",
         help="require this file's token as 'Authorization: Bearer <token>' on both front "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 
@@ -15,8 +16,10 @@ class Limits:
     max_message_bytes: int = 256 * 1024 * 1024  # request and response messages
     max_queued_tokens: int = 4 * 1024 * 1024  # a hard cap on queued tokens (429 beyond it)
     # the longest wait for a forward the queue may promise (estimated from measured
-    # throughput): beyond it a request is refused at once with a retry hint (429)
-    max_queue_seconds: float = 2.0
+    # throughput): beyond it a request is refused at once with a retry hint (429). At 128
+    # clients on 2 CPU cores admitted p99 was 2.8 s with 2 s and 0.97 s with 0.5 s
+    # (docs/benchmarks.md): a longer queue only delays what it holds
+    max_queue_seconds: float = 0.5
 
     def __post_init__(self) -> None:
         for name in (
@@ -66,6 +69,11 @@ class ServerConfig:
     tls_cert: str = ""  # PEM certificate chain: serve TLS on both front ends ("" off)
     tls_key: str = ""  # its private key
     tls_client_ca: str = ""  # require client certificates signed by this CA (mutual TLS)
+    # verl's GKD teacher protocol over ZeroMQ (zmq_api.py) on this port (0: off). It has no
+    # auth and no TLS, so it listens on loopback unless zmq_host says otherwise
+    zmq_port: int = 0
+    zmq_host: str = "127.0.0.1"
+    zmq_top_k: int = 256  # top-k when a request names none (verl's teacher: --n-logprobs 256)
 
     def __post_init__(self) -> None:
         if self.max_connection_age_s < 0:
@@ -93,10 +101,31 @@ class ServerConfig:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-        if not self.grpc and self.http_port is None:
-            raise ValueError("both front ends are off: serve gRPC, HTTP (--http-port) or both")
+        if not 0 <= self.zmq_port <= 65535:
+            raise ValueError(f"zmq_port must be in [0, 65535] (0: off), got {self.zmq_port}")
+        if self.zmq_top_k < 1:
+            raise ValueError(f"zmq_top_k must be >= 1, got {self.zmq_top_k}")
+        if self.zmq_port and (self.auth_token or self.tls_cert) and not _loopback(self.zmq_host):
+            raise ValueError(
+                "--zmq-port has no auth and no TLS: with --auth-token-file or --tls-cert it may "
+                f"only listen on loopback (--zmq-host 127.0.0.1 or ::1), not {self.zmq_host!r}"
+            )
+        if not self.grpc and self.http_port is None and not self.zmq_port:
+            raise ValueError(
+                "every front end is off: serve gRPC, HTTP (--http-port), ZeroMQ (--zmq-port)"
+            )
 
     def address(self, port: int) -> str:
         """host:port to listen on or dial (an IPv6 host in brackets)."""
         host = self.host
         return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _loopback(host: str) -> bool:
+    """Whether `host` is a loopback name or address (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

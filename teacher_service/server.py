@@ -1,9 +1,9 @@
 """The service's lifecycle: the engine plus the front ends the config asks for.
 
 `start_server` wires the backend, the engine (model worker and dynamic batcher), the
-gRPC front end (grpc_api.py) and the HTTP one (web/) into one event loop; `serve` runs
-it until SIGINT/SIGTERM; `BackgroundServer` runs it on a thread of its own (tests,
-benchmarks, notebooks). No request handling lives here.
+gRPC front end (grpc_api.py), the HTTP one (web/) and verl's ZeroMQ one (zmq_api.py) into
+one event loop; `serve` runs it until SIGINT/SIGTERM; `BackgroundServer` runs it on a
+thread of its own (tests, benchmarks, notebooks). No request handling lives here.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from teacher_service.config import ServerConfig
 from teacher_service.engine import Engine
 from teacher_service.grpc_api import SERVICE_NAME, start_grpc
 from teacher_service.web.server import HttpServer
+from teacher_service.zmq_api import ZmqServer
 
 __all__ = [
     "SERVICE_NAME",
@@ -53,10 +54,15 @@ class RunningServer:
     port: int | None  # the gRPC port (None when gRPC is off)
     health: health_aio.HealthServicer | None
     http: HttpServer | None
+    zmq: ZmqServer | None = None
 
     @property
     def http_port(self) -> int | None:
         return None if self.http is None else self.http.port
+
+    @property
+    def zmq_port(self) -> int | None:
+        return None if self.zmq is None else self.zmq.port
 
     async def stop(self, grace: float) -> None:
         """At once: NOT_SERVING, /health 503, new calls refused (UNAVAILABLE / 503). In-flight
@@ -73,18 +79,20 @@ class RunningServer:
             stops.append(self.grpc_server.stop(grace + SHUTDOWN_MARGIN))
         if self.http is not None:
             stops.append(self.http.stop(grace + SHUTDOWN_MARGIN))
+        if self.zmq is not None:  # draining: new requests get a shutting_down error reply
+            stops.append(self.zmq.stop(grace + SHUTDOWN_MARGIN))
         front_ends = asyncio.gather(*stops)
-        with contextlib.suppress(TimeoutError):  # else every call ended within the grace
+        with contextlib.suppress(asyncio.TimeoutError):  # else every call ended in grace
             await asyncio.wait_for(asyncio.shield(front_ends), grace)
         await self.engine.close()
         await front_ends
 
 
 async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
-    """The engine plus the front ends the config asks for (gRPC, HTTP or both)."""
+    """The engine plus the front ends the config asks for (gRPC, HTTP, ZeroMQ)."""
     engine = Engine(backend, config)
     engine.start()
-    grpc_server = port = health = http = None
+    grpc_server = port = health = http = zmq = None
     try:
         if config.grpc:
             grpc_server, port, health = await start_grpc(engine, config)
@@ -93,21 +101,26 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
             http = await HttpServer.start(
                 engine, config.host, config.http_port, auth_token=config.auth_token, tls=tls
             )
+        if config.zmq_port:
+            zmq = await ZmqServer.start(engine, config.zmq_host, config.zmq_port)
     except BaseException:
         if grpc_server is not None:
             await grpc_server.stop(0)
+        if http is not None:
+            await http.stop(0)
         await engine.close()
         raise
     log.info(
-        "teacher service: gRPC %s, HTTP %s (model %s, %s, auth %s, TLS %s)",
+        "teacher service: gRPC %s, HTTP %s, ZeroMQ %s (model %s, %s, auth %s, TLS %s)",
         "off" if port is None else f"{config.host}:{port}",
         "off" if http is None else f"{config.host}:{http.port}",
+        "off" if zmq is None else f"{config.zmq_host}:{zmq.port} (no auth, no TLS)",
         backend.model_id,
         backend.device,
         "bearer token" if config.auth_token else "off",
         ("mutual" if config.tls_client_ca else "on") if config.tls_cert else "off",
     )
-    return RunningServer(engine, grpc_server, port, health, http)
+    return RunningServer(engine, grpc_server, port, health, http, zmq)
 
 
 def load_backend(config: ServerConfig) -> Backend:
@@ -145,6 +158,13 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> NoReturn:
             http_address = config.address(running.http_port)
             print(
                 f"teacher-service listening on http://{http_address} (HTTP, docs at /docs)",
+                flush=True,
+            )
+        if running.zmq_port is not None:
+            zmq_address = f"tcp://{config.zmq_host}:{running.zmq_port}"
+            print(
+                f"teacher-service listening on {zmq_address} (ZeroMQ, verl's GKD teacher "
+                "protocol; no auth, no TLS)",
                 flush=True,
             )
         stop = asyncio.Event()
@@ -200,6 +220,13 @@ class BackgroundServer:
         assert self.running is not None and self.running.http_port is not None, "no HTTP server"
         scheme = "https" if self._config.tls_cert else "http"
         return f"{scheme}://{self._config.address(self.running.http_port)}"
+
+    @property
+    def zmq_url(self) -> str:
+        """tcp://host:port of the ZeroMQ front end (verl's GKD teacher protocol)."""
+        assert self.running is not None and self.running.zmq_port is not None, "no ZeroMQ"
+        host = self._config.zmq_host
+        return f"tcp://{f'[{host}]' if ':' in host else host}:{self.running.zmq_port}"
 
     def call(self, coroutine):
         """Run a coroutine on the server's loop and wait for its result."""

@@ -64,7 +64,7 @@ def test_serve_scores_and_shuts_down_cleanly_on_sigterm(tiny_model_dir, backend,
         (["--model", "{model}", "--max-batch-tokens", "0"], "max_batch_tokens must be >= 1"),
         (["--model", "{model}", "--backend", "openai"], "--upstream URL goes with"),
         (["--model", "{model}", "--upstream", "http://x"], "--upstream URL goes with"),
-        (["--model", "{model}", "--no-grpc"], "both front ends are off"),
+        (["--model", "{model}", "--no-grpc"], "every front end is off"),
     ],
 )
 def test_serve_refuses_bad_flags_with_a_clear_message(tiny_model_dir, tmp_path, flags, message):

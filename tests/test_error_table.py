@@ -116,7 +116,7 @@ TEXT = {"inputs": "Ada has 12 apples.", "parameters": {"max_new_tokens": 2}}
 CASES = [
     Case(K.INVALID_ARGUMENT, "grpc", "server", score(SHORT, 0), "score_from"),
     Case(K.INVALID_ARGUMENT, "native", "server", native(SHORT, 0), "score_from"),
-    Case(K.INVALID_ARGUMENT, "openai", "server", {"prompt": SHORT, "n": 2}, "n = 2"),
+    Case(K.INVALID_ARGUMENT, "openai", "server", {"prompt": SHORT, "n": 0}, "n = 0"),
     Case(K.INVALID_ARGUMENT, "tgi", "server", {"inputs": "x", "stream": True}, "stream"),
     Case(K.TOO_LARGE, "grpc", "faulty", score(TOO_MANY), "max_tokens_per_request"),
     Case(K.TOO_LARGE, "native", "faulty", native(TOO_MANY), "max_tokens_per_request"),

@@ -184,7 +184,8 @@ def error_text(route: str, answer: httpx.Response) -> str:
     assert answer.headers["content-type"].startswith("application/json"), answer.text
     error = answer.json()["error"]
     if route == "/v1/completions":  # OpenAI: {"error": {"message", "type", "param", "code"}}
-        assert error["code"] == answer.status_code and error["type"] == "invalid_request_error"
+        kind = "NotFoundError" if answer.status_code == 404 else "invalid_request_error"  # model
+        assert error["code"] == answer.status_code and error["type"] == kind
         return error["message"]
     if route in ("/", "/generate"):  # TGI: {"error", "error_type"}
         assert answer.json()["error_type"] == "validation"

@@ -329,7 +329,7 @@ BAD = [
     ({"prompt": [1, 5], "temprature": 1.0}, 422, "temprature"),
     ({"prompt": [1, 5], "max_tokens": "5"}, 422, "max_tokens"),
     ({"prompt": [1, 5], "echo": "yes"}, 422, "echo"),
-    ({"prompt": [1, 5], "n": 2}, 422, "n"),
+    ({"prompt": [1, 5], "n": 0}, 422, "n"),
     ({"prompt": [1, 5], "stream": True}, 422, "stream"),
     ({"prompt": [1, 5, 512]}, 422, "prompt[2]"),
     ({"prompt": [[1, 5], [1, 10**30]]}, 422, "prompt[1][1]"),
@@ -440,3 +440,107 @@ def test_one_token_beside_prompt_logprobs_comes_from_the_scoring_forward(
         (want,) = client.score([prompt], 1, top_k=3, temperature=0.7)
         got = [positions[i + 1][str(prompt[i + 1])]["logprob"] for i in range(len(prompt) - 1)]
         np.testing.assert_allclose(got, want.target_logprobs, atol=1e-5)
+
+
+# --- model and n, with the official openai SDK ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdk(http_url):
+    openai = pytest.importorskip("openai")
+    with openai.OpenAI(base_url=f"{http_url}/v1", api_key="unused", max_retries=0) as client:
+        yield client
+
+
+def test_an_unknown_model_is_openais_not_found_naming_the_param(sdk, http_url, client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as raised:
+        sdk.completions.create(model="no-such-model", prompt=[1, 5, 9], max_tokens=1)
+    assert raised.value.status_code == 404
+    answer = httpx.post(
+        f"{http_url}/v1/completions", json={"model": "no-such-model", "prompt": [1, 5]}
+    )
+    assert answer.status_code == 404
+    assert answer.json() == {
+        "error": {
+            "message": "The model `no-such-model` does not exist.",
+            "type": "NotFoundError",
+            "param": "model",
+            "code": 404,
+        }
+    }
+    served = sdk.models.list().data[0].id
+    assert served == client.info().model_id
+    got = sdk.completions.create(model=served, prompt=[1, 5, 9], max_tokens=1)
+    assert len(got.choices) == 1
+
+
+def test_n_choices_are_reproducible_with_a_seed_and_choice_j_is_n1_with_seed_plus_j(
+    sdk, http_url, client, sequences
+):
+    model = client.info().model_id
+    prompts = [sequences[0][:5], sequences[2][:4]]
+    fields = {"model": model, "prompt": prompts, "max_tokens": 6, "temperature": 1.0}
+    extra = {"return_token_ids": True, "prompt_logprobs": 2}
+    first = sdk.completions.create(**fields, n=3, seed=41, logprobs=2, extra_body=extra)
+    again = sdk.completions.create(**fields, n=3, seed=41, logprobs=2, extra_body=extra)
+    assert [c.index for c in first.choices] == list(range(6))  # prompt i's choice j: i * 3 + j
+    tokens = [c.model_extra["token_ids"] for c in first.choices]
+    assert [c.model_extra["token_ids"] for c in again.choices] == tokens
+    assert [c.text for c in again.choices] == [c.text for c in first.choices]
+    for mine, theirs in zip(first.choices, again.choices):  # batched apart: rounding only
+        np.testing.assert_allclose(
+            mine.logprobs.token_logprobs, theirs.logprobs.token_logprobs, atol=1e-5
+        )
+    assert len({tuple(t) for t in tokens[:3]}) > 1  # three draws, not one thrice
+    for j in range(3):
+        alone = post(http_url, **fields, **extra, n=1, seed=41 + j, logprobs=2)
+        for i, want in enumerate(alone["choices"]):
+            got = first.choices[i * 3 + j]
+            assert got.model_extra["token_ids"] == want["token_ids"]
+            assert got.text == want["text"] and got.finish_reason == want["finish_reason"]
+            np.testing.assert_allclose(
+                got.logprobs.token_logprobs, want["logprobs"]["token_logprobs"], atol=1e-5
+            )
+            assert got.logprobs.tokens == want["logprobs"]["tokens"]
+            assert len(got.model_extra["prompt_logprobs"]) == len(prompts[i])
+    assert first.usage.prompt_tokens == sum(len(p) for p in prompts)  # each prompt once
+    assert first.usage.completion_tokens == sum(len(t) for t in tokens)
+    # choice 0 is the n = 1 answer to the same seed
+    assert (
+        first.choices[0].model_extra["token_ids"]
+        == post(http_url, **fields, seed=41, return_token_ids=True)["choices"][0]["token_ids"]
+    )
+
+
+def test_n_choices_of_one_scoring_forward_each_equal_n1_with_the_derived_seed(
+    http_url, client, sequences
+):
+    """TRL's shape (max_tokens = 1 beside prompt_logprobs) with n = 3: each choice is the
+    fused n = 1 request with seed s + j, prompt log-probs included."""
+    prompts = [s[:6] for s in sequences[:2]]
+    body = {"prompt": prompts, "max_tokens": 1, "prompt_logprobs": 2, "temperature": 0.9}
+    body["return_token_ids"] = True
+    got = post(http_url, **body, n=3, seed=7)["choices"]
+    assert len(got) == 6
+    for j in range(3):
+        alone = post(http_url, **body, seed=7 + j)["choices"]
+        for i, want in enumerate(alone):
+            choice = got[i * 3 + j]
+            assert choice["index"] == i * 3 + j
+            assert choice["token_ids"] == want["token_ids"]
+            for mine, theirs in zip(choice["prompt_logprobs"][1:], want["prompt_logprobs"][1:]):
+                assert mine.keys() == theirs.keys()
+                for token, entry in mine.items():
+                    assert entry["logprob"] == pytest.approx(theirs[token]["logprob"], abs=1e-5)
+
+
+def test_n_times_prompts_over_the_sequence_limit_is_413_naming_n(http_url, client):
+    limit = client.info().max_sequences_per_request
+    answer = httpx.post(
+        f"{http_url}/v1/completions", json={"prompt": [[1, 5]] * 2, "n": limit, "max_tokens": 1}
+    )
+    assert answer.status_code == 413, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "n" and "max_sequences_per_request" in error["message"]

@@ -21,10 +21,18 @@ Choices made on purpose:
 - Generated tokens' log-probs come from scoring prompt + completion (same semantics).
 - `max_tokens = 0` works without `echo` too (vLLM refuses it): a pure scoring call.
 - No `seed`: a fresh one per request (as vLLM: new samples each time).
+- `n` > 1: choice j of prompt i (index i * n + j, vLLM's order) is exactly what the same
+  request with n = 1 and seed (s + j) mod 2**64 returns for prompt i, s being the seed
+  (or the one drawn): its tokens, its `logprobs` and its `prompt_logprobs`. So choice 0
+  is the n = 1 answer, and a seeded request repeats all n. The n draws run as n requests
+  would (their scoring batched together): `prompt_logprobs` cost n prompt scorings.
+  n x prompts is capped by max_sequences_per_request (413).
+- An unknown `model` is 404 with vLLM's body: "The model `X` does not exist.", type
+  NotFoundError, param "model" (this dialect's word for errors.py's invalid_argument).
 - Stop strings are applied after sampling: the completion keeps the tokens up to the one
   completing the first stop string; its text ends before it (vLLM's default).
-- n = 1 only, no streaming; fields that would change the result are accepted at their
-  neutral value only (TRL sends some), unknown ones refused: nothing silently ignored.
+- No streaming; fields that would change the result are accepted at their neutral
+  value only (TRL sends some), unknown ones refused: nothing silently ignored.
 - A rank is 1 + the number of tokens strictly more likely (vLLM counts ties as ahead).
 - Errors: OpenAI's {"error": {"message", "type", "param", "code"}} with errors.STATUS's
   statuses: 422 invalid, 400 not JSON, 413 too large, 429 overloaded, 503 stopping. The
@@ -52,6 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from teacher_service import validation
 from teacher_service.backend_api import Backend
+from teacher_service.config import Limits
 from teacher_service.engine import Engine
 from teacher_service.errors import ErrorKind, RequestError
 from teacher_service.requests import GenerateRequest, Names, Prompt, ScoreRequest, Sequence
@@ -78,6 +87,13 @@ ERROR_TYPES = {
     ErrorKind.OVERLOADED: "rate_limit_error",
     ErrorKind.SHUTTING_DOWN: "service_unavailable_error",
 }
+
+
+class ModelNotFound(RequestError):
+    """A `model` other than the served one: vLLM's 404 (`OpenAIServing._check_model`)."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist.", field="model")
 
 
 # the engine's errors name the body's fields: a sequence is `prompt[i]` (or `prompt`)
@@ -141,11 +157,21 @@ class CompletionBody(BaseModel):
             out.append(Tokenized(checked.tolist(), text, path))
         return out
 
-    def check(self, prompts: list[Tokenized], backend: Backend) -> None:
+    def check_model(self, backend: Backend) -> None:
+        """vLLM checks the model first: an unknown one is 404 whatever else is wrong."""
+        if self.model is not None and self.model != backend.model_id:
+            raise ModelNotFound(self.model)
+
+    def check(self, prompts: list[Tokenized], backend: Backend, limits: Limits) -> None:
         """What the schema cannot say, before any work."""
-        if self.n != 1:
+        if self.n < 1:
+            raise RequestError(f"n = {self.n}: must be >= 1", field="n")
+        if self.n * len(prompts) > limits.max_sequences_per_request:
             raise RequestError(
-                f"n = {self.n}: only n = 1 is supported (repeat the prompt)", field="n"
+                f"n = {self.n} choices x {len(prompts)} prompts: over "
+                f"max_sequences_per_request = {limits.max_sequences_per_request}",
+                field="n",
+                kind=ErrorKind.TOO_LARGE,
             )
         if self.stream:
             raise RequestError(
@@ -177,13 +203,18 @@ class CompletionBody(BaseModel):
         """The request's seed, or a fresh one (vLLM samples anew for each unseeded request)."""
         return secrets.randbits(64) if self.seed is None else self.seed % 2**64
 
-    def to_generate_request(self, prompts: list[Tokenized]) -> GenerateRequest:
+    def choice_seeds(self) -> list[int]:
+        """Choice j's seed: (s + j) mod 2**64, so choice j is what n = 1 with that seed gives."""
+        seed = self.drawn_seed()
+        return [(seed + j) % 2**64 for j in range(self.n)]
+
+    def to_generate_request(self, prompts: list[Tokenized], seed: int) -> GenerateRequest:
         return GenerateRequest(
             [Prompt(prompt.ids, prompt.path) for prompt in prompts],
             max_new_tokens=self.new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
-            seed=self.drawn_seed(),
+            seed=seed,
             ignore_eos=self.ignore_eos,
             names=NAMES,
         )
@@ -236,11 +267,11 @@ def fusable(
 
 
 async def generate(
-    body: CompletionBody, prompts: list[Tokenized], engine: Engine
+    body: CompletionBody, prompts: list[Tokenized], engine: Engine, seed: int
 ) -> list[Completion]:
     if body.new_tokens == 0:
         return [Completion([], "length") for _ in prompts]
-    return await engine.generate(body.to_generate_request(prompts))
+    return await engine.generate(body.to_generate_request(prompts, seed))
 
 
 async def score(
@@ -324,33 +355,63 @@ def legacy_logprobs(
     }
 
 
+class Choice(NamedTuple):
+    """One draw for every prompt: what a request with n = 1 and this seed computes."""
+
+    finished: list[Finished]  # per prompt
+    sequences: list[list[int]]  # prompt i (+ its completion when that was scored)
+    scores: list[SequenceScores | None]
+
+
 async def complete(body: CompletionBody, engine: Engine) -> bytes:
-    """Validate, sample, score (one engine call), then render the JSON off the event loop
-    (a large top-k response is seconds of Python that would stall every other client)."""
+    """Validate, then draw the n choices (each as its own n = 1 request would, all at
+    once), then render the JSON off the event loop (a large top-k response is seconds of
+    Python that would stall every other client)."""
+    body.check_model(engine.backend)
     prompts = body.tokenized(engine.backend)
-    body.check(prompts, engine.backend)
-    ids_list = [prompt.ids for prompt in prompts]
+    body.check(prompts, engine.backend, engine.config.limits)
     prompt_k = body.prompt_logprobs
     if prompt_k is None and body.echo:
         prompt_k = body.logprobs  # vLLM: echo returns the prompt's log-probs at `logprobs`
     top_k = max((k for k in (prompt_k, body.logprobs) if k is not None), default=None)
+    outcomes = await asyncio.gather(
+        *(draw(body, prompts, prompt_k, top_k, engine, seed) for seed in body.choice_seeds()),
+        return_exceptions=True,  # wait for all, then raise the first failure
+    )
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return await asyncio.to_thread(render, body, engine, prompts, outcomes, prompt_k)
+
+
+async def draw(
+    body: CompletionBody,
+    prompts: list[Tokenized],
+    prompt_k: int | None,
+    top_k: int | None,
+    engine: Engine,
+    seed: int,
+) -> Choice:
+    """Sample and score one choice per prompt, from `seed` (the n = 1 request's work)."""
+    ids_list = [prompt.ids for prompt in prompts]
 
     def decode(ids: list[int]) -> str:
         return engine.backend.tokenizer.decode(ids, skip_special_tokens=True)
 
     stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     if body.logprobs is not None and body.new_tokens > 0:  # the completion's log-probs: after it
-        sampled = await generate(body, prompts, engine)
+        sampled = await generate(body, prompts, engine, seed)
         finished = [finish(c, stops, decode) for c in sampled]
         sequences = [ids + f.token_ids for ids, f in zip(ids_list, finished)]
         first = 1 if prompt_k is not None else [len(ids) for ids in ids_list]
         scores = await score(body, prompts, sequences, first, top_k, engine)
-    elif fusable(body, prompts, top_k, engine):  # TRL's request: one forward
+        return Choice(finished, sequences, scores)
+    if fusable(body, prompts, top_k, engine):  # TRL's request: one forward
         options = SamplingOptions(
             1,
             1.0 if body.temperature is None else body.temperature,
             1.0 if body.top_p is None else body.top_p,
-            body.drawn_seed(),
+            seed,
         )
         scores = await score(body, prompts, ids_list, 1, top_k, engine, sample_next=options)
         eos = set() if body.ignore_eos else engine.backend.eos_ids
@@ -358,60 +419,58 @@ async def complete(body: CompletionBody, engine: Engine) -> bytes:
             Completion([s.next_token_id], "eos" if s.next_token_id in eos else "length")
             for s in scores
         ]
-        finished, sequences = [finish(c, stops, decode) for c in sampled], ids_list
-    else:  # the prompts' log-probs need not wait for sampling: both at once
-        both = await asyncio.gather(
-            generate(body, prompts, engine),
-            score(body, prompts, ids_list, 1, top_k, engine),
-            return_exceptions=True,  # wait for both, then raise the first failure
-        )
-        for outcome in both:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        finished, scores = [finish(c, stops, decode) for c in both[0]], both[1]
-        sequences = ids_list
-    args = (body, engine, prompts, finished, sequences, scores, prompt_k)
-    return await asyncio.to_thread(render, *args)
+        return Choice([finish(c, stops, decode) for c in sampled], ids_list, scores)
+    # the prompts' log-probs need not wait for sampling: both at once
+    both = await asyncio.gather(
+        generate(body, prompts, engine, seed),
+        score(body, prompts, ids_list, 1, top_k, engine),
+        return_exceptions=True,  # wait for both, then raise the first failure
+    )
+    for outcome in both:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return Choice([finish(c, stops, decode) for c in both[0]], ids_list, both[1])
 
 
 def render(
     body: CompletionBody,
     engine: Engine,
     prompts: list[Tokenized],
-    finished: list[Finished],
-    sequences: list[list[int]],
-    scores: list[SequenceScores | None],
+    draws: list[Choice],
     prompt_k: int | None,
 ) -> bytes:
-    """The text_completion object; sequences[i] holds prompt i (+ its completion if scored)."""
+    """The text_completion object: prompt i's choice j (of draws[j]) has index i * n + j."""
     tokenizer = engine.backend.tokenizer
     decoded = functools.lru_cache(maxsize=None)(lambda token: tokenizer.decode([token]))
     name = (lambda token: f"token_id:{token}") if body.return_tokens_as_token_ids else decoded
     choices = []
-    for i, ((ids, text, _), done) in enumerate(zip(prompts, finished)):
-        legacy = prompt_logprobs = None
-        if body.logprobs is not None:
-            positions = position_dicts(scores[i], sequences[i], body.logprobs, decoded)
-            start = 0 if body.echo else len(ids)
-            legacy = legacy_logprobs(sequences[i][start:], positions[start:], name)
-        if prompt_k is not None:
-            positions = position_dicts(scores[i], sequences[i], prompt_k, decoded)
-            prompt_logprobs = positions[: len(ids)]
+    for i, (ids, text, _) in enumerate(prompts):
         prompt_text = text if text is not None else tokenizer.decode(ids)
-        choices.append(
-            {
-                "index": i,
-                "text": prompt_text + done.text if body.echo else done.text,
-                "logprobs": legacy,
-                "finish_reason": done.finish_reason,
-                "stop_reason": done.stop_reason,
-                "token_ids": done.token_ids if body.return_token_ids else None,
-                "prompt_logprobs": prompt_logprobs,
-                "prompt_token_ids": ids if body.return_token_ids else None,
-            }
-        )
+        for choice in draws:
+            done, sequence, scores = choice.finished[i], choice.sequences[i], choice.scores[i]
+            legacy = prompt_logprobs = None
+            if body.logprobs is not None:
+                positions = position_dicts(scores, sequence, body.logprobs, decoded)
+                start = 0 if body.echo else len(ids)
+                legacy = legacy_logprobs(sequence[start:], positions[start:], name)
+            if prompt_k is not None:
+                positions = position_dicts(scores, sequence, prompt_k, decoded)
+                prompt_logprobs = positions[: len(ids)]
+            choices.append(
+                {
+                    "index": len(choices),
+                    "text": prompt_text + done.text if body.echo else done.text,
+                    "logprobs": legacy,
+                    "finish_reason": done.finish_reason,
+                    "stop_reason": done.stop_reason,
+                    "token_ids": done.token_ids if body.return_token_ids else None,
+                    "prompt_logprobs": prompt_logprobs,
+                    "prompt_token_ids": ids if body.return_token_ids else None,
+                }
+            )
+    # vLLM's usage: each prompt once, every choice's completion
     prompt_tokens = sum(len(prompt.ids) for prompt in prompts)
-    completion_tokens = sum(len(f.token_ids) for f in finished)
+    completion_tokens = sum(len(f.token_ids) for choice in draws for f in choice.finished)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
     usage["total_tokens"] = prompt_tokens + completion_tokens
     response = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion"}
@@ -429,6 +488,8 @@ def error_response(error: Exception) -> JSONResponse:
     error_type = ERROR_TYPES.get(kind) or (
         "invalid_request_error" if status < 500 else "server_error"
     )
+    if isinstance(error, ModelNotFound):  # vLLM's 404 (openai.NotFoundError in the SDK)
+        status, error_type = 404, "NotFoundError"
     content = {"message": message, "type": error_type, "param": field, "code": status}
     return JSONResponse(
         status_code=status, content={"error": content}, headers=error_headers(error)
