@@ -6,17 +6,25 @@ its oldest sequence has waited `max_wait_ms`. So a lone client never waits for c
 that is not coming, and 8 clients are gathered into one forward instead of being split
 by the jitter of their arrivals.
 
-What to run: at most `max_batch_tokens` padded tokens (rows x longest), formed around the
-oldest waiting sequence (so nothing starves) from the sequences closest to it in length
-(so little padding is computed). The forward runs on the model worker thread, never on
-the event loop. A request whose caller goes away (cancel, deadline) takes its queued
-sequences out of the queue with it, and is skipped if its batch has not started yet.
+What to run: at most `max_batch_tokens` padded tokens (rows x longest), and no more than
+the recent throughput runs in `max_forward_seconds`, formed around the oldest waiting
+sequence (so nothing starves) from the sequences closest to it in length (so little padding
+is computed). A forward cannot be interrupted, so its length is the latency every request
+arriving during it pays first: under overload the queue is cut into forwards of bounded
+time rather than into the biggest ones the memory allows (on 2 CPU cores tokens/s is flat
+from about 2k tokens per forward; on a GPU the measured throughput grows the cap). The
+forward runs on the model worker thread, never on the event loop. A request whose caller
+goes away (cancel, deadline) takes its queued sequences out of the queue with it, and is
+skipped if its batch has not started yet.
 
 What to admit: the queue promises a wait, not a number of tokens. Its wait is estimated
 from the throughput of recent forwards (tokens/s); a request arriving when the queue
 already holds more than `max_queue_seconds` of work is refused at once, with a retry hint
 (BatcherOverloaded.retry_after), rather than queued behind minutes of work; callers with
-deadlines learn at once, and the admitted ones keep a bounded latency.
+deadlines learn at once, and the admitted ones keep a bounded latency. The hints book the
+refused work back in, one after another at the measured throughput, so refused callers
+return about when the queue has room for each of them: not all at once into a new refusal
+(every refusal costs the cores that score).
 
 What to drop: a sequence whose deadline passes in the queue, or would pass before its
 forward could end, fails with DeadlineExceeded and never reaches a forward; nobody would
@@ -47,9 +55,9 @@ PEAK_WINDOW_SECONDS = 1.0  # how long a burst of concurrent callers is remembere
 # server admits too little for one forward rather than minutes of work
 PRIOR_TOKENS_PER_SECOND = 1000.0
 THROUGHPUT_WEIGHT = 0.3  # the newest forward's weight in the throughput estimate
-# a retry hint is the queue's drain time, within these bounds: a refused caller comes back
-# when the queue has room, not in a tight loop of refusals that would eat the cores
-RETRY_AFTER_BOUNDS = (0.1, 30.0)
+# a retry hint is when the queue will have room for the refused request, within these
+# bounds: soon after the running forward at the earliest, and never a tight loop
+RETRY_AFTER_BOUNDS = (0.02, 30.0)
 
 
 class ModelWorker:
@@ -192,6 +200,7 @@ class DynamicBatcher(Generic[Item, Result]):
         max_wait_ms: float,
         max_queued_tokens: int | None = None,
         max_queue_seconds: float | None = None,
+        max_forward_seconds: float | None = None,
         observer: BatchObserver | None = None,
     ) -> None:
         self._run_batch = run_batch
@@ -201,6 +210,8 @@ class DynamicBatcher(Generic[Item, Result]):
         self._max_wait = max_wait_ms / 1000.0
         self._max_queued = max_queued_tokens
         self._max_queue_seconds = max_queue_seconds
+        self._max_forward_seconds = max_forward_seconds
+        self._booked_until = 0.0  # loop time up to which refused requests were told to return
         self._observer = observer
         self._queue: list[_Pending[Item]] = []
         self._running: list[_Pending[Item]] = []  # the batch on the worker now
@@ -223,6 +234,15 @@ class DynamicBatcher(Generic[Item, Result]):
     @property
     def queued_tokens(self) -> int:
         return sum(p.length for p in self._queue)
+
+    def forward_budget(self) -> int:
+        """Padded tokens the next forward may hold: max_batch_tokens, and once throughput
+        is measured no more than runs in max_forward_seconds (at least one token: the
+        oldest sequence always runs, however long)."""
+        if self._max_forward_seconds is None or not self.throughput.measured:
+            return self._budget
+        timed = int(self.throughput.tokens_per_second * self._max_forward_seconds)
+        return max(1, min(self._budget, timed))
 
     def estimated_wait(self) -> float:
         """Seconds before a sequence queued now would start its forward: the queue's tokens
@@ -299,26 +319,34 @@ class DynamicBatcher(Generic[Item, Result]):
                 f"the teacher's queue is full ({self.queued_tokens} tokens waiting + {tokens} "
                 f"asked, max_queued_tokens = {self._max_queued})"
                 + (": the request alone is over it" if alone_too_big else ": retry later"),
-                retry_after=None if alone_too_big else self._retry_after(self.estimated_wait()),
+                retry_after=None
+                if alone_too_big
+                else self._book_retry(
+                    tokens, self.throughput.seconds(self.queued_tokens + tokens - self._max_queued)
+                ),
             )
         if self._max_queue_seconds is None or not self._queue:
             return  # an empty queue always admits: the request goes into the next forward
         wait = self.estimated_wait()
         if wait > self._max_queue_seconds:
             self.stats.refused += 1
-            hint = self._retry_after(wait)
+            hint = self._book_retry(tokens, wait - self._max_queue_seconds)
             raise BatcherOverloaded(
-                f"the teacher's queue holds {wait:.1f} s of work (at "
+                f"the teacher's queue holds {wait:.2f} s of work (at "
                 f"{self.throughput.tokens_per_second:.0f} tokens/s), over max_queue_seconds = "
-                f"{self._max_queue_seconds:g}: retry in {hint:.1f} s",
+                f"{self._max_queue_seconds:g}: retry in {hint:.2f} s",
                 retry_after=hint,
             )
 
-    @staticmethod
-    def _retry_after(wait: float) -> float:
-        """The queue's drain time, bounded: by then what is queued now has run."""
+    def _book_retry(self, tokens: int, until_room: float) -> float:
+        """The retry hint for a refused request of `tokens`: the queue has room for it in
+        `until_room` seconds, after the requests refused before it, which were booked to
+        return one after another at the measured throughput (bounded)."""
+        now = time.monotonic()  # the loop's clock
         low, high = RETRY_AFTER_BOUNDS
-        return min(high, max(low, wait))
+        returns = min(now + high, max(now + until_room, self._booked_until))
+        self._booked_until = returns + self.throughput.seconds(tokens)
+        return max(low, returns - now)
 
     def _expected_callers(self, now: float) -> int:
         """The most requests that were in flight at once during the last PEAK_WINDOW_SECONDS."""
@@ -331,7 +359,7 @@ class DynamicBatcher(Generic[Item, Result]):
         """Run now: the oldest waited enough, the budget is full, or every recent caller is in."""
         if now - self._queue[0].enqueued_at >= self._max_wait:
             return True
-        if self.queued_tokens >= self._budget:
+        if self.queued_tokens >= self.forward_budget():
             return True
         return len({p.caller for p in self._queue}) >= self._expected_callers(now)
 
@@ -413,10 +441,10 @@ class DynamicBatcher(Generic[Item, Result]):
         nearest = sorted(
             self._queue[1:], key=lambda p: (abs(p.length - oldest.length), p.enqueued_at)
         )
-        batch, longest = [oldest], oldest.length
+        batch, longest, budget = [oldest], oldest.length, self.forward_budget()
         for pending in nearest:
             wider = max(longest, pending.length)
-            if wider * (len(batch) + 1) <= self._budget:
+            if wider * (len(batch) + 1) <= budget:
                 batch.append(pending)
                 longest = wider
         taken = {id(p) for p in batch}

@@ -22,6 +22,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         max_queued_tokens=args.max_queued_tokens,
         max_queue_seconds=args.max_queue_seconds,
+        max_forward_seconds=args.max_forward_seconds,
     )
     config = ServerConfig(
         model=args.model,
@@ -239,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="admission: a request is refused at once (RESOURCE_EXHAUSTED / HTTP 429, with a "
         "retry-after hint) while the queue holds more than this many seconds of work, "
         "estimated from the measured tokens/s of recent forwards",
+    )
+    serve.add_argument(
+        "--max-forward-seconds",
+        type=float,
+        default=limits.max_forward_seconds,
+        help="a forward pass holds no more tokens than the measured tokens/s run in this "
+        "time (and at most --max-batch-tokens): under overload, every request first waits "
+        "for the forward that is running",
     )
     serve.add_argument(
         "--max-queued-tokens",

@@ -16,10 +16,15 @@ class Limits:
     max_message_bytes: int = 256 * 1024 * 1024  # request and response messages
     max_queued_tokens: int = 4 * 1024 * 1024  # a hard cap on queued tokens (429 beyond it)
     # the longest wait for a forward the queue may promise (estimated from measured
-    # throughput): beyond it a request is refused at once with a retry hint (429). At 128
-    # clients on 2 CPU cores admitted p99 was 2.8 s with 2 s and 0.97 s with 0.5 s
-    # (docs/benchmarks.md): a longer queue only delays what it holds
-    max_queue_seconds: float = 0.5
+    # throughput): beyond it a request is refused at once with a retry hint (429). An
+    # admitted request waits at most about this plus its own forward (docs/benchmarks.md:
+    # at 128 clients on 2 CPU cores, 2 s gave a p99 of 2.8 s): a longer queue only delays
+    # what it holds
+    max_queue_seconds: float = 0.2
+    # the longest a forward may take at the measured throughput (on top of max_batch_tokens):
+    # a forward cannot be interrupted, so under overload its length is what every request
+    # arriving meanwhile waits first
+    max_forward_seconds: float = 0.1
 
     def __post_init__(self) -> None:
         for name in (
@@ -30,8 +35,9 @@ class Limits:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.max_queue_seconds > 0:
-            raise ValueError(f"max_queue_seconds must be > 0, got {self.max_queue_seconds}")
+        for name in ("max_queue_seconds", "max_forward_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
 

@@ -35,6 +35,7 @@ class Engine:
             max_wait_ms=config.max_wait_ms,
             max_queued_tokens=config.limits.max_queued_tokens,
             max_queue_seconds=config.limits.max_queue_seconds,
+            max_forward_seconds=config.limits.max_forward_seconds,
             observer=self.metrics,
         )
         self.metrics.track_queue(self.batcher)

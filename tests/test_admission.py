@@ -16,7 +16,13 @@ from teacher_client import TeacherClient
 from teacher_client.proto import teacher_pb2 as pb
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_client.retry import RETRY_AFTER_KEY
-from teacher_service.batcher import BatcherOverloaded, DeadlineExceeded, DynamicBatcher, ModelWorker
+from teacher_service.batcher import (
+    RETRY_AFTER_BOUNDS,
+    BatcherOverloaded,
+    DeadlineExceeded,
+    DynamicBatcher,
+    ModelWorker,
+)
 from teacher_service.config import Limits
 from teacher_service.metrics import ServiceMetrics
 from tests.conftest import start_background_server
@@ -60,16 +66,22 @@ def test_a_request_beyond_the_queues_wait_budget_is_refused_at_once_and_the_admi
         await _until(lambda: batcher.pending == 2)
         started = time.monotonic()
         with pytest.raises(BatcherOverloaded) as refused:  # >= 0.35 s of work waits now
-            await batcher.submit([1])
+            await batcher.submit([50])
         assert time.monotonic() - started < 0.05  # at once, not after a wait
+        with pytest.raises(BatcherOverloaded) as refused_next:
+            await batcher.submit([80])
         model.gate.set()
-        return refused.value, await admitted, await also, await slow
+        return refused.value, refused_next.value, await admitted, await also, await slow
 
-    model, batcher, _, (refusal, *served) = _run(submit, max_queue_seconds=0.3)
+    model, batcher, _, (refusal, refusal_next, *served) = _run(submit, max_queue_seconds=0.3)
     assert served == [[300], [400], [2 * SLOW]]
-    assert 0.35 <= refusal.retry_after <= 0.45  # the queue's drain time
+    # back when the queue is within its budget again: 0.35-0.45 s of work, 0.3 s allowed
+    assert 0.05 - 0.01 <= refusal.retry_after <= 0.15
+    # the next refused request is booked after the first one's 50 tokens (0.05 s at 1000
+    # tokens/s), not sent back into the same instant
+    assert refusal_next.retry_after == pytest.approx(refusal.retry_after + 0.05, abs=0.01)
     assert "max_queue_seconds = 0.3" in str(refusal)
-    assert [1] not in model.batches and batcher.stats.refused == 1
+    assert [50] not in model.batches and batcher.stats.refused == 2
 
 
 def test_cancelled_and_expired_work_never_reaches_a_forward():
@@ -174,7 +186,7 @@ def test_grpc_and_http_refusals_carry_a_retry_hint_in_each_dialects_shape(
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_queue_seconds" in refused.value.details()
         hint = dict(refused.value.trailing_metadata())[RETRY_AFTER_KEY]
-        assert float(hint) >= 0.1
+        assert RETRY_AFTER_BOUNDS[0] <= float(hint) <= RETRY_AFTER_BOUNDS[1]
         native = httpx.post(
             busy_server.http_url + "/v1/score",
             json={"sequences": [{"token_ids": sequences[0], "score_from": 1}]},
@@ -209,3 +221,36 @@ def test_the_client_retries_after_the_hint_and_succeeds(busy_server, gated, sequ
     assert busy_server.running.engine.batcher.stats.refused > refused_before  # it was refused
     expected = client.score(sequences[:2], 1, top_k=2)  # the session's own server
     assert [r.topk_ids.tolist() for r in results] == [r.topk_ids.tolist() for r in expected]
+
+
+def test_forwards_hold_no_more_than_the_measured_throughput_runs_in_max_forward_seconds():
+    """At 1000 tokens/s and max_forward_seconds 0.1, a forward holds <= 100 padded tokens,
+    however much is queued; a longer sequence still runs, alone."""
+
+    async def main():
+        model, worker = RecordingModel(), ModelWorker()
+        batcher = DynamicBatcher(
+            model, worker, length=abs, max_batch_tokens=10**6, max_wait_ms=0,
+            max_forward_seconds=0.1,
+        )  # fmt: skip
+        assert batcher.forward_budget() == 10**6  # nothing measured yet: the token budget
+        batcher.throughput.observe(int(TOKENS_PER_SECOND), 1.0)
+        batcher.throughput.observe = lambda *_: None  # held at 1000 tokens/s
+        assert batcher.forward_budget() == 100
+        batcher.start()
+        try:
+            slow = asyncio.create_task(batcher.submit([SLOW]))  # holds the worker
+            await _until(lambda: model.batches == [[SLOW]])
+            queued = asyncio.create_task(batcher.submit([40, 40, 40, 40, 40, 300]))
+            await _until(lambda: batcher.pending == 6)
+            model.gate.set()
+            return model, await queued, await slow
+        finally:
+            model.gate.set()
+            await batcher.close()
+            worker.close()
+
+    model, results, _ = asyncio.run(main())
+    assert results == [80, 80, 80, 80, 80, 600]
+    # 2 x 40 fit in 100 padded tokens, 3 x 40 do not; 300 runs alone, after the last 40
+    assert model.batches[1:] == [[40, 40], [40, 40], [40], [300]]
