@@ -119,27 +119,45 @@ async def run_clients(address: str, n: int, seconds: float, vocab: int, **kw) ->
     return out
 
 
-def level_row(n: int, out: Outcomes, seconds: float, rss: tuple[float, float]) -> str:
+def level_row(
+    n: int, out: Outcomes, seconds: float, server_p99: str, rss: tuple[float, float]
+) -> str:
     tokens = len(out.admitted) * SEQUENCES * LENGTH / seconds
     failed = ",".join(f"{k}:{v}" for k, v in out.failed.items()) or "-"
     return (
         f"| {n} | {len(out.admitted) / seconds:.1f} | {tokens:.0f} | "
         f"{percentile(out.admitted, 0.5) * 1000:.0f} | "
         f"{percentile(out.admitted, 0.99) * 1000:.0f} | "
-        f"{len(out.refused)} | {percentile(out.refused, 0.99) * 1000:.1f} | {failed} | "
-        f"{rss[0]:.0f} -> {rss[1]:.0f} |"
+        f"{len(out.refused)} | {percentile(out.refused, 0.99) * 1000:.1f} | {server_p99} | "
+        f"{failed} | {rss[0]:.0f} -> {rss[1]:.0f} |"
     )
 
 
 def counters(http_port: int) -> dict[str, float]:
+    """The server's sequence counters and request-time histogram buckets (scrape_metrics
+    keeps token counters only)."""
     found = scrape_metrics(http_port) or {}
-    # scrape_metrics keeps token counters only: read the sequence counters here
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as reply:
         for line in reply.read().decode().splitlines():
-            if line.startswith("teacher_sequences_") and not line.startswith("#"):
+            if line.startswith(("teacher_sequences_", "teacher_request_seconds_bucket")):
                 name, _, value = line.rpartition(" ")
                 found[name] = float(value)
     return found
+
+
+def server_refusal_p99(before: dict[str, float], after: dict[str, float]) -> str:
+    """The bucket bound under which 99 % of the refusals of a level were answered, as the
+    server timed them (handler start to answer: no transport, no client)."""
+    prefix = 'teacher_request_seconds_bucket{frontend="grpc",method="Score",'
+    prefix += 'status="RESOURCE_EXHAUSTED",le="'
+    buckets = sorted(
+        (float(name[len(prefix) : -2]), after[name] - before.get(name, 0.0))
+        for name in after
+        if name.startswith(prefix)
+    )
+    total = buckets[-1][1] if buckets else 0.0
+    bound = next((le for le, count in buckets if total and count >= 0.99 * total), None)
+    return "" if bound is None else f"<= {bound * 1000:g}"
 
 
 def main() -> None:
@@ -176,13 +194,16 @@ def main() -> None:
         print(f"# bench_load: {model}, flags [{args.server_flags}], 2-core shared machine\n")
         asyncio.run(run_clients(server.address, 4, 3.0, vocab))  # warm-up: measured throughput
         print("| clients | admitted req/s | tokens/s | p50 ms | p99 ms | refused | "
-              "refusal p99 ms | other errors | RSS MiB before -> after |")  # fmt: skip
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              "refusal p99 ms | server's refusal p99 ms | other errors | "
+              "RSS MiB before -> after |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         p99 = {}
         for n in (int(x) for x in args.levels.split(",")):
-            before = rss_mib(pid)
+            before, seen = rss_mib(pid), counters(http_port)
             out = asyncio.run(run_clients(server.address, n, args.level_seconds, vocab))
-            print(level_row(n, out, args.level_seconds, (before, rss_mib(pid))), flush=True)
+            server_p99 = server_refusal_p99(seen, counters(http_port))
+            rss = (before, rss_mib(pid))
+            print(level_row(n, out, args.level_seconds, server_p99, rss), flush=True)
             p99[n] = percentile(out.admitted, 0.99)
             time.sleep(2.0)  # let the queue drain between levels
         if 8 in p99 and 128 in p99:

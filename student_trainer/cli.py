@@ -14,16 +14,27 @@ from pathlib import Path
 from student_trainer.config import FILE_TASK, ConfigError, load_config
 from student_trainer.tiny_model import TinyModelSpec
 
+EXIT_CONFIG = 2  # a config error, bad data, a missing file
+EXIT_TEACHER_OUTAGE = 3  # the teacher was out of reach past teacher.timeout_s (checkpointed)
+
+EPILOG = """exit status: 0 done; 2 a config error, bad data or a missing file (one line,
+`student-trainer: ...`, naming the key, file or record); 3 the teacher service stayed
+unreachable past teacher.timeout_s (one line naming the checkpoint of the last completed
+step that was written, and the --resume that continues from it)."""
+
 
 def _config(args: argparse.Namespace):
     return load_config(args.config, args.set or [])
 
 
 def _train(args: argparse.Namespace) -> None:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from student_trainer.distributed import from_environment
     from student_trainer.train import train
 
-    result = train(_config(args), resume=args.resume)
+    with logging_redirect_tqdm():  # warnings (a teacher outage waited out) above the bar
+        result = train(_config(args), resume=args.resume)
     if not from_environment().is_main:  # under torchrun, rank 0 speaks for the run
         return
     print(f"trained to step {result.steps}; metrics in {result.out_dir / 'metrics.jsonl'}")
@@ -74,7 +85,12 @@ def _tiny_model(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="student-trainer", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="student-trainer",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
@@ -168,10 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # WARNING by default: teacher_client's lines while it waits out a teacher outage show
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from transformers.utils import logging as transformers_logging
+
+    from student_trainer.teacher import TeacherOutage
 
     transformers_logging.disable_progress_bar()
     try:
@@ -180,7 +199,10 @@ def main(argv: list[str] | None = None) -> None:
         # a bad record (user_data.DataError) names its file, line and field itself
         kind = "bad data" if type(error).__name__ == "DataError" else "config error"
         print(f"student-trainer: {kind}: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_CONFIG) from None
     except FileNotFoundError as error:
         print(f"student-trainer: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_CONFIG) from None
+    except TeacherOutage as error:  # a checkpoint was written: --resume continues
+        print(f"student-trainer: teacher unavailable: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_TEACHER_OUTAGE) from None

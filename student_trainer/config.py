@@ -63,7 +63,9 @@ class StudentConfig:
 class TeacherConfig:
     address: str = ""  # the teacher service, host:port (e.g. 127.0.0.1:50051)
     in_process: str = ""  # a model directory: run the teacher in this process instead
-    timeout_s: float = 300.0  # per call, retries included
+    # per call, retries included: also how long a teacher outage (every replica gone) is
+    # waited out; past it the run writes a checkpoint and stops (exit status 3)
+    timeout_s: float = 300.0
     connect_timeout_s: float = 120.0  # how long to wait for the service at startup
     dtype: str = "float32"  # wire dtype of the teacher's log-probs
     # TLS to the service: on when tls or any file is set (the bearer token, if the service

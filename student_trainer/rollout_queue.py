@@ -20,6 +20,12 @@ is drawn in step order, so a run with k > 0 is as reproducible as one with 0. A 
 stores the sequences of the steps built ahead; a resumed run trains those same sequences
 (the teacher scores them again) and builds on from the stored streams, exactly as the
 uninterrupted run does.
+
+A step whose teacher fails (train.py: an outage past teacher.timeout_s) is given back:
+`put_back` makes its rollout pending again, so the checkpoint written then keeps its
+sequences and the resumed run trains them, with k = 0 too. A build that fails (SeqKD's
+teacher.generate) leaves the queue as it found it (`take` drops what it built; the
+trainer rewinds the streams it drew from).
 """
 
 from __future__ import annotations
@@ -78,14 +84,39 @@ class RolloutQueue:
         self.staleness = staleness
         self._ahead: dict[int, Rollout] = {}
         self._next = 0  # the first step not built yet
+        self._taken_from = 0  # _next before the last take: the steps it built start here
 
     def take(self, step: int) -> Rollout:
-        """Step `step`'s micro-batches; call it when the step starts (weights at `step`)."""
-        self._next = max(self._next, step)
-        while self._next <= step + self.staleness:
-            self._ahead[self._next] = self.build_step(self._next, step)
-            self._next += 1
+        """Step `step`'s micro-batches; call it when the step starts (weights at `step`).
+        If building raises, the steps this call built are dropped again."""
+        self._next = self._taken_from = max(self._next, step)
+        try:
+            while self._next <= step + self.staleness:
+                self._ahead[self._next] = self.build_step(self._next, step)
+                self._next += 1
+        except BaseException:
+            self._drop_built()
+            raise
         return self._ahead.pop(step)
+
+    def put_back(self, rollout: Rollout) -> None:
+        """A taken step that did not train (its teacher failed): pending again, with the
+        steps built since, as a checkpoint then keeps them. Its scores are not asked again:
+        the trainer stops, and the run resumes from that checkpoint."""
+        self._ahead[rollout.step] = rollout
+
+    def undo_take(self, rollout: Rollout) -> None:
+        """Undo the last take (another rank's build failed): the steps it built are dropped
+        (the caller rewinds the streams they drew) and `rollout`, if built before, is
+        pending again."""
+        self._drop_built()
+        if rollout.step < self._taken_from:
+            self.put_back(rollout)
+
+    def _drop_built(self) -> None:
+        for step in range(self._taken_from, self._next):
+            self._ahead.pop(step, None)
+        self._next = self._taken_from
 
     def pending(self) -> list[dict[str, Any]]:
         """The steps built ahead, for a checkpoint (the streams are saved as they are after

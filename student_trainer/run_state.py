@@ -44,6 +44,35 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _global_generators() -> dict[str, Any]:
+    """torch's, Python's, numpy's and CUDA's global generators, as a checkpoint keeps them."""
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_global_generators(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if torch.cuda.is_available() and state.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Where every stream a step draws from stands (RunState.draws), to rewind a step that
+    failed: its draws then never happened, as far as a checkpoint can tell."""
+
+    mixing: Any
+    data: dict[str, int]
+    rollout_generator: torch.Tensor
+    generators: dict[str, Any]
+
+
 @dataclass
 class RunState:
     step: int
@@ -102,10 +131,7 @@ class RunState:
             "mixing": self.mixing.getstate(),
             "data": self.stream.state_dict(),
             "pending_rollouts": pending,
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            **_global_generators(),  # torch, python, numpy, cuda
             "config": to_dict(config),
         }
         scaler = self.precision.state_dict()
@@ -130,10 +156,22 @@ class RunState:
         self.pending_rollouts = pending[world.rank] if world.rank < len(pending) else []
         self.stream.load_state_dict(state["data"])
         self.precision.load_state_dict(state.get("grad_scaler"))
-        torch.set_rng_state(state["torch"])
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        if torch.cuda.is_available() and state.get("cuda") is not None:
-            torch.cuda.set_rng_state_all(state["cuda"])
+        _set_global_generators(state)
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", checkpoint, self.step)
+
+    def draws(self) -> Draws:
+        """Where the step's random streams and the data position stand now."""
+        return Draws(
+            self.mixing.getstate(),
+            self.stream.state_dict(),
+            self.rollout_generator.get_state(),
+            _global_generators(),
+        )
+
+    def rewind(self, draws: Draws) -> None:
+        """Put every stream back where `draws` found it (a failed step's draws undone)."""
+        self.mixing.setstate(draws.mixing)
+        self.stream.load_state_dict(draws.data)
+        self.rollout_generator.set_state(draws.rollout_generator)
+        _set_global_generators(draws.generators)

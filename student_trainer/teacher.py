@@ -14,6 +14,11 @@ business, which is the point of the interface (no `isinstance` in the loop):
 Every future records its call's own duration (`ScoreFuture.latency_s`), so the loop can
 tell the teacher's time from the time it spent waiting for it: the step metrics
 teacher_latency_s, teacher_wait_s and hidden_fraction.
+
+A service that is gone (every replica down) is waited for: each call retries within
+teacher.timeout_s, and teacher_client logs that it waits. A call that fails for good
+with UNAVAILABLE or DEADLINE_EXCEEDED (`is_outage`) becomes a TeacherOutage: train.py
+then writes a checkpoint of the last completed step and stops with it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
+
+import grpc
 
 from student_trainer.config import ConfigError, TrainConfig
 from teacher_client import (
@@ -39,6 +46,62 @@ from teacher_client import (
 from teacher_service.in_process import InProcessTeacher
 
 log = logging.getLogger(__name__)
+
+
+# what a teacher call that ran out of teacher.timeout_s fails with: the service was
+# unreachable (UNAVAILABLE) or did not answer in time (DEADLINE_EXCEEDED)
+OUTAGE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether a teacher call failed because the service was out of reach for its whole
+    deadline (a resumed run can continue once it is back), not because it refused it."""
+    return isinstance(error, TeacherServiceError) and error.code in OUTAGE_CODES
+
+
+class TeacherOutage(RuntimeError):
+    """The teacher service stayed out of reach past teacher.timeout_s. train() raises it
+    once it has written a checkpoint of the last completed step (`checkpoint`, `step`);
+    the CLI prints it as one line and exits with status 3."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        cause: str,
+        waited_s: float | None = None,
+        *,
+        every_rank: bool = True,
+    ) -> None:
+        super().__init__(cause)
+        self.address = config.teacher.address or config.teacher.in_process
+        self.timeout_s = config.teacher.timeout_s
+        self.cause = " ".join(cause.split())  # gRPC details may span lines
+        self.waited_s = waited_s  # how long the failing call tried, when this rank made it
+        # raised by every rank together (so they can all write the checkpoint), not by
+        # one rank alone while the others are elsewhere (rank 0's evaluation)
+        self.every_rank = every_rank
+        self.step: int | None = None  # of the checkpoint written (train.py)
+        self.checkpoint: Path | None = None  # where (rank 0 only)
+
+    def __str__(self) -> str:
+        waited = "" if self.waited_s is None else f"; the call gave up after {self.waited_s:.1f} s"
+        text = (
+            f"the teacher service at {self.address} did not answer within teacher.timeout_s "
+            f"({self.timeout_s:g} s{waited}): {self.cause}"
+        )
+        longer = "set teacher.timeout_s higher to wait longer"
+        if self.step is None:  # none could be written (see train.py)
+            return (
+                f"{text}; no checkpoint was written: once the service is back, --resume auto "
+                f"continues from the latest one; {longer}"
+            )
+        if self.checkpoint is None:  # another rank than 0 under torchrun
+            return f"{text}; rank 0 wrote a checkpoint of step {self.step}; {longer}"
+        return (
+            f"{text}; wrote a checkpoint of step {self.step} to {self.checkpoint}. Once the "
+            f"service is back, continue with `student-trainer train` with the same --config "
+            f"and --set options plus --resume {self.checkpoint} (or --resume auto); {longer}"
+        )
 
 
 class ScoreFuture(Future):
@@ -119,7 +182,9 @@ class RemoteTeacher:
         return self.client.generate(prompts, **options)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        # calls not started yet are dropped (steps built ahead past the last, or after an
+        # outage: nobody will ask for them); those under way end by their deadlines
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self.client.close()
 
 

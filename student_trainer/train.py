@@ -54,7 +54,8 @@ from student_trainer.objective import (
 from student_trainer.rollout_queue import Rollout, RolloutQueue
 from student_trainer.run_state import RunState
 from student_trainer.student import Student, load_student
-from student_trainer.teacher import Teacher, connect, handshake
+from student_trainer.teacher import Teacher, TeacherOutage, connect, handshake, is_outage
+from teacher_client import TeacherServiceError
 from teacher_service.in_process import resolve_device
 
 
@@ -141,14 +142,41 @@ class Trainer:
         return Rollout(step, version, on_policy, micro_batches)
 
     def train_step(self) -> dict[str, Any]:
+        """One optimizer step. If a teacher call fails with an outage (teacher.is_outage)
+        it raises TeacherOutage with nothing stepped, on every rank: no optimizer or
+        schedule step, the step counter and every stream a checkpoint keeps as the step
+        found them, and the step's rollout pending again (RolloutQueue.put_back), so that
+        a checkpoint written then resumes exactly (train() writes one).
+
+        Under torchrun every rank learns of any rank's outage at a collective that all
+        of them reach anyway (the token count for a failed build, the step's closing sum
+        for a failed score; a rank whose score failed runs its remaining micro-batches
+        with a zero loss, for DDP's all-reduce), so they all raise it together and can
+        all write the checkpoint: no rank is left waiting in a collective."""
         m, o, state = self.config.method, self.config.optim, self.state
         started = time.perf_counter()
         self.student.model.train()
-        rollout = self.rollouts.take(state.step)
-        on_policy, micro_batches = rollout.on_policy, rollout.micro_batches
         device = self.student.device
+        before = state.draws()  # rewound if the teacher fails while the step is built
+        outage: TeacherOutage | None = None
+        rollout: Rollout | None = None
+        try:
+            rollout = self.rollouts.take(state.step)
+        except TeacherServiceError as error:  # SeqKD's teacher.generate
+            if not is_outage(error):
+                raise
+            outage = TeacherOutage(self.config, str(error))
+        tokens = sum(mb.batch.num_tokens for mb in rollout.micro_batches) if rollout else 0
         # the whole world's completion tokens: every rank's loss is a share of one mean
-        (total,) = self.world.sum([sum(mb.batch.num_tokens for mb in micro_batches)], device)
+        total, build_failed = self.world.sum([tokens, outage is not None], device)
+        if build_failed:
+            if rollout is not None:
+                self.rollouts.undo_take(rollout)
+            state.rewind(before)
+            raise outage or TeacherOutage(self.config, "another rank's teacher call failed")
+        assert rollout is not None
+        built = state.draws()  # the forwards below may draw (dropout): rewound on an outage
+        on_policy, micro_batches = rollout.on_policy, rollout.micro_batches
         total_tokens = int(total)
         loss_sum = divergence_sum = 0.0
         latency = wait = 0.0
@@ -161,13 +189,23 @@ class Trainer:
             with self.trained.no_sync() if accumulate else contextlib.nullcontext():
                 with self.precision.autocast():  # student.autocast: forward and loss only
                     rows, targets = self.student.completion_rows(mb.batch, self.trained)
-                    if mb.scores is None:  # sft / seqkd: next-token NLL on the given outputs
-                        per_token = -token_logprobs(rows, targets)
-                    else:
+                    results = None
+                    if mb.scores is not None and outage is None:
                         waited = time.perf_counter()
-                        results = mb.scores.result()
+                        try:
+                            results = mb.scores.result()
+                        except TeacherServiceError as error:
+                            if not is_outage(error):
+                                raise
+                            outage = TeacherOutage(self.config, str(error), mb.scores.latency_s)
                         wait += time.perf_counter() - waited
                         latency += mb.scores.latency_s
+                    if mb.scores is None:  # sft / seqkd: next-token NLL on the given outputs
+                        per_token = -token_logprobs(rows, targets)
+                    elif results is None:  # an outage: the step is not taken, and the rest
+                        # of it runs with a zero loss only to keep DDP's collectives in step
+                        per_token = -token_logprobs(rows, targets) * 0.0
+                    else:
                         teacher = TeacherRows.from_results(results, mb.candidates).to(device)
                         per_token, div = divergence(rows, targets, teacher, m)
                         divergence_sum += float(div.sum())
@@ -181,9 +219,14 @@ class Trainer:
                     loss = token_level_loss(per_token, mask, total_tokens)
                 self.precision.backward(loss * self.world.size)
             loss_sum += float(loss.detach())
-        loss_sum, divergence_sum, reward_sum, reward_count = self.world.sum(
-            [loss_sum, divergence_sum, sum(rewards), len(rewards)], device
+        loss_sum, divergence_sum, reward_sum, reward_count, score_failed = self.world.sum(
+            [loss_sum, divergence_sum, sum(rewards), len(rewards), outage is not None], device
         )
+        if score_failed:  # no step: the gradients go, and the rollout waits for the resume
+            state.optimizer.zero_grad(set_to_none=True)
+            self.rollouts.put_back(rollout)
+            state.rewind(built)
+            raise outage or TeacherOutage(self.config, "another rank's teacher call failed")
         self.precision.unscale(state.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             trainable_parameters(self.student.model),
@@ -233,6 +276,12 @@ class Trainer:
                 eos_ids=student.eos_ids,
                 pad_id=student.pad_id,
             )
+        except TeacherServiceError as error:
+            if not is_outage(error):
+                raise
+            # under torchrun rank 0 evaluates alone: the others cannot join a checkpoint now
+            every_rank = not self.world.distributed
+            raise TeacherOutage(self.config, str(error), every_rank=every_rank) from None
         finally:
             student.model.train(was_training)
 
@@ -286,6 +335,14 @@ def train(
     """Run (or continue) training to config.optim.steps; `stop_after` ends early (tests).
 
     Under torchrun every rank runs this; rank 0 alone evaluates, logs and shows progress.
+
+    A teacher service out of reach for longer than teacher.timeout_s (TeacherOutage, from
+    a step or an evaluation) stops the run: a checkpoint of the last completed step is
+    written, and the error, naming it, is raised. Resumed from it once the service is
+    back, the run computes the steps the uninterrupted run would have. Under torchrun,
+    when only rank 0 met it (evaluating), no checkpoint can be written: rank 0 raises,
+    torchrun stops the others, and the latest checkpoint before it resumes (exactly, but
+    the steps since are computed again).
     """
     trainer = Trainer(config, resume=resume, teacher=teacher)
     run, total, main = config.run, config.optim.steps, trainer.world.is_main
@@ -332,6 +389,12 @@ def train(
         bar.close()
         trainer.world.barrier()  # no rank leaves while rank 0 still writes
         result.steps = trainer.step
+    except TeacherOutage as outage:
+        bar.close()
+        if outage.every_rank:
+            outage.step, outage.checkpoint = trainer.step, trainer.save()
+            trainer.world.barrier()  # no rank fails (torchrun stops the rest) mid-write
+        raise
     finally:
         if metrics is not None:
             metrics.close()

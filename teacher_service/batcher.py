@@ -55,6 +55,7 @@ PEAK_WINDOW_SECONDS = 1.0  # how long a burst of concurrent callers is remembere
 # server admits too little for one forward rather than minutes of work
 PRIOR_TOKENS_PER_SECOND = 1000.0
 THROUGHPUT_WEIGHT = 0.3  # the newest forward's weight in the throughput estimate
+PEAK_FORWARDS = 32  # how many recent forwards the peak rate (forward sizing) looks at
 # a retry hint is when the queue will have room for the refused request, within these
 # bounds: soon after the running forward at the earliest, and never a tight loop
 RETRY_AFTER_BOUNDS = (0.02, 30.0)
@@ -110,15 +111,20 @@ class ModelWorker:
 
 class Throughput:
     """Tokens per second of recent forwards, from EWMAs of their tokens and their seconds
-    (a ratio of averages: a big forward weighs more than a tiny one, as in a queue)."""
+    (a ratio of averages: a big forward weighs more than a tiny one, as in a queue), and
+    the best rate among the last PEAK_FORWARDS (what a full forward achieves)."""
 
     def __init__(self, prior: float = PRIOR_TOKENS_PER_SECOND) -> None:
         self._tokens, self._seconds = prior, 1.0
+        self._rates: deque[float] = deque([prior], maxlen=PEAK_FORWARDS)
         self.measured = False  # False while the prior stands
 
     def observe(self, tokens: int, seconds: float) -> None:
         if tokens <= 0 or seconds <= 0:
             return
+        if not self.measured:
+            self._rates.clear()
+        self._rates.append(tokens / seconds)
         if not self.measured:  # the first measurement replaces the prior outright
             self._tokens, self._seconds, self.measured = float(tokens), seconds, True
             return
@@ -128,6 +134,12 @@ class Throughput:
     @property
     def tokens_per_second(self) -> float:
         return self._tokens / self._seconds
+
+    @property
+    def peak_tokens_per_second(self) -> float:
+        """The fastest of the recent forwards: forwards sized from the average would shrink
+        it (small forwards run slower), and the smaller forwards it then gives it again."""
+        return max(self._rates)
 
     def seconds(self, tokens: float) -> float:
         """How long the model takes for `tokens`, at the recent rate."""
@@ -237,11 +249,11 @@ class DynamicBatcher(Generic[Item, Result]):
 
     def forward_budget(self) -> int:
         """Padded tokens the next forward may hold: max_batch_tokens, and once throughput
-        is measured no more than runs in max_forward_seconds (at least one token: the
-        oldest sequence always runs, however long)."""
+        is measured no more than the recent peak rate runs in max_forward_seconds (at least
+        one token: the oldest sequence always runs, however long)."""
         if self._max_forward_seconds is None or not self.throughput.measured:
             return self._budget
-        timed = int(self.throughput.tokens_per_second * self._max_forward_seconds)
+        timed = int(self.throughput.peak_tokens_per_second * self._max_forward_seconds)
         return max(1, min(self._budget, timed))
 
     def estimated_wait(self) -> float:

@@ -39,6 +39,7 @@ def _serve(args: argparse.Namespace) -> None:
         grace_seconds=args.grace_seconds,
         max_connection_age_s=args.max_connection_age_s,
         grpc=not args.no_grpc,
+        grpc_max_concurrent_rpcs=args.grpc_max_concurrent_rpcs,
         backend=args.backend,
         upstream=args.upstream or "",
         http_port=args.http_port,
@@ -154,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and its connection is closed",
     )
     serve.add_argument("--no-grpc", action="store_true", help="no gRPC front end")
+    serve.add_argument(
+        "--grpc-max-concurrent-rpcs",
+        type=int,
+        default=defaults.grpc_max_concurrent_rpcs,
+        help="gRPC: calls in progress at once (a stream counts as one for its whole life, "
+        "health checks count too); a call past the cap gets RESOURCE_EXHAUSTED at once",
+    )
     serve.add_argument(
         "--zmq-port",
         type=int,

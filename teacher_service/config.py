@@ -17,14 +17,14 @@ class Limits:
     max_queued_tokens: int = 4 * 1024 * 1024  # a hard cap on queued tokens (429 beyond it)
     # the longest wait for a forward the queue may promise (estimated from measured
     # throughput): beyond it a request is refused at once with a retry hint (429). An
-    # admitted request waits at most about this plus its own forward (docs/benchmarks.md:
-    # at 128 clients on 2 CPU cores, 2 s gave a p99 of 2.8 s): a longer queue only delays
-    # what it holds
-    max_queue_seconds: float = 0.2
-    # the longest a forward may take at the measured throughput (on top of max_batch_tokens):
-    # a forward cannot be interrupted, so under overload its length is what every request
-    # arriving meanwhile waits first
-    max_forward_seconds: float = 0.1
+    # admitted request waits at most about this plus its own forward: a longer queue only
+    # delays what it holds (docs/benchmarks.md, 128 clients on 2 CPU cores: admitted p99
+    # 2.8 s with 2 s, about 0.35-0.5 s with 0.2, 0.23-0.26 s with 0.1)
+    max_queue_seconds: float = 0.1
+    # the longest a forward may take at the recent peak throughput (on top of
+    # max_batch_tokens): a forward cannot be interrupted, so under overload its length is
+    # what every request arriving meanwhile waits first
+    max_forward_seconds: float = 0.15
 
     def __post_init__(self) -> None:
         for name in (
@@ -61,6 +61,10 @@ class ServerConfig:
     # 0: connections live for ever
     max_connection_age_s: float = 0.0
     grpc: bool = True  # serve the gRPC front end on `port`
+    # gRPC calls in progress at once; past it a call gets RESOURCE_EXHAUSTED at once, before
+    # any handler runs (grpc_api.start_grpc). A stream is one call for its whole life: a
+    # ScoreStream, a pooled client's health Watch (one per replica it talks to)
+    grpc_max_concurrent_rpcs: int = 1024
     backend: str = "huggingface"  # or "openai" / "tgi": front an upstream server
     upstream: str = ""  # the upstream's URL for a remote backend
     http_port: int | None = None  # serve the HTTP front end there (None: off; 0: a free port)
@@ -99,6 +103,10 @@ class ServerConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.http_max_connections < 1:
             raise ValueError(f"http_max_connections must be >= 1, got {self.http_max_connections}")
+        if self.grpc_max_concurrent_rpcs < 1:
+            raise ValueError(
+                f"grpc_max_concurrent_rpcs must be >= 1, got {self.grpc_max_concurrent_rpcs}"
+            )
         if self.backend not in ("huggingface", "openai", "tgi"):
             raise ValueError(f"backend must be huggingface, openai or tgi, got {self.backend!r}")
         if (self.backend != "huggingface") != bool(self.upstream):

@@ -7,9 +7,12 @@ validation, batching and error semantics are the same whichever door a request u
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 from teacher_client import TeacherInfo
 from teacher_service.backend_api import Backend, Capability, ScoreItem, describe
-from teacher_service.batcher import BatcherClosed, DynamicBatcher, ModelWorker
+from teacher_service.batcher import BatcherClosed, DeadlineExceeded, DynamicBatcher, ModelWorker
 from teacher_service.config import ServerConfig
 from teacher_service.deadlines import caller_deadline
 from teacher_service.errors import Unsupported
@@ -123,7 +126,14 @@ class Engine:
                 )
 
     async def generate(self, request: GenerateRequest) -> list[Completion]:
+        """Complete each prompt: consecutive chunks of prompts within max_batch_tokens, one
+        after another on the model worker (between score batches). The caller's deadline is
+        checked before each chunk and bounds the wait for the one running: once the caller
+        has gone (deadline, cancel) no chunk starts, one already on the worker finishes there
+        for nobody, and the prompts never started count as dropped, as the batcher counts
+        its sequences (DeadlineExceeded; teacher_sequences_dropped_total{reason})."""
         self._refuse_if_draining()
+        deadline = caller_deadline()
         if Capability.GENERATE not in self.backend.capabilities:
             raise Unsupported(f"Generate: the {self.backend.name} backend cannot generate")
         prompts, options = parse_generate_request(request, self.limits)
@@ -131,6 +141,35 @@ class Engine:
         generator = new_generator(options, self.backend.device) if local else None
         completions: list[Completion] = []
         budget = self.config.limits.max_batch_tokens
-        for chunk in chunk_prompts(prompts, options.max_new_tokens, budget):
-            completions += await self.worker.run(self.backend.generate, chunk, options, generator)
+        lock, gone, started = threading.Lock(), [False], [0]  # the caller left; prompts begun
+
+        def run(chunk: list[list[int]]) -> list[Completion] | None:  # on the worker
+            with lock:  # either it starts, or the caller's leaving counts it as dropped
+                if gone[0]:
+                    return None
+                started[0] += len(chunk)
+            return self.backend.generate(chunk, options, generator)
+
+        loop = asyncio.get_running_loop()
+        try:
+            for chunk in chunk_prompts(prompts, options.max_new_tokens, budget):
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    raise asyncio.TimeoutError
+                completions += await asyncio.wait_for(self.worker.run(run, chunk), left)
+        except BaseException as error:
+            with lock:
+                gone[0], unstarted = True, len(prompts) - started[0]
+            # asyncio's own TimeoutError: the builtin one only from Python 3.11
+            timed_out = isinstance(error, asyncio.TimeoutError)
+            if timed_out or isinstance(error, asyncio.CancelledError):
+                expired = timed_out or (deadline is not None and loop.time() >= deadline)
+                if unstarted:
+                    self.metrics.observe_dropped("expired" if expired else "cancelled", unstarted)
+            if timed_out:
+                raise DeadlineExceeded(
+                    f"the caller's deadline passed after {len(completions)} of {len(prompts)} "
+                    "prompts were generated"
+                ) from None
+            raise
         return completions

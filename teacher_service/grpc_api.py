@@ -122,9 +122,14 @@ async def abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
 
 
 def error_status(error: Exception) -> pb.ErrorStatus:
-    """The same, as a ScoreStream response's `error` (the stream goes on)."""
+    """The same, as a ScoreStream response's `error` (the stream goes on); back-pressure's
+    retry hint travels in the message (`retry_after_s`) instead of trailing metadata."""
     failure = report(error)
-    return pb.ErrorStatus(code=failure.status.grpc.value[0], message=failure.message)
+    return pb.ErrorStatus(
+        code=failure.status.grpc.value[0],
+        message=failure.message,
+        retry_after_s=failure.retry_after,  # None leaves it unset
+    )
 
 
 class TeacherServicer(pb_grpc.TeacherServicer):
@@ -212,6 +217,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         try:
+            set_timeout(context.time_remaining())
             async with self._observed("Generate"):
                 completions = await self._engine.generate(to_generate_request(request))
         except Exception as error:
@@ -354,7 +360,14 @@ async def start_grpc(
             ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000)),
         ]
-    server = grpc.aio.server(interceptors=interceptors, options=options)
+    # past the cap gRPC's core refuses a call before any handler runs: RESOURCE_EXHAUSTED
+    # "Concurrent RPC limit exceeded!", no retry hint. Every RPC counts, a stream (ScoreStream,
+    # a pooled client's health Watch) for its whole life, health checks too
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=options,
+        maximum_concurrent_rpcs=config.grpc_max_concurrent_rpcs,
+    )
     pb_grpc.add_TeacherServicer_to_server(TeacherServicer(engine), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -45,8 +45,9 @@ class ServiceMetrics:
         )
         self.request_seconds = Histogram(
             "teacher_request_seconds",
-            "Time from receiving a request to answering it",
-            ["frontend", "method"],
+            "Time from receiving a request to answering it, by status (a refusal's time is "
+            "not an answer's)",
+            ["frontend", "method", "status"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -134,7 +135,7 @@ class ServiceMetrics:
 
     def observe_request(self, frontend: str, method: str, status: str, seconds: float) -> None:
         self.requests.labels(frontend, method, status).inc()
-        self.request_seconds.labels(frontend, method).observe(seconds)
+        self.request_seconds.labels(frontend, method, status).observe(seconds)
         if status not in ("OK", "200"):
             self.errors.labels(frontend, method, status).inc()
 

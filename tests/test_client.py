@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
 import threading
 import time
 
@@ -11,12 +14,15 @@ from transformers import AutoTokenizer
 
 from student_trainer.tiny_model import train_tokenizer
 from teacher_client import (
+    AsyncTeacherClient,
     RetryPolicy,
     TeacherClient,
     TeacherServiceError,
     TokenizerMismatchError,
 )
 from teacher_client.fingerprint import tokenizer_fingerprint
+from teacher_client.proto import teacher_pb2 as pb
+from teacher_client.retry import RETRY_AFTER_KEY
 from teacher_service.cli import free_port
 from teacher_service.config import ServerConfig
 from teacher_service.server import BackgroundServer
@@ -123,3 +129,89 @@ def test_a_client_recovers_soon_after_its_teacher_restarts(tiny_model_dir, backe
     # reconnection is paced like the retries (<= 0.2 s apart); gRPC's default backoff
     # (1 s, 1.6 s, 2.6 s, ...) would find the restarted server about 2 s late
     assert up_at - restarted.started_at < 1.0
+
+
+def refusal(code: grpc.StatusCode, details: str, retry_after: str | None = None):
+    trailing = grpc.aio.Metadata(*([(RETRY_AFTER_KEY, retry_after)] if retry_after else []))
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=details)
+
+
+class ScriptedStub:
+    """A Teacher stub whose Info fails with the scripted errors, in order, then answers."""
+
+    def __init__(self, errors, flavour: str) -> None:
+        self.errors, self.flavour, self.calls = list(errors), flavour, 0
+
+    def Info(self, request, timeout=None, metadata=None):  # gRPC's method name
+        self.calls += 1
+        if self.flavour == "sync":
+            return self._answer()
+
+        async def answer():
+            return self._answer()
+
+        return answer()
+
+    def _answer(self):
+        if self.errors:
+            raise self.errors.pop(0)
+        return pb.InfoResponse(vocab_size=7)
+
+
+def outage_lines(records) -> tuple[list[str], list[str]]:
+    messages = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    return [m for m in messages if "unavailable" in m], [m for m in messages if "back" in m]
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_an_outage_is_logged_once_per_ten_seconds_and_its_end_once(flavour, caplog):
+    retry = RetryPolicy(max_retries=None, initial_backoff=0.001, max_backoff=0.002)
+    client_class = TeacherClient if flavour == "sync" else AsyncTeacherClient
+    client = client_class("127.0.0.1:1", retry=retry, timeout=60)  # nothing is dialled
+    down = [refusal(grpc.StatusCode.UNAVAILABLE, "failed to connect\nto all addresses")] * 20
+    busy = [refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", retry_after="0.001")] * 3
+    client._stub = ScriptedStub(down + busy, flavour)
+
+    def info():
+        if flavour == "sync":
+            return client.info()
+        return asyncio.run(client.info())
+
+    with caplog.at_level(logging.DEBUG, logger="teacher_client"):
+        started = time.monotonic()
+        assert info().vocab_size == 7  # 20 outage retries, then 3 back-pressure ones
+        waited = time.monotonic() - started
+        assert client._stub.calls == 24
+        assert info().vocab_size == 7  # a healthy call says nothing
+    unavailable, back = outage_lines(caplog.records)
+    assert len(unavailable) == 1
+    assert re.fullmatch(  # 60 s, less what the first tries took (a slow machine: 59)
+        r"teacher service at 127\.0\.0\.1:1 unavailable \(failed to connect to all "
+        r"addresses\); retrying for up to (59|60) s more",
+        unavailable[0],
+    )
+    assert len(back) == 1 and back[0].startswith("teacher service at 127.0.0.1:1 is back after")
+    assert 0 <= float(re.search(r"after ([\d.]+) s", back[0]).group(1)) <= waited + 0.05
+    busy_lines = [r.getMessage() for r in caplog.records if "busy" in r.getMessage()]
+    assert len(busy_lines) == 3  # back-pressure: DEBUG only, each retry
+    assert all(r.levelno == logging.DEBUG for r in caplog.records if "busy" in r.getMessage())
+    # a second outage within the ten seconds: no new warning, and its end only at DEBUG
+    caplog.clear()
+    client._stub.errors = [refusal(grpc.StatusCode.UNAVAILABLE, "connection refused")] * 3
+    with caplog.at_level(logging.DEBUG, logger="teacher_client"):
+        info()
+    assert outage_lines(caplog.records) == ([], [])
+    assert any("is back after" in r.getMessage() for r in caplog.records)  # as DEBUG
+    # once the interval has passed, the next outage warns again (once)
+    caplog.clear()
+    client.outage.every = 0.5
+    time.sleep(0.5)
+    client._stub.errors = [refusal(grpc.StatusCode.UNAVAILABLE, "connection refused")] * 3
+    info()
+    unavailable, back = outage_lines(caplog.records)
+    assert len(unavailable) == 1 and "(connection refused)" in unavailable[0]
+    assert len(back) == 1
+    if flavour == "sync":
+        client.close()
+    else:
+        asyncio.run(client.close())

@@ -10,7 +10,9 @@ retries: UNAVAILABLE (server restarting, connection lost) is retried with expone
 backoff and jitter, and an overloaded server's refusal (RESOURCE_EXHAUSTED with a
 `retry-after` hint) after the hint; every other error raises TeacherServiceError at once,
 with the server's message naming the offending field. The deadline also travels with the
-call, so the server drops work whose caller has stopped waiting.
+call, so the server drops work whose caller has stopped waiting. While calls wait out an
+outage, the `teacher_client` logger says so (a WARNING every 10 s at most, and one when
+the service is back: retry.OutageLog).
 """
 
 from __future__ import annotations
@@ -40,20 +42,29 @@ from teacher_client.messages import (
 from teacher_client.pool import POOL_SERVICE_CONFIG, channel_options, channel_target
 from teacher_client.proto import teacher_pb2 as pb
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
-from teacher_client.retry import DEFAULT_RETRY, RetryPolicy
+from teacher_client.retry import DEFAULT_RETRY, OutageLog, RetryPolicy
 
 DEFAULT_TIMEOUT = 120.0
 MAX_MESSAGE_BYTES = 1024 * 1024 * 1024
 
 
 class TeacherServiceError(RuntimeError):
-    """A call the teacher service refused or could not complete."""
+    """A call the teacher service refused or could not complete. `retry_after`: seconds
+    after which an overloaded server expects room (its back-pressure hint), else None."""
 
-    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
+    def __init__(
+        self,
+        method: str,
+        code: grpc.StatusCode,
+        details: str,
+        *,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(f"{method} failed with {code.name}: {details}")
         self.method = method
         self.code = code
         self.details = details
+        self.retry_after = retry_after
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -66,6 +77,34 @@ def _remaining(deadline: float | None) -> float | None:
 
 def _error(method: str, error: grpc.RpcError) -> TeacherServiceError:
     return TeacherServiceError(method, error.code(), error.details() or "")
+
+
+class _Tries:
+    """One call's tries, for both flavours' retry loops: its deadline, the retries so far,
+    and what they tell the client's OutageLog."""
+
+    def __init__(self, client: _ClientBase, method: str, timeout: float | None) -> None:
+        self.client, self.method = client, method
+        self.deadline = client._deadline(timeout)
+        self.retries = 0  # UNAVAILABLE ones (RetryPolicy.counts_as_attempt)
+        self.waited = False  # for the service to come back (not for back-pressure)
+
+    def remaining(self) -> float | None:
+        return _remaining(self.deadline)
+
+    def failed(self, error: grpc.RpcError) -> float:
+        """Seconds to wait before trying again; TeacherServiceError when it is not retried."""
+        retry = self.client.retry
+        delay = retry.next_delay(error, self.retries, self.deadline)
+        if delay is None:
+            raise _error(self.method, error) from None
+        self.waited |= self.client.outage.retrying(error, delay, self.deadline)
+        self.retries += retry.counts_as_attempt(error)
+        return delay
+
+    def succeeded(self) -> None:
+        if self.waited:
+            self.client.outage.back()
 
 
 class _ClientBase:
@@ -96,6 +135,7 @@ class _ClientBase:
         self._metadata = bearer_metadata(token if token is not None else os.environ.get(TOKEN_ENV))
         self.timeout = timeout
         self.retry = retry
+        self.outage = OutageLog(self.target)
         options = channel_options(max_message_bytes, retry)
         if pool:
             options.append(("grpc.service_config", POOL_SERVICE_CONFIG))
@@ -118,18 +158,15 @@ class TeacherClient(_ClientBase):
     _grpc = grpc
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        deadline, attempt = self._deadline(timeout), 0
+        call, tries = getattr(self._stub, method), _Tries(self, method, timeout)
         while True:
             try:
-                return getattr(self._stub, method)(
-                    request, timeout=_remaining(deadline), metadata=self._metadata
-                )
+                response = call(request, timeout=tries.remaining(), metadata=self._metadata)
             except grpc.RpcError as error:
-                delay = self.retry.next_delay(error, attempt, deadline)
-                if delay is None:
-                    raise _error(method, error) from None
-                time.sleep(delay)
-                attempt += self.retry.counts_as_attempt(error)
+                time.sleep(tries.failed(error))
+            else:
+                tries.succeeded()
+                return response
 
     def info(self, *, timeout: float | None = None) -> TeacherInfo:
         return parse_info(self._call("Info", pb.InfoRequest(), timeout))
@@ -165,8 +202,9 @@ class TeacherClient(_ClientBase):
 
         Each call is a dict of `score` keyword arguments (sequences, score_from, top_k, ...).
         At most `window` requests are in flight. `timeout` bounds the whole stream. A
-        refused request raises TeacherServiceError when its turn comes; the stream is not
-        retried (resubmit what was not yielded).
+        refused request raises TeacherServiceError when its turn comes, and the stream
+        ends; it is not retried: resubmit what was not yielded (after `error.retry_after`
+        seconds when the server refused it for back-pressure).
         """
         slots = threading.Semaphore(window)
         closed = threading.Event()
@@ -190,8 +228,12 @@ class TeacherClient(_ClientBase):
                 while next_index in ready:
                     answer = ready.pop(next_index)
                     if answer.HasField("error"):
-                        code = next(c for c in grpc.StatusCode if c.value[0] == answer.error.code)
-                        raise TeacherServiceError("ScoreStream", code, answer.error.message)
+                        status = answer.error
+                        code = next(c for c in grpc.StatusCode if c.value[0] == status.code)
+                        hint = status.retry_after_s if status.HasField("retry_after_s") else None
+                        raise TeacherServiceError(
+                            "ScoreStream", code, status.message, retry_after=hint
+                        )
                     yield parse_score_response(answer.response)
                     next_index += 1
         except grpc.RpcError as error:
@@ -264,18 +306,15 @@ class AsyncTeacherClient(_ClientBase):
     _grpc = grpc.aio
 
     async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        deadline, attempt = self._deadline(timeout), 0
+        call, tries = getattr(self._stub, method), _Tries(self, method, timeout)
         while True:
             try:
-                return await getattr(self._stub, method)(
-                    request, timeout=_remaining(deadline), metadata=self._metadata
-                )
+                response = await call(request, timeout=tries.remaining(), metadata=self._metadata)
             except grpc.aio.AioRpcError as error:
-                delay = self.retry.next_delay(error, attempt, deadline)
-                if delay is None:
-                    raise _error(method, error) from None
-                await asyncio.sleep(delay)
-                attempt += self.retry.counts_as_attempt(error)
+                await asyncio.sleep(tries.failed(error))
+            else:
+                tries.succeeded()
+                return response
 
     async def info(self, *, timeout: float | None = None) -> TeacherInfo:
         return parse_info(await self._call("Info", pb.InfoRequest(), timeout))

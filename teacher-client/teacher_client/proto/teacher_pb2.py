@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"teacher_client/proto/teacher.proto\x12\nteacher.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.teacher.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"\x86\x03\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\x05\x12\x14\n\x0c\x62os_token_id\x18\x05 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x06 \x01(\x05\x12\x14\n\x0cpad_token_id\x18\x07 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x13\n\x0bmodel_dtype\x18\n \x01(\t\x12\x18\n\x10max_batch_tokens\x18\x0b \x01(\x03\x12\x1e\n\x16max_tokens_per_request\x18\x0c \x01(\x03\x12!\n\x19max_sequences_per_request\x18\r \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x0e \x01(\x03\x12\x14\n\x0c\x63\x61pabilities\x18\x0f \x03(\t\x12\x16\n\x0eserver_version\x18\x10 \x01(\t\"\\\n\x08Sequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\nscore_from\x18\x02 \x01(\x05\x12)\n\rcandidate_ids\x18\x03 \x01(\x0b\x32\x12.teacher.v1.Tensor\"\xb4\x01\n\x0cScoreRequest\x12\'\n\tsequences\x18\x01 \x03(\x0b\x32\x14.teacher.v1.Sequence\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12 \n\x05\x64type\x18\x05 \x01(\x0e\x32\x11.teacher.v1.DType\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x0e\n\x0c_temperature\"\xe9\x01\n\x0eSequenceScores\x12+\n\x0ftarget_logprobs\x18\x01 \x01(\x0b\x32\x12.teacher.v1.Tensor\x12$\n\x08topk_ids\x18\x02 \x01(\x0b\x32\x12.teacher.v1.Tensor\x12)\n\rtopk_logprobs\x18\x03 \x01(\x0b\x32\x12.teacher.v1.Tensor\x12.\n\x12\x63\x61ndidate_logprobs\x18\x04 \x01(\x0b\x32\x12.teacher.v1.Tensor\x12)\n\rfull_logprobs\x18\x05 \x01(\x0b\x32\x12.teacher.v1.Tensor\"P\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.teacher.v1.SequenceScores\",\n\x0b\x45rrorStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8d\x01\n\x13ScoreStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.teacher.v1.ScoreResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.teacher.v1.ErrorStatusH\x00\x42\t\n\x07outcome\"\x1b\n\x06Prompt\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\xda\x01\n\x0fGenerateRequest\x12#\n\x07prompts\x18\x01 \x03(\x0b\x32\x12.teacher.v1.Prompt\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"6\n\nCompletion\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\"S\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x16.teacher.v1.Completion*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x32\x97\x02\n\x07Teacher\x12\x39\n\x04Info\x12\x17.teacher.v1.InfoRequest\x1a\x18.teacher.v1.InfoResponse\x12<\n\x05Score\x12\x18.teacher.v1.ScoreRequest\x1a\x19.teacher.v1.ScoreResponse\x12L\n\x0bScoreStream\x12\x18.teacher.v1.ScoreRequest\x1a\x1f.teacher.v1.ScoreStreamResponse(\x01\x30\x01\x12\x45\n\x08Generate\x12\x1b.teacher.v1.GenerateRequest\x1a\x1c.teacher.v1.GenerateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"teacher_client/proto/teacher.proto\x12\nteacher.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.teacher.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"\x86\x03\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\x05\x12\x14\n\x0c\x62os_token_id\x18\x05 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x06 \x01(\x05\x12\x14\n\x0cpad_token_id\x18\x07 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x13\n\x0bmodel_dtype\x18\n \x01(\t\x12\x18\n\x10max_batch_tokens\x18\x0b \x01(\x03\x12\x1e\n\x16max_tokens_per_request\x18\x0c \x01(\x03\x12!\n\x19max_sequences_per_request\x18\r \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x0e \x01(\x03\x12\x14\n\x0c\x63\x61pabilities\x18\x0f \x03(\t\x12\x16\n\x0eserver_version\x18\x10 \x01(\t\"\\\n\x08Sequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\nscore_from\x18\x02 \x01(\x05\x12)\n\rcandidate_ids\x18\x03 \x01(\x0b\x32\x12.teacher.v1.Tensor\"\xb4\x01\n\x0cScoreRequest\x12\'\n\tsequences\x18\x01 \x03(\x0b\x32\x14.teacher.v1.Sequence\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12 \n\x05\x64type\x18\x05 \x01(\x0e\x32\x11.teacher.v1.DType\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x0e\n\x0c_temperature\"\xe9\x01\n\x0eSequenceScores\x12+\n\x0ftarget_logprobs\x18\x01 \x01(\x0b\x32\x12.teacher.v1.Tensor\x12$\n\x08topk_ids\x18\x02 \x01(\x0b\x32\x12.teacher.v1.Tensor\x12)\n\rtopk_logprobs\x18\x03 \x01(\x0b\x32\x12.teacher.v1.Tensor\x12.\n\x12\x63\x61ndidate_logprobs\x18\x04 \x01(\x0b\x32\x12.teacher.v1.Tensor\x12)\n\rfull_logprobs\x18\x05 \x01(\x0b\x32\x12.teacher.v1.Tensor\"P\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.teacher.v1.SequenceScores\"Z\n\x0b\x45rrorStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1a\n\rretry_after_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_retry_after_s\"\x8d\x01\n\x13ScoreStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.teacher.v1.ScoreResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.teacher.v1.ErrorStatusH\x00\x42\t\n\x07outcome\"\x1b\n\x06Prompt\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\xda\x01\n\x0fGenerateRequest\x12#\n\x07prompts\x18\x01 \x03(\x0b\x32\x12.teacher.v1.Prompt\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"6\n\nCompletion\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\"S\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x16.teacher.v1.Completion*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x32\x97\x02\n\x07Teacher\x12\x39\n\x04Info\x12\x17.teacher.v1.InfoRequest\x1a\x18.teacher.v1.InfoResponse\x12<\n\x05Score\x12\x18.teacher.v1.ScoreRequest\x1a\x19.teacher.v1.ScoreResponse\x12L\n\x0bScoreStream\x12\x18.teacher.v1.ScoreRequest\x1a\x1f.teacher.v1.ScoreStreamResponse(\x01\x30\x01\x12\x45\n\x08Generate\x12\x1b.teacher.v1.GenerateRequest\x1a\x1c.teacher.v1.GenerateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'teacher_client.proto.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1707
-  _globals['_DTYPE']._serialized_end=1799
+  _globals['_DTYPE']._serialized_start=1753
+  _globals['_DTYPE']._serialized_end=1845
   _globals['_TENSOR']._serialized_start=50
   _globals['_TENSOR']._serialized_end=121
   _globals['_INFOREQUEST']._serialized_start=123
@@ -48,17 +48,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORERESPONSE']._serialized_start=1044
   _globals['_SCORERESPONSE']._serialized_end=1124
   _globals['_ERRORSTATUS']._serialized_start=1126
-  _globals['_ERRORSTATUS']._serialized_end=1170
-  _globals['_SCORESTREAMRESPONSE']._serialized_start=1173
-  _globals['_SCORESTREAMRESPONSE']._serialized_end=1314
-  _globals['_PROMPT']._serialized_start=1316
-  _globals['_PROMPT']._serialized_end=1343
-  _globals['_GENERATEREQUEST']._serialized_start=1346
-  _globals['_GENERATEREQUEST']._serialized_end=1564
-  _globals['_COMPLETION']._serialized_start=1566
-  _globals['_COMPLETION']._serialized_end=1620
-  _globals['_GENERATERESPONSE']._serialized_start=1622
-  _globals['_GENERATERESPONSE']._serialized_end=1705
-  _globals['_TEACHER']._serialized_start=1802
-  _globals['_TEACHER']._serialized_end=2081
+  _globals['_ERRORSTATUS']._serialized_end=1216
+  _globals['_SCORESTREAMRESPONSE']._serialized_start=1219
+  _globals['_SCORESTREAMRESPONSE']._serialized_end=1360
+  _globals['_PROMPT']._serialized_start=1362
+  _globals['_PROMPT']._serialized_end=1389
+  _globals['_GENERATEREQUEST']._serialized_start=1392
+  _globals['_GENERATEREQUEST']._serialized_end=1610
+  _globals['_COMPLETION']._serialized_start=1612
+  _globals['_COMPLETION']._serialized_end=1666
+  _globals['_GENERATERESPONSE']._serialized_start=1668
+  _globals['_GENERATERESPONSE']._serialized_end=1751
+  _globals['_TEACHER']._serialized_start=1848
+  _globals['_TEACHER']._serialized_end=2127
 # @@protoc_insertion_point(module_scope)
