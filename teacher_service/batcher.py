@@ -256,14 +256,16 @@ class DynamicBatcher(Generic[Item, Result]):
         timed = int(self.throughput.peak_tokens_per_second * self._max_forward_seconds)
         return max(1, min(self._budget, timed))
 
-    def estimated_wait(self) -> float:
-        """Seconds before a sequence queued now would start its forward: the queue's tokens
-        and what is left of the running forward, at the recent throughput."""
+    def estimated_wait(self, tokens: int = 0) -> float:
+        """Seconds before a request of `tokens` queued now would start its forward, at the
+        recent throughput: what is left of the running forward, and the queued work that
+        will not fit in the request's own forward (what fits rides along with it)."""
         left = 0.0
         if self._running:
             elapsed = time.monotonic() - self._running_since  # the loop's clock
             left = max(0.0, self.throughput.seconds(sum(p.length for p in self._running)) - elapsed)
-        return left + self.throughput.seconds(self.queued_tokens)
+        ahead = max(0, self.queued_tokens + tokens - self.forward_budget())
+        return left + self.throughput.seconds(ahead)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="dynamic-batcher")
@@ -339,7 +341,7 @@ class DynamicBatcher(Generic[Item, Result]):
             )
         if self._max_queue_seconds is None or not self._queue:
             return  # an empty queue always admits: the request goes into the next forward
-        wait = self.estimated_wait()
+        wait = self.estimated_wait(tokens)
         if wait > self._max_queue_seconds:
             self.stats.refused += 1
             hint = self._book_retry(tokens, wait - self._max_queue_seconds)

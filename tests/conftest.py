@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -118,3 +119,35 @@ def soft_capped_gemma2(vocab_size: int, layers: int) -> Gemma2ForCausalLM:
     with torch.no_grad():
         model.lm_head.weight.mul_(50)
     return model
+
+
+class GatedBackend:
+    """The real backend, except that a forward (a score batch `holds` picks, by default
+    every one, or a chunk of Generate's prompts) waits for `gate` while it is closed;
+    `entered` says one is waiting, `generate_calls` counts Generate's chunks."""
+
+    def __init__(self, backend, holds: Callable[[list], bool] | None = None, *, open=True):
+        self._backend = backend
+        self._holds = holds or (lambda items: True)
+        self.gate = threading.Event()
+        if open:
+            self.gate.set()
+        self.entered = threading.Event()
+        self.generate_calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def _wait(self) -> None:
+        self.entered.set()
+        self.gate.wait(timeout=30)
+
+    def score_batch(self, items):
+        if self._holds(items):
+            self._wait()
+        return self._backend.score_batch(items)
+
+    def generate(self, prompts, options, generator):
+        self.generate_calls += 1
+        self._wait()
+        return self._backend.generate(prompts, options, generator)

@@ -25,20 +25,20 @@ from teacher_service.batcher import (
 )
 from teacher_service.config import Limits
 from teacher_service.metrics import ServiceMetrics
-from tests.conftest import start_background_server
+from tests.conftest import GatedBackend, start_background_server
 from tests.test_batcher import SLOW, RecordingModel, _until
 
 TOKENS_PER_SECOND = 1000.0  # the throughput the batcher tests pretend to have measured
 
 
-def _run(coroutine_fn, *, max_queue_seconds: float = 0.4):
+def _run(coroutine_fn, *, max_queue_seconds: float = 0.4, max_batch_tokens: int = 10**6):
     async def main():
         model, worker, metrics = RecordingModel(), ModelWorker(), ServiceMetrics()
         batcher = DynamicBatcher(
             model,
             worker,
             length=abs,
-            max_batch_tokens=10**6,
+            max_batch_tokens=max_batch_tokens,
             max_wait_ms=0,
             max_queue_seconds=max_queue_seconds,
             observer=metrics,
@@ -59,29 +59,34 @@ def test_a_request_beyond_the_queues_wait_budget_is_refused_at_once_and_the_admi
     async def submit(batcher, model):
         slow = asyncio.create_task(batcher.submit([SLOW]))  # holds the worker
         await _until(lambda: model.batches == [[SLOW]])
-        # at 1000 tokens/s: the forward's 100 tokens have <= 0.1 s left, 150 queued 0.15 s
-        admitted = asyncio.create_task(batcher.submit([150]))
+        # at 1000 tokens/s, forwards of 100 tokens: the running one has <= 0.1 s left
+        admitted = asyncio.create_task(batcher.submit([150]))  # an empty queue admits
         await _until(lambda: batcher.pending == 1)
-        also = asyncio.create_task(batcher.submit([200]))  # waits <= 0.25 s: within 0.3 s
+        # 150 + 200 tokens, of which the forward it would join holds 100: <= 0.35 s
+        also = asyncio.create_task(batcher.submit([200]))
         await _until(lambda: batcher.pending == 2)
         started = time.monotonic()
-        with pytest.raises(BatcherOverloaded) as refused:  # >= 0.35 s of work waits now
-            await batcher.submit([50])
+        with pytest.raises(BatcherOverloaded) as refused:  # > 0.41 s waits now
+            await batcher.submit([160])
         assert time.monotonic() - started < 0.05  # at once, not after a wait
-        with pytest.raises(BatcherOverloaded) as refused_next:
-            await batcher.submit([80])
+        with pytest.raises(BatcherOverloaded) as refused_next:  # > 0.46 s
+            await batcher.submit([210])
         model.gate.set()
         return refused.value, refused_next.value, await admitted, await also, await slow
 
-    model, batcher, _, (refusal, refusal_next, *served) = _run(submit, max_queue_seconds=0.3)
+    model, batcher, _, (refusal, refusal_next, *served) = _run(
+        submit, max_queue_seconds=0.4, max_batch_tokens=100
+    )
     assert served == [[300], [400], [2 * SLOW]]
-    # back when the queue is within its budget again: 0.35-0.45 s of work, 0.3 s allowed
-    assert 0.05 - 0.01 <= refusal.retry_after <= 0.15
-    # the next refused request is booked after the first one's 50 tokens (0.05 s at 1000
+    # back when the queue's wait is within its budget again: 0.01 s + what is left of the
+    # running forward (at least RETRY_AFTER_BOUNDS[0])
+    assert RETRY_AFTER_BOUNDS[0] <= refusal.retry_after <= 0.11 + 0.01
+    # the next refused request is booked after the first one's 160 tokens (0.16 s at 1000
     # tokens/s), not sent back into the same instant
-    assert refusal_next.retry_after == pytest.approx(refusal.retry_after + 0.05, abs=0.01)
-    assert "max_queue_seconds = 0.3" in str(refusal)
-    assert [50] not in model.batches and batcher.stats.refused == 2
+    assert refusal_next.retry_after == pytest.approx(refusal.retry_after + 0.16, abs=0.015)
+    assert "max_queue_seconds = 0.4" in str(refusal)
+    assert [160] not in model.batches and [210] not in model.batches
+    assert batcher.stats.refused == 2
 
 
 def test_cancelled_and_expired_work_never_reaches_a_forward():
@@ -116,37 +121,22 @@ def test_cancelled_and_expired_work_never_reaches_a_forward():
     assert "teacher_sequences_computed_total 2.0" in rendered
 
 
-class GatedBackend:
-    """The real backend, except that score_batch waits for `gate` while it is closed."""
-
-    def __init__(self, backend) -> None:
-        self._backend = backend
-        self.gate = threading.Event()
-        self.gate.set()
-        self.entered = threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
-
-    def score_batch(self, items):
-        self.entered.set()
-        self.gate.wait(timeout=30)
-        return self._backend.score_batch(items)
-
-
 @pytest.fixture(scope="module")
 def gated(backend):
     return GatedBackend(backend)
 
 
 @pytest.fixture(scope="module")
-def busy_server(tiny_model_dir, gated):
-    """A 1 ms wait budget: one queued request puts the queue over it (at the prior's rate,
-    or any measured one, its 20-odd tokens take longer)."""
-    limits = Limits(max_queue_seconds=0.001)
+def busy_server(tiny_model_dir, gated, sequences):
+    """A 1 ms wait budget and forwards of one token: once a forward has been measured, one
+    queued request puts the queue over it (its 20-odd tokens cannot ride in the forward
+    a new request would join, and take longer than 1 ms)."""
+    limits = Limits(max_queue_seconds=0.001, max_forward_seconds=1e-9)
     running = start_background_server(
         tiny_model_dir, gated, limits=limits, http_port=0, max_wait_ms=0.0
     )
+    with TeacherClient(running.address, timeout=30) as teacher:
+        teacher.score(sequences[:1], 1, top_k=2)  # the throughput is measured
     yield running
     running.stop()
 

@@ -16,7 +16,7 @@ from teacher_client.codec import encode_numpy
 from teacher_client.proto import teacher_pb2 as pb
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.config import Limits
-from tests.conftest import reference_logprobs, start_background_server
+from tests.conftest import GatedBackend, reference_logprobs, start_background_server
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 TOO_LARGE = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -212,26 +212,11 @@ def test_client_side_errors_name_the_argument(client):
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-class GatedBackend:
-    """The real backend, except that a batch holding token 99 waits for the test's gate."""
-
-    def __init__(self, backend) -> None:
-        self._backend = backend
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
-
-    def score_batch(self, items):
-        if any(99 in item.token_ids.tolist() for item in items):
-            self.entered.set()
-            self.gate.wait(timeout=30)
-        return self._backend.score_batch(items)
-
-
 def test_a_caller_that_hits_its_deadline_leaves_nothing_in_the_batcher(tiny_model_dir, backend):
-    gated = GatedBackend(backend)
+    # a batch holding token 99 waits for the test's gate
+    gated = GatedBackend(
+        backend, lambda items: any(99 in item.token_ids.tolist() for item in items), open=False
+    )
     running = start_background_server(tiny_model_dir, gated)
     batcher = running.running.engine.batcher
     try:

@@ -6,7 +6,6 @@ before chunks of prompts nobody would read."""
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -21,37 +20,11 @@ from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service import cli
 from teacher_service.config import Limits, ServerConfig
 from teacher_service.server import BackgroundServer
-from tests.conftest import start_background_server
+from tests.conftest import GatedBackend, start_background_server
 
 pytestmark = pytest.mark.timeout(60)
 CAP_REFUSAL = "Concurrent RPC limit exceeded!"  # gRPC core's words, past the cap
 MAX_NEW_TOKENS = 8
-
-
-class GatedBackend:
-    """The real backend, except that score_batch and generate wait for `gate` while it is
-    closed; counts generate's calls (one per chunk of prompts)."""
-
-    def __init__(self, backend) -> None:
-        self._backend = backend
-        self.gate = threading.Event()
-        self.gate.set()
-        self.entered = threading.Event()
-        self.generate_calls = 0
-
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
-
-    def score_batch(self, items):
-        self.entered.set()
-        self.gate.wait(timeout=30)
-        return self._backend.score_batch(items)
-
-    def generate(self, prompts, options, generator):
-        self.generate_calls += 1
-        self.entered.set()
-        self.gate.wait(timeout=30)
-        return self._backend.generate(prompts, options, generator)
 
 
 @pytest.fixture
@@ -146,11 +119,17 @@ def test_serve_takes_the_grpc_call_cap_and_refuses_a_cap_below_one(monkeypatch, 
 # --- ScoreStream's refusals -----------------------------------------------------------------
 
 
+def busy_limits(sequences: list[list[int]]) -> Limits:
+    """A 1 ms wait budget, and forwards as long as the longest of `sequences` (before any
+    is measured): one queued request puts the queue over it, as two of them cannot ride
+    in one forward (at the 1000 tokens/s assumed, what waits takes more than 1 ms)."""
+    return Limits(max_queue_seconds=0.001, max_batch_tokens=max(map(len, sequences)))
+
+
 def test_a_refused_score_stream_request_carries_the_retry_hint_and_the_stream_goes_on(
     serve, gated, sequences
 ):
-    """A 1 ms wait budget: one queued request puts the queue over it."""
-    server = serve(limits=Limits(max_queue_seconds=0.001))
+    server = serve(limits=busy_limits(sequences[:3]))
     gated.gate.clear()
     outbox: queue.Queue[pb.ScoreRequest | None] = queue.Queue()
     with grpc.insecure_channel(server.address) as channel:
@@ -187,7 +166,7 @@ def test_other_score_stream_errors_carry_no_retry_hint(serve, sequences):
 
 
 def test_the_stream_client_raises_the_refusal_with_its_retry_hint(serve, gated, sequences):
-    server = serve(limits=Limits(max_queue_seconds=0.001))
+    server = serve(limits=busy_limits(sequences[:3]))
     gated.gate.clear()
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.TeacherStub(channel)
