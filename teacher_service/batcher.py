@@ -17,9 +17,10 @@ forward runs on the model worker thread, never on the event loop. A request whos
 goes away (cancel, deadline) takes its queued sequences out of the queue with it, and is
 skipped if its batch has not started yet.
 
-What to admit: the queue promises a wait, not a number of tokens. Its wait is estimated
-from the throughput of recent forwards (tokens/s); a request arriving when the queue
-already holds more than `max_queue_seconds` of work is refused at once, with a retry hint
+What to admit: the queue promises a wait, not a number of tokens. A request's wait is
+estimated from the throughput of recent forwards (tokens/s): what is left of the running
+forward, and the queued work that will not fit in the forward the request would join. A
+request that would wait more than `max_queue_seconds` is refused at once, with a retry hint
 (BatcherOverloaded.retry_after), rather than queued behind minutes of work; callers with
 deadlines learn at once, and the admitted ones keep a bounded latency. The hints book the
 refused work back in, one after another at the measured throughput, so refused callers
