@@ -176,6 +176,12 @@ def main() -> None:
     parser.add_argument("--rss-every", type=float, default=30.0)
     parser.add_argument("--levels", default="1,8,32,128")
     parser.add_argument("--server-flags", default="", help="extra `serve` flags, one string")
+    parser.add_argument(
+        "--server-cpus",
+        default="",
+        help="pin the server to these CPUs (e.g. 0) and the clients to the others, so the "
+        "clients do not take the server's cores (default: all share every core)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.level_seconds, args.storm_seconds = 6.0, 8.0
@@ -188,14 +194,22 @@ def main() -> None:
     command = [sys.executable, "-m", "teacher_service", "--log-level", "WARNING", "serve",
                "--model", str(model), "--port", str(port), "--device", "cpu",
                "--http-port", str(http_port), *args.server_flags.split()]  # fmt: skip
+    env, where = dict(os.environ), "every core shared by server and clients"
+    if args.server_cpus:
+        server_cpus = {int(c) for c in args.server_cpus.split(",")}
+        client_cpus = os.sched_getaffinity(0) - server_cpus
+        command = ["taskset", "-c", args.server_cpus, *command]
+        env["OMP_NUM_THREADS"] = str(len(server_cpus))  # torch's threads: one per CPU it has
+        os.sched_setaffinity(0, client_cpus)
+        where = f"server on CPUs {sorted(server_cpus)}, clients on {sorted(client_cpus)}"
     log_path = Path(tempfile.gettempdir()) / f"bench-load-server-{port}.log"
     server = ServerProcess(command, f"127.0.0.1:{port}", log_path, http_port=http_port)
-    server.start(dict(os.environ))
+    server.start(env)
     pid = server.process.pid
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/info") as reply:
             vocab = int(json.loads(reply.read())["vocab_size"])
-        print(f"# bench_load: {model}, flags [{args.server_flags}], 2-core shared machine\n")
+        print(f"# bench_load: {model}, flags [{args.server_flags}], {where}\n")
         asyncio.run(run_clients(server.address, 4, 3.0, vocab))  # warm-up: measured throughput
         print("| clients | admitted req/s | tokens/s | p50 ms | p99 ms | refused | "
               "refusal p99 ms | server's refusal p99 ms | other errors | "

@@ -167,6 +167,10 @@ def outage_lines(records) -> tuple[list[str], list[str]]:
 def test_an_outage_is_logged_once_per_ten_seconds_and_its_end_once(flavour, caplog):
     retry = RetryPolicy(max_retries=None, initial_backoff=0.001, max_backoff=0.002)
     client_class = TeacherClient if flavour == "sync" else AsyncTeacherClient
+    # the async client's channel belongs to the loop current when it is made: one loop for
+    # the whole test (an earlier test may have left none set)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     client = client_class("127.0.0.1:1", retry=retry, timeout=60)  # nothing is dialled
     down = [refusal(grpc.StatusCode.UNAVAILABLE, "failed to connect\nto all addresses")] * 20
     busy = [refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", retry_after="0.001")] * 3
@@ -175,7 +179,7 @@ def test_an_outage_is_logged_once_per_ten_seconds_and_its_end_once(flavour, capl
     def info():
         if flavour == "sync":
             return client.info()
-        return asyncio.run(client.info())
+        return loop.run_until_complete(client.info())
 
     with caplog.at_level(logging.DEBUG, logger="teacher_client"):
         started = time.monotonic()
@@ -214,4 +218,6 @@ def test_an_outage_is_logged_once_per_ten_seconds_and_its_end_once(flavour, capl
     if flavour == "sync":
         client.close()
     else:
-        asyncio.run(client.close())
+        loop.run_until_complete(client.close())
+    asyncio.set_event_loop(None)
+    loop.close()
