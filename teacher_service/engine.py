@@ -141,13 +141,11 @@ class Engine:
         generator = new_generator(options, self.backend.device) if local else None
         completions: list[Completion] = []
         budget = self.config.limits.max_batch_tokens
-        lock, gone, started = threading.Lock(), [False], [0]  # the caller left; prompts begun
+        progress = _Progress()
 
         def run(chunk: list[list[int]]) -> list[Completion] | None:  # on the worker
-            with lock:  # either it starts, or the caller's leaving counts it as dropped
-                if gone[0]:
-                    return None
-                started[0] += len(chunk)
+            if not progress.start(len(chunk)):
+                return None
             return self.backend.generate(chunk, options, generator)
 
         loop = asyncio.get_running_loop()
@@ -158,8 +156,7 @@ class Engine:
                     raise asyncio.TimeoutError
                 completions += await asyncio.wait_for(self.worker.run(run, chunk), left)
         except BaseException as error:
-            with lock:
-                gone[0], unstarted = True, len(prompts) - started[0]
+            unstarted = len(prompts) - progress.leave()
             # asyncio's own TimeoutError: the builtin one only from Python 3.11
             timed_out = isinstance(error, asyncio.TimeoutError)
             if timed_out or isinstance(error, asyncio.CancelledError):
@@ -173,3 +170,26 @@ class Engine:
                 ) from None
             raise
         return completions
+
+
+class _Progress:
+    """Generate's prompts begun on the worker; once the caller has left, none begins, so
+    each is either generated or counted as dropped, never both."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._left = False
+        self._started = 0
+
+    def start(self, prompts: int) -> bool:
+        """On the worker, before a chunk: False once the caller has left."""
+        with self._lock:
+            if not self._left:
+                self._started += prompts
+            return not self._left
+
+    def leave(self) -> int:
+        """The caller has left: how many prompts were begun."""
+        with self._lock:
+            self._left = True
+            return self._started
