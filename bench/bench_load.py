@@ -5,7 +5,9 @@
 
 Not a test: it prints one table per run. Every client is a raw gRPC stub on asyncio (no
 retries: each refusal is seen and timed), sending 4 sequences of 64 tokens (top_k 8) and,
-when refused, coming back after the server's `retry-after` hint, as TeacherClient does.
+when refused, coming back after the server's `retry-after` hint, as TeacherClient does. A
+level's clients are spread over --client-processes processes (default 4), as separate
+trainers are: 128 clients in one process time their own interpreter's queue too.
 
 - levels: 1 / 8 / 32 / 128 concurrent clients: admitted requests/s and tokens/s, p50/p99
   of admitted requests, refusals and their p99 as the clients saw them and as the server
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -113,13 +116,52 @@ async def client(
                 out.fail(error.code())
 
 
-async def run_clients(address: str, n: int, seconds: float, vocab: int, **kw) -> Outcomes:
+async def run_clients(
+    address: str, n: int, seconds: float, vocab: int, first_seed: int = 0, **kw
+) -> Outcomes:
     out = Outcomes()
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.TeacherStub(channel)
         until = time.monotonic() + seconds
-        await asyncio.gather(*(client(stub, until, out, s, vocab, **kw) for s in range(n)))
+        seeds = range(first_seed, first_seed + n)
+        await asyncio.gather(*(client(stub, until, out, s, vocab, **kw) for s in seeds))
     return out
+
+
+def _clients_process(address, n, seconds, vocab, first_seed, start, results) -> None:
+    start.wait()  # every process imported and connected-ready: the level starts together
+    results.put(asyncio.run(run_clients(address, n, seconds, vocab, first_seed)))
+
+
+def run_level(address: str, n: int, seconds: float, vocab: int, processes: int) -> Outcomes:
+    """n clients spread over `processes` processes (as n trainers are): one asyncio process
+    of many clients adds its own queueing (its gRPC threads share one interpreter)."""
+    processes = max(1, min(processes, n))
+    if processes == 1:
+        return asyncio.run(run_clients(address, n, seconds, vocab))
+    spawn = multiprocessing.get_context("spawn")  # no fork after gRPC has run here
+    start, results = spawn.Barrier(processes + 1), spawn.Queue()
+    shares = [n // processes + (i < n % processes) for i in range(processes)]
+    workers = [
+        spawn.Process(
+            target=_clients_process,
+            args=(address, share, seconds, vocab, sum(shares[:i]), start, results),
+        )
+        for i, share in enumerate(shares)
+    ]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    merged = Outcomes()
+    for _ in workers:
+        out = results.get()
+        merged.admitted += out.admitted
+        merged.refused += out.refused
+        for code, count in out.failed.items():
+            merged.failed[code] = merged.failed.get(code, 0) + count
+    for worker in workers:
+        worker.join()
+    return merged
 
 
 def level_row(
@@ -177,6 +219,12 @@ def main() -> None:
     parser.add_argument("--levels", default="1,8,32,128")
     parser.add_argument("--server-flags", default="", help="extra `serve` flags, one string")
     parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=4,
+        help="spread each level's clients over this many processes (1: one asyncio process)",
+    )
+    parser.add_argument(
         "--server-cpus",
         default="",
         help="pin the server to these CPUs (e.g. 0) and the clients to the others, so the "
@@ -209,7 +257,8 @@ def main() -> None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/info") as reply:
             vocab = int(json.loads(reply.read())["vocab_size"])
-        print(f"# bench_load: {model}, flags [{args.server_flags}], {where}\n")
+        print(f"# bench_load: {model}, flags [{args.server_flags}], {where}, clients in "
+              f"{args.client_processes} processes\n")  # fmt: skip
         asyncio.run(run_clients(server.address, 4, 3.0, vocab))  # warm-up: measured throughput
         print("| clients | admitted req/s | tokens/s | p50 ms | p99 ms | refused | "
               "refusal p99 ms | server's refusal p99 ms | other errors | "
@@ -218,7 +267,7 @@ def main() -> None:
         p99 = {}
         for n in (int(x) for x in args.levels.split(",")):
             before, seen = rss_mib(pid), counters(http_port)
-            out = asyncio.run(run_clients(server.address, n, args.level_seconds, vocab))
+            out = run_level(server.address, n, args.level_seconds, vocab, args.client_processes)
             server_p99 = server_refusal_p99(seen, counters(http_port))
             rss = (before, rss_mib(pid))
             print(level_row(n, out, args.level_seconds, server_p99, rss), flush=True)

@@ -35,6 +35,7 @@ def _serve(args: argparse.Namespace) -> None:
         pack=not args.no_packing,
         full_logits=args.full_logits,
         max_wait_ms=args.max_wait_ms,
+        worker_nice=args.worker_nice,
         limits=limits,
         grace_seconds=args.grace_seconds,
         max_connection_age_s=args.max_connection_age_s,
@@ -239,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=defaults.max_wait_ms,
         help="how long a queued sequence may wait for others to batch with",
+    )
+    serve.add_argument(
+        "--worker-nice",
+        type=int,
+        default=defaults.worker_nice,
+        help="run the model worker thread this much nicer than the rest of the process "
+        "(Linux, 0-19), so the front door's threads preempt a running forward and answer "
+        "or refuse calls on time under load; 0 when the service shares its cores with a "
+        "process that must not outrank it",
     )
     serve.add_argument("--max-tokens-per-request", type=int, default=limits.max_tokens_per_request)
     serve.add_argument(

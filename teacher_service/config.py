@@ -54,6 +54,12 @@ class ServerConfig:
     pack: bool = True  # short unshared sequences share a row instead of padding
     full_logits: bool = False  # score from model(...).logits over every position (the old path)
     max_wait_ms: float = 20.0  # the longest the oldest queued sequence waits for company
+    # the model worker thread's nice value above the process's (Linux): the front door's
+    # threads preempt a running forward, so calls are read and refused on time under load
+    # (batcher.ModelWorker). Threads of other processes in the same cgroup compete with it
+    # at that weight too: 0 when the service shares its cores with a trainer that must not
+    # outrank it
+    worker_nice: int = 10
     limits: Limits = Limits()
     grace_seconds: float = 5.0  # in-flight requests finish on shutdown for this long
     # close each gRPC connection after this long (GOAWAY; in-flight calls get grace_seconds),
@@ -90,6 +96,8 @@ class ServerConfig:
             raise ValueError(f"max_connection_age_s must be >= 0, got {self.max_connection_age_s}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if not 0 <= self.worker_nice <= 19:  # a negative nice needs privileges
+            raise ValueError(f"worker_nice must be in [0, 19], got {self.worker_nice}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.score_chunk_mb < 1:

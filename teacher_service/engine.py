@@ -29,7 +29,7 @@ class Engine:
         self.config = config
         self.limits = ModelLimits(backend.vocab_size, backend.max_seq_len, config.limits)
         self.metrics = ServiceMetrics()
-        self.worker = ModelWorker()
+        self.worker = ModelWorker(nice=config.worker_nice)
         self.batcher: DynamicBatcher[ScoreItem, SequenceScores] = DynamicBatcher(
             self._score_batch,
             self.worker,

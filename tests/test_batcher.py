@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import sys
 import threading
 import time
 
@@ -221,3 +223,31 @@ def test_the_worker_runs_the_next_batch_while_a_caller_still_encodes_its_results
     (first_result, encoded_at), second_result = asyncio.run(main())
     assert first_result == [2 * SLOW] and second_result == [6]
     assert started[3] < encoded_at - 0.2  # the second batch ran during the first's encoding
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
+def test_the_model_worker_and_the_threads_it_starts_run_nice_steps_below_the_caller():
+    """What the front door gains its preemption from: the kernel's own view of the worker
+    thread's nice value, and of a thread the forward starts (as torch's OpenMP pool is)."""
+
+    def nice_of_this_thread() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def nice_of_worker_and_child() -> tuple[int, int]:
+        seen: list[int] = []
+        child = threading.Thread(target=lambda: seen.append(nice_of_this_thread()))
+        child.start()
+        child.join()
+        return nice_of_this_thread(), seen[0]
+
+    async def main(nice: int) -> tuple[int, int]:
+        worker = ModelWorker(nice=nice)
+        try:
+            return await worker.run(nice_of_worker_and_child)
+        finally:
+            worker.close()
+
+    base = nice_of_this_thread()
+    assert asyncio.run(main(7)) == (min(19, base + 7),) * 2
+    assert asyncio.run(main(0)) == (base, base)
+    assert nice_of_this_thread() == base  # the caller's own priority is untouched

@@ -116,6 +116,19 @@ def test_serve_takes_the_grpc_call_cap_and_refuses_a_cap_below_one(monkeypatch, 
         ServerConfig(model="m", grpc_max_concurrent_rpcs=0)
 
 
+def test_serve_takes_the_worker_nice_and_refuses_one_the_kernel_would_not_grant(
+    monkeypatch, tiny_model_dir
+):
+    seen: list[ServerConfig] = []
+    monkeypatch.setattr("teacher_service.server.serve", seen.append)
+    cli.main(["serve", "--model", str(tiny_model_dir), "--worker-nice", "3"])
+    assert seen[0].worker_nice == 3
+    assert ServerConfig(model="m").worker_nice == 10
+    for nice in (-1, 20):  # below 0 needs privileges; 19 is the kernel's last step
+        with pytest.raises(ValueError, match=rf"worker_nice must be in \[0, 19\], got {nice}"):
+            ServerConfig(model="m", worker_nice=nice)
+
+
 # --- ScoreStream's refusals -----------------------------------------------------------------
 
 
