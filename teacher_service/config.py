@@ -23,8 +23,10 @@ class Limits:
     max_queue_seconds: float = 0.1
     # the longest a forward may take at the recent peak throughput (on top of
     # max_batch_tokens): a forward cannot be interrupted, so under overload its length is
-    # what every request arriving meanwhile waits first
-    max_forward_seconds: float = 0.15
+    # what every request arriving meanwhile waits first (128 clients on 2 CPU cores,
+    # docs/benchmarks.md: admitted p99 0.39-0.50 s with 0.1, 0.51-0.67 s with 0.15, at the
+    # same throughput)
+    max_forward_seconds: float = 0.1
 
     def __post_init__(self) -> None:
         for name in (

@@ -180,7 +180,7 @@ def _check_response_size(
     rows: int, candidate_cells: int, options: ScoreOptions, model: ModelLimits
 ) -> None:
     """Refuse up front what could not be sent back (mostly full=true on a big vocabulary)."""
-    itemsize = torch.empty((), dtype=options.dtype).element_size()
+    itemsize = options.dtype.itemsize
     per_row = itemsize * (1 + options.top_k + model.vocab_size * options.full) + 4 * options.top_k
     size = rows * per_row + candidate_cells * itemsize
     if size > model.limits.max_message_bytes:
