@@ -46,7 +46,6 @@ SERVER_CPU, CLIENT_CPUS = 0, {1}
 
 def compute_for_ever(nice: int) -> None:
     lower_thread_priority(nice)
-    torch.set_num_threads(1)
     a = torch.randn(512, 512)
     while True:
         a @ a
@@ -60,6 +59,7 @@ class Refuser(pb_grpc.TeacherServicer):
 
 def serve(port: int, thread_nice: int | None) -> None:
     os.sched_setaffinity(0, {SERVER_CPU})
+    torch.set_num_threads(1)  # for the whole process, as OMP_NUM_THREADS=1 sets it
     if thread_nice is not None:
         threading.Thread(target=compute_for_ever, args=(thread_nice,), daemon=True).start()
 
@@ -75,6 +75,7 @@ def serve(port: int, thread_nice: int | None) -> None:
 
 def busy_process() -> None:
     os.sched_setaffinity(0, {SERVER_CPU})
+    torch.set_num_threads(1)
     compute_for_ever(0)
 
 
