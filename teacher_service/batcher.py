@@ -79,8 +79,9 @@ class ModelWorker:
     It runs `nice` steps below the rest of the process: on cores it shares with the front
     door, a forward (100 % of a core for its whole length) otherwise delays each of the
     several thread hand-offs a call makes before its handler runs (the gRPC core threads,
-    the completion-queue poller, the event loop) by a scheduler slice. Measured on 2 CPU
-    cores at 128 clients: refusals p99 84 ms at nice 0, 29-41 ms at 10 (docs/benchmarks.md).
+    the completion-queue poller, the event loop) by a scheduler slice. Measured with the
+    server on one core and 128 clients: refusals p99 120-166 ms at nice 0, 73-91 ms at 10
+    (docs/benchmarks.md).
     """
 
     def __init__(self, nice: int = 0) -> None:
