@@ -138,7 +138,7 @@ async def run_clients(
 
 
 def _clients_process(address, n, seconds, vocab, first_seed, start, results) -> None:
-    start.wait()  # every process imported and connected-ready: the level starts together
+    start.wait()  # every process has imported: the level starts in one instant, as the bench says
     results.put(asyncio.run(run_clients(address, n, seconds, vocab, first_seed)))
 
 
