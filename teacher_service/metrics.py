@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 FRACTION_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -108,6 +109,20 @@ class ServiceMetrics:
             registry=r,
         )
 
+        self.gc_pause = Histogram(
+            "teacher_gc_pause_seconds",
+            "Garbage collections of the serving process, by generation: no thread runs "
+            "Python meanwhile, the event loop that answers calls included (heap.py)",
+            ["generation"],
+            buckets=PAUSE_BUCKETS,
+            registry=r,
+        )
+        self.gc_frozen = Gauge(
+            "teacher_gc_frozen_objects",
+            "Objects that start-up left, kept out of every garbage collection (heap.freeze)",
+            registry=r,
+        )
+
     def track_queue(self, queue: Queue) -> None:
         self.queue_depth.set_function(lambda: queue.pending)
         self.queue_wait_estimate.set_function(queue.estimated_wait)
@@ -132,6 +147,9 @@ class ServiceMetrics:
         self.tokens_computed.inc(computed)
         if computed:
             self.padding_waste.observe(padding / computed)
+
+    def observe_gc_pause(self, generation: str, seconds: float) -> None:
+        self.gc_pause.labels(generation).observe(seconds)
 
     def observe_request(self, frontend: str, method: str, status: str, seconds: float) -> None:
         self.requests.labels(frontend, method, status).inc()

@@ -2,8 +2,9 @@
 
 `start_server` wires the backend, the engine (model worker and dynamic batcher), the
 gRPC front end (grpc_api.py), the HTTP one (web/) and verl's ZeroMQ one (zmq_api.py) into
-one event loop; `serve` runs it until SIGINT/SIGTERM; `BackgroundServer` runs it on a
-thread of its own (tests, benchmarks, notebooks). No request handling lives here.
+one event loop; `serve` runs it until SIGINT/SIGTERM, with start-up's heap frozen out of
+garbage collection (heap.py); `BackgroundServer` runs it on a thread of its own (tests,
+benchmarks, notebooks). No request handling lives here.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from teacher_service.backend_api import Backend
 from teacher_service.config import ServerConfig
 from teacher_service.engine import Engine
 from teacher_service.grpc_api import SERVICE_NAME, start_grpc
+from teacher_service.heap import CollectionTimer, freeze
 from teacher_service.web.server import HttpServer
 from teacher_service.zmq_api import ZmqServer
 
@@ -149,6 +151,12 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> NoReturn:
 
     async def main() -> tuple[Engine, float]:
         running = await start_server(config, backend)
+        # the process is the service's alone: what start-up built stays out of the garbage
+        # collector's full passes, each of which would stop every thread (heap.py)
+        metrics = running.engine.metrics
+        collections = CollectionTimer(metrics.observe_gc_pause)
+        metrics.gc_frozen.set(frozen := freeze())
+        log.info("%d objects frozen out of garbage collection", frozen)
         if running.port is not None:
             print(
                 f"teacher-service listening on {config.address(running.port)} (gRPC)",
@@ -175,6 +183,7 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> NoReturn:
         signalled = time.monotonic()
         log.info("shutting down (grace %.1fs)", config.grace_seconds)
         await running.stop(config.grace_seconds)
+        collections.close()
         return running.engine, signalled
 
     engine, signalled = asyncio.run(main())
