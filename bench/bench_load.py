@@ -11,10 +11,11 @@ trainers are: 128 clients in one process time their own interpreter's queue too.
 
 - levels: 1 / 8 / 32 / 128 concurrent clients: admitted requests/s and tokens/s, p50/p99
   of admitted requests, refusals and their p99 as the clients saw them and as the server
-  timed them (its request-time histogram: a bucket bound), the server's RSS before and
-  after. Every client of a level starts at the same instant on a fresh connection: the
-  refusals of those first calls (a herd no steady load makes: the server takes the calls
-  one after another) are timed apart from the rest, as their count and slowest.
+  timed them (its request-time histogram: a bucket bound), the server's longest garbage
+  collection (a bound: every thread waits for one), the server's RSS before and after.
+  Every client of a level starts at the same instant on a fresh connection: the refusals
+  of those first calls (a herd no steady load makes: the server takes the calls one after
+  another) are timed apart from the rest, as their count and slowest.
   Targets with the defaults: at 128 clients the admitted p99 <= 3 x the 8-client p99 of
   the same run; refusals answered within 50 ms p99.
 - cancel storm: 50 clients whose calls have a 0.2 s deadline, resending at once, and one
@@ -175,8 +176,9 @@ def run_level(address: str, n: int, seconds: float, vocab: int, processes: int) 
 
 
 def level_row(
-    n: int, out: Outcomes, seconds: float, server_p99: str, rss: tuple[float, float]
+    n: int, out: Outcomes, seconds: float, server: tuple[str, str], rss: tuple[float, float]
 ) -> str:
+    """One level's table row; `server`: its refusal p99 and longest GC pause (bounds)."""
     tokens = len(out.admitted) * SEQUENCES * LENGTH / seconds
     failed = ",".join(f"{k}:{v}" for k, v in out.failed.items()) or "-"
     return (
@@ -186,36 +188,52 @@ def level_row(
         f"{out.refusals} | {percentile(out.refused, 0.99) * 1000:.1f} | "
         f"{len(out.refused_first)} / {max(out.refused_first, default=0) * 1000:.0f} | "
         f"{percentile(out.refused + out.refused_first, 0.99) * 1000:.1f} | "
-        f"{server_p99} | {failed} | {rss[0]:.0f} -> {rss[1]:.0f} |"
+        f"{server[0]} | {server[1]} | {failed} | {rss[0]:.0f} -> {rss[1]:.0f} |"
     )
 
 
 def counters(http_port: int) -> dict[str, float]:
-    """The server's sequence counters and request-time histogram buckets (scrape_metrics
-    keeps token counters only)."""
+    """The server's sequence counters and histogram buckets (scrape_metrics keeps token
+    counters only)."""
     found = scrape_metrics(http_port) or {}
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as reply:
         for line in reply.read().decode().splitlines():
-            if line.startswith(("teacher_sequences_", "teacher_request_seconds_bucket")):
+            if line.startswith(("teacher_sequences_", "teacher_request_seconds_bucket",
+                                "teacher_gc_pause_seconds_bucket")):  # fmt: skip
                 name, _, value = line.rpartition(" ")
                 found[name] = float(value)
     return found
 
 
-def server_refusal_p99(before: dict[str, float], after: dict[str, float]) -> str:
-    """The bucket bound under which 99 % of the refusals of a level were answered, as the
-    server timed them (handler start to answer: no transport, no client)."""
-    wanted = {"frontend": "grpc", "method": "Score", "status": "RESOURCE_EXHAUSTED"}
-    buckets = []
+def bucket_bound(
+    before: dict[str, float], after: dict[str, float], histogram: str, q: float, **wanted: str
+) -> str:
+    """The bucket bound under which a fraction q of a histogram's observations in a level
+    fell (summed over the labels not in `wanted`), as "<= N" ms."""
+    buckets: dict[float, float] = {}
     for name, count in after.items():
-        if name.startswith("teacher_request_seconds_bucket{"):
+        if name.startswith(f"{histogram}_bucket{{"):
             labels = dict(re.findall(r'(\w+)="([^"]*)"', name))
             if all(labels.get(k) == v for k, v in wanted.items()):
-                buckets.append((float(labels["le"]), count - before.get(name, 0.0)))
-    buckets.sort()
-    total = buckets[-1][1] if buckets else 0.0
-    bound = next((le for le, count in buckets if total and count >= 0.99 * total), None)
+                le = float(labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + count - before.get(name, 0.0)
+    ordered = sorted(buckets.items())
+    total = ordered[-1][1] if ordered else 0.0
+    bound = next((le for le, count in ordered if total and count >= q * total), None)
     return "" if bound is None else f"<= {bound * 1000:g}"
+
+
+def server_refusal_p99(before: dict[str, float], after: dict[str, float]) -> str:
+    """The bound under which 99 % of the refusals of a level were answered, as the server
+    timed them (handler start to answer: no transport, no client)."""
+    return bucket_bound(before, after, "teacher_request_seconds", 0.99,
+                        frontend="grpc", method="Score", status="RESOURCE_EXHAUSTED")  # fmt: skip
+
+
+def longest_gc_pause(before: dict[str, float], after: dict[str, float]) -> str:
+    """The bound over every garbage collection of a level: no thread of the server runs
+    Python meanwhile (teacher_service/heap.py)."""
+    return bucket_bound(before, after, "teacher_gc_pause_seconds", 1.0)
 
 
 def main() -> None:
@@ -274,16 +292,17 @@ def main() -> None:
         asyncio.run(run_clients(server.address, 4, 3.0, vocab))  # warm-up: measured throughput
         print("| clients | admitted req/s | tokens/s | p50 ms | p99 ms | refused | "
               "refusal p99 ms (after first calls) | first calls refused / slowest ms | "
-              "refusal p99 ms (all calls) | server's refusal p99 ms | other errors | "
-              "RSS MiB before -> after |")  # fmt: skip
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              "refusal p99 ms (all calls) | server's refusal p99 ms | server's longest GC "
+              "pause ms | other errors | RSS MiB before -> after |")  # fmt: skip
+        print("|" + " --- |" * 13)
         p99 = {}
         for n in (int(x) for x in args.levels.split(",")):
             before, seen = rss_mib(pid), counters(http_port)
             out = run_level(server.address, n, args.level_seconds, vocab, args.client_processes)
-            server_p99 = server_refusal_p99(seen, counters(http_port))
+            after = counters(http_port)
+            server = (server_refusal_p99(seen, after), longest_gc_pause(seen, after))
             rss = (before, rss_mib(pid))
-            print(level_row(n, out, args.level_seconds, server_p99, rss), flush=True)
+            print(level_row(n, out, args.level_seconds, server, rss), flush=True)
             p99[n] = percentile(out.admitted, 0.99)
             time.sleep(2.0)  # let the queue drain between levels
         if 8 in p99 and 128 in p99:

@@ -193,6 +193,12 @@ class _Pending(Generic[Item]):
     future: asyncio.Future = field(repr=False)
 
 
+def _read_error(future: asyncio.Future) -> None:
+    """Mark a finished future's error as read (asyncio logs unread ones)."""
+    if not future.cancelled():
+        future.exception()
+
+
 class BatcherClosed(ServiceError):
     """The batcher shut down before this sequence was run."""
 
@@ -332,8 +338,13 @@ class DynamicBatcher(Generic[Item, Result]):
         self._recent_in_flight.append((now, self._in_flight))
         self._arrived.set()
         timeout = None if deadline is None else deadline - now
+        results = asyncio.gather(*futures)
+        # the caller may be cancelled (gRPC, at its deadline) while wait_for is cancelling
+        # `results` after its own timeout: nobody would read their error, and asyncio would
+        # log it at ERROR when collected
+        results.add_done_callback(_read_error)
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
+            return list(await asyncio.wait_for(results, timeout))
         except BaseException as error:
             for future in futures:
                 future.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import sys
@@ -112,6 +113,31 @@ def test_cancelled_requests_leave_the_queue():
     assert result == ([2 * SLOW], [2])
     assert model.batches == [[SLOW], [1]]  # 5, 6, 7 never ran
     assert batcher.stats.cancelled == 3 and batcher.stats.sequences == 2
+
+
+def test_a_caller_cancelled_as_its_deadline_passes_leaves_no_error_for_asyncio_to_log():
+    """gRPC cancels a handler at its deadline, when the batcher's own timeout fires too: if
+    the cancel lands while the timeout is cancelling the request's sequences, asyncio used
+    to log "_GatheringFuture exception was never retrieved" at ERROR (a cancel storm wrote
+    dozens). Here the cancel lands in that instant: when a sequence is cancelled."""
+    logged: list[dict] = []
+
+    async def submit(batcher, model, _):
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: logged.append(context))
+        slow = asyncio.create_task(batcher.submit([SLOW]))  # holds the worker
+        await _until(lambda: model.batches == [[SLOW]])
+        expiring = [asyncio.create_task(batcher.submit([7], deadline=time.monotonic() + 0.05))]
+        await _until(lambda: batcher.pending == 1)
+        batcher._queue[0].future.add_done_callback(lambda _: expiring[0].cancel())
+        with pytest.raises(asyncio.CancelledError):
+            await expiring[0]
+        expiring.clear()  # the task, its error and what that refers to can be collected
+        model.gate.set()
+        await slow
+        gc.collect()  # asyncio logs an unretrieved exception when its future is collected
+
+    _run(submit)
+    assert [context["message"] for context in logged] == []
 
 
 def test_a_batch_whose_caller_left_before_it_started_is_skipped():

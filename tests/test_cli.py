@@ -76,7 +76,16 @@ def test_serve_refuses_bad_flags_with_a_clear_message(tiny_model_dir, tmp_path, 
     assert message in result.stderr
 
 
-def test_http_only_server_answers_and_stops_on_sigterm(tiny_model_dir, sequences):
+def metric(text: str, name: str) -> float:
+    """The sum of a metric's samples over its labels, in /metrics' text."""
+    lines = [x for x in text.splitlines() if x.startswith((name + " ", name + "{"))]
+    assert lines, f"{name} is not in /metrics"
+    return sum(float(x.rsplit(" ", 1)[1]) for x in lines)
+
+
+def test_http_only_server_answers_with_its_heap_frozen_and_stops_on_sigterm(
+    tiny_model_dir, sequences
+):
     port = free_port()
     process = subprocess.Popen(
         serve_command(tiny_model_dir, 0, "--no-grpc", "--http-port", str(port)),
@@ -100,6 +109,10 @@ def test_http_only_server_answers_and_stops_on_sigterm(tiny_model_dir, sequences
         )
         assert answer.status_code == 200
         assert len(answer.json()["results"][0]["target_logprobs"]) == len(sequences[0]) - 1
+        metrics = httpx.get(f"{url}/metrics").text
+        # torch, transformers and the model: far more than this, out of the collector's walks
+        assert metric(metrics, "teacher_gc_frozen_objects") > 50_000
+        assert metric(metrics, "teacher_gc_pause_seconds_count") >= 1  # serving collected
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=60)
     finally:
