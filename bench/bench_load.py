@@ -176,9 +176,9 @@ def run_level(address: str, n: int, seconds: float, vocab: int, processes: int) 
 
 
 def level_row(
-    n: int, out: Outcomes, seconds: float, server: tuple[str, str], rss: tuple[float, float]
+    n: int, out: Outcomes, seconds: float, timed: tuple[str, str], rss: tuple[float, float]
 ) -> str:
-    """One level's table row; `server`: its refusal p99 and longest GC pause (bounds)."""
+    """One level's table row; `timed`: the server's refusal p99 and longest GC pause."""
     tokens = len(out.admitted) * SEQUENCES * LENGTH / seconds
     failed = ",".join(f"{k}:{v}" for k, v in out.failed.items()) or "-"
     return (
@@ -188,7 +188,7 @@ def level_row(
         f"{out.refusals} | {percentile(out.refused, 0.99) * 1000:.1f} | "
         f"{len(out.refused_first)} / {max(out.refused_first, default=0) * 1000:.0f} | "
         f"{percentile(out.refused + out.refused_first, 0.99) * 1000:.1f} | "
-        f"{server[0]} | {server[1]} | {failed} | {rss[0]:.0f} -> {rss[1]:.0f} |"
+        f"{timed[0]} | {timed[1]} | {failed} | {rss[0]:.0f} -> {rss[1]:.0f} |"
     )
 
 
@@ -300,9 +300,9 @@ def main() -> None:
             before, seen = rss_mib(pid), counters(http_port)
             out = run_level(server.address, n, args.level_seconds, vocab, args.client_processes)
             after = counters(http_port)
-            server = (server_refusal_p99(seen, after), longest_gc_pause(seen, after))
+            timed = (server_refusal_p99(seen, after), longest_gc_pause(seen, after))
             rss = (before, rss_mib(pid))
-            print(level_row(n, out, args.level_seconds, server, rss), flush=True)
+            print(level_row(n, out, args.level_seconds, timed, rss), flush=True)
             p99[n] = percentile(out.admitted, 0.99)
             time.sleep(2.0)  # let the queue drain between levels
         if 8 in p99 and 128 in p99:
