@@ -36,6 +36,7 @@ def _serve(args: argparse.Namespace) -> None:
         full_logits=args.full_logits,
         max_wait_ms=args.max_wait_ms,
         worker_nice=args.worker_nice,
+        freeze_heap=not args.no_freeze_heap,
         limits=limits,
         grace_seconds=args.grace_seconds,
         max_connection_age_s=args.max_connection_age_s,
@@ -249,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(Linux, 0-19), so the front door's threads preempt a running forward and answer "
         "or refuse calls on time under load; 0 when the service shares its cores with a "
         "process that must not outrank it",
+    )
+    serve.add_argument(
+        "--no-freeze-heap",
+        action="store_true",
+        help="leave start-up's objects in the garbage collector's full passes (by default "
+        "they are frozen out: each pass over them stops every thread for 100 ms or more)",
     )
     serve.add_argument("--max-tokens-per-request", type=int, default=limits.max_tokens_per_request)
     serve.add_argument(

@@ -62,6 +62,9 @@ class ServerConfig:
     # at that weight too: 0 when the service shares its cores with a trainer that must not
     # outrank it
     worker_nice: int = 10
+    # `serve` freezes what start-up built out of garbage collection: a full collection of
+    # it stops every thread for 100-250 ms on 2 CPU cores (heap.py). Off: to measure that
+    freeze_heap: bool = True
     limits: Limits = Limits()
     grace_seconds: float = 5.0  # in-flight requests finish on shutdown for this long
     # close each gRPC connection after this long (GOAWAY; in-flight calls get grace_seconds),

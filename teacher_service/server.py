@@ -155,8 +155,9 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> NoReturn:
         # collector's full passes, each of which would stop every thread (heap.py)
         metrics = running.engine.metrics
         collections = CollectionTimer(metrics.observe_gc_pause)
-        metrics.gc_frozen.set(frozen := freeze())
-        log.info("%d objects frozen out of garbage collection", frozen)
+        if config.freeze_heap:
+            metrics.gc_frozen.set(frozen := freeze())
+            log.info("%d objects frozen out of garbage collection", frozen)
         if running.port is not None:
             print(
                 f"teacher-service listening on {config.address(running.port)} (gRPC)",

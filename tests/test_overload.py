@@ -129,6 +129,14 @@ def test_serve_takes_the_worker_nice_and_refuses_one_the_kernel_would_not_grant(
             ServerConfig(model="m", worker_nice=nice)
 
 
+def test_serve_freezes_the_heap_unless_told_not_to(monkeypatch, tiny_model_dir):
+    seen: list[ServerConfig] = []
+    monkeypatch.setattr("teacher_service.server.serve", seen.append)
+    cli.main(["serve", "--model", str(tiny_model_dir)])
+    cli.main(["serve", "--model", str(tiny_model_dir), "--no-freeze-heap"])
+    assert [config.freeze_heap for config in seen] == [True, False]
+
+
 # --- ScoreStream's refusals -----------------------------------------------------------------
 
 
