@@ -1,7 +1,7 @@
 """A fleet that starts in one instant: 128 clients' first calls against a server that has
 just started, every call refused, the server alone on one core.
 
-    .venv/bin/python bench/bench_herd.py        # ~1 minute, needs 2 cores
+    .venv/bin/python bench/bench_herd.py        # ~2.5 minutes, needs 2 cores
 
 Not a test: it prints one table. Each row starts a fresh server on CPU 0 and 128 clients in
 4 processes on CPU 1; each client opens its connection first, then all send one `Score`
