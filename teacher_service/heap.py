@@ -2,13 +2,14 @@
 
 A full collection (generation 2) walks every object the collector tracks, and no thread
 runs Python meanwhile: not the event loop that answers calls, not the model worker. With
-torch and transformers imported that is some 220,000 objects, and one full collection
-took 106-109 ms on the 2-core CI machine's cores, in the middle of a burst of 128 calls:
-the burst's slowest refusal went from 27-37 ms to 140-200 ms (bench/bench_load.py's first
-calls; docs/benchmarks.md). Nearly all of those objects live as long as the process (modules,
-the model), so `freeze` moves them out of the collector's sight once, as vLLM and SGLang do
-after their start-up: later full collections walk only what serving created since.
-"""
+torch and transformers imported that is some 220,000 objects and 100-250 ms on 2 CPU
+cores, and every 12-second level of 128 clients measured had one (bench/bench_load.py's
+GC column). Against a
+fresh server, 128 simultaneous calls took 153-173 ms at the slowest, 44-62 ms with the
+heap frozen (bench/bench_herd.py; docs/benchmarks.md). Nearly all of those objects live as
+long as the process (modules, the model), so `freeze` moves them out of the collector's
+sight once, as vLLM and SGLang do after their start-up: later full collections walk only
+what serving created since."""
 
 from __future__ import annotations
 
