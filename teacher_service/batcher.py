@@ -309,10 +309,11 @@ class DynamicBatcher(Generic[Item, Result]):
         """Fail what is queued or running, and from now on every submit(), with BatcherClosed
         (a forward still on the worker finishes there, for nobody)."""
         self._closed = True
+        running = self._running  # the cancelled loop forgets the forward it was waiting for
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for pending in self._queue + self._running:
+        for pending in self._queue + running:
             if not pending.future.done():
                 pending.future.set_exception(BatcherClosed("the service is shutting down"))
         self._queue.clear()

@@ -8,7 +8,9 @@ validation, batching and error semantics are the same whichever door a request u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import Iterator
 
 from teacher_client import TeacherInfo
 from teacher_service.backend_api import Backend, Capability, ScoreItem, describe
@@ -43,6 +45,9 @@ class Engine:
         )
         self.metrics.track_queue(self.batcher)
         self.draining = False
+        self._calls = 0  # score / generate calls in progress, from every front end
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def _score_batch(self, items: list[ScoreItem]) -> list[SequenceScores]:
         """The backend's score_batch (on the model worker), and what its forwards ran."""
@@ -70,12 +75,31 @@ class Engine:
         await self.batcher.close()
         self.worker.close(wait=False)
 
+    async def idle(self) -> None:
+        """Return once no score or generate call is in progress (at once if none is)."""
+        await self._idle.wait()
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        self._calls += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._calls -= 1
+            if not self._calls:
+                self._idle.set()
+
     def info(self) -> TeacherInfo:
         return describe(self.backend, self.config.limits)
 
     async def score(self, request: ScoreRequest) -> list[SequenceScores]:
         """Validate and score. With `sample_next`, sequence n's next token is drawn from its
         own generator, seeded seed + n, so it does not depend on what it is batched with."""
+        with self._call():
+            return await self._score(request)
+
+    async def _score(self, request: ScoreRequest) -> list[SequenceScores]:
         self._refuse_if_draining()
         deadline = caller_deadline()
         self._require_capabilities(request)
@@ -132,6 +156,10 @@ class Engine:
         has gone (deadline, cancel) no chunk starts, one already on the worker finishes there
         for nobody, and the prompts never started count as dropped, as the batcher counts
         its sequences (DeadlineExceeded; teacher_sequences_dropped_total{reason})."""
+        with self._call():
+            return await self._generate(request)
+
+    async def _generate(self, request: GenerateRequest) -> list[Completion]:
         self._refuse_if_draining()
         deadline = caller_deadline()
         if Capability.GENERATE not in self.backend.capabilities:

@@ -70,24 +70,30 @@ class RunningServer:
         """At once: NOT_SERVING, /health 503, new calls refused (UNAVAILABLE / 503). In-flight
         calls get `grace` seconds; what is still running then is answered SHUTTING_DOWN by
         the engine, and the front ends close SHUTDOWN_MARGIN later: by then every call has
-        its answer, so none ends in a front end's own cancellation (an HTTP 500)."""
+        its answer, so none ends in a front end's own cancellation (an HTTP 500).
+
+        The gRPC server takes calls through the grace (the draining engine refuses them:
+        UNAVAILABLE, which clients retry elsewhere) and stops once the engine is idle or the
+        grace is over: grpc.aio's stop() CANCELs a call that has arrived but not reached its
+        handler, and nobody retries CANCELLED."""
         self.engine.drain()
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         if self.http is not None:
             self.http.mark_shutting_down()
         stops = []
-        if self.grpc_server is not None:
-            stops.append(self.grpc_server.stop(grace + SHUTDOWN_MARGIN))
         if self.http is not None:
             stops.append(self.http.stop(grace + SHUTDOWN_MARGIN))
         if self.zmq is not None:  # draining: new requests get a shutting_down error reply
             stops.append(self.zmq.stop(grace + SHUTDOWN_MARGIN))
         front_ends = asyncio.gather(*stops)
+        settled = asyncio.gather(front_ends, self.engine.idle())
         with contextlib.suppress(asyncio.TimeoutError):  # else every call ended in grace
-            await asyncio.wait_for(asyncio.shield(front_ends), grace)
+            await asyncio.wait_for(asyncio.shield(settled), grace)
         await self.engine.close()
-        await front_ends
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(SHUTDOWN_MARGIN)
+        await settled
 
 
 async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:

@@ -30,6 +30,7 @@ from teacher_client import TeacherClient, TeacherServiceError
 from teacher_client.proto import teacher_pb2 as pb
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.cli import free_port, serve_command
+from tests.conftest import GatedBackend, start_background_server
 from tests.replicas import Replica
 from tests.trainer_helpers import in_process, small_config
 
@@ -107,6 +108,37 @@ def test_sigterm_under_load_exits_within_grace_and_answers_every_call(tiny_model
     assert set(http_statuses) <= {200, 503}, http_statuses
     # seconds of queued work against a 1 s grace: some calls were cut, and answered so
     assert grpc.StatusCode.UNAVAILABLE in grpc_codes and 503 in http_statuses
+
+
+def test_a_call_whose_forward_outlasts_the_grace_and_a_call_during_it_get_unavailable(
+    tiny_model_dir, backend, sequences
+):
+    """Both answers are UNAVAILABLE, which clients retry elsewhere, never CANCELLED: the gRPC
+    server takes calls through the grace for the draining engine to refuse (grpc.aio's
+    stop() may CANCEL a call that has not reached its handler), and the engine fails the
+    running forward's callers at the end of the grace (test_batcher has the unit case)."""
+    gated = GatedBackend(backend, open=False)
+    server = start_background_server(tiny_model_dir, gated, max_wait_ms=0.0, grace_seconds=0.5)
+    request = pb.ScoreRequest(sequences=[pb.Sequence(token_ids=sequences[0], score_from=1)])
+    stopping = threading.Thread(target=server.stop)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.TeacherStub(channel)
+            running = stub.Score.future(request, timeout=30)
+            assert gated.entered.wait(10)  # its forward holds the worker
+            stopping.start()
+            draining_by = time.monotonic() + 5
+            while not server.running.engine.draining:
+                assert time.monotonic() < draining_by
+                time.sleep(0.005)
+            with pytest.raises(grpc.RpcError) as new_call:
+                stub.Score(request, timeout=5)
+            assert new_call.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert running.exception(timeout=10).code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        gated.gate.set()  # the forward ends on the worker, for nobody; stop() waits for it
+        if stopping.is_alive():
+            stopping.join(30)
 
 
 @pytest.fixture(scope="module")
