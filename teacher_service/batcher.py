@@ -349,8 +349,12 @@ class DynamicBatcher(Generic[Item, Result]):
         except BaseException as error:
             for future in futures:
                 future.cancel()
-            # asyncio's own TimeoutError: the builtin one only from Python 3.11
-            expired = isinstance(error, (asyncio.TimeoutError, DeadlineExceeded))
+            # asyncio's own TimeoutError: the builtin one only from Python 3.11. gRPC cancels
+            # a call at its deadline, when wait_for's own timeout fires: whichever comes
+            # first, a caller gone at or past its deadline has expired
+            expired = isinstance(error, (asyncio.TimeoutError, DeadlineExceeded)) or (
+                deadline is not None and loop.time() >= deadline
+            )
             self._drop_gone("expired" if expired else "cancelled")
             if isinstance(error, asyncio.TimeoutError):
                 raise DeadlineExceeded(
