@@ -35,9 +35,9 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import request
+from bench_priority import Refuser  # refuses every Score with a 0.05 s hint
 
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
-from teacher_client.retry import RETRY_AFTER_KEY
 from teacher_service.batcher import BatcherOverloaded
 from teacher_service.cli import free_port
 from teacher_service.config import ServerConfig
@@ -47,14 +47,8 @@ from teacher_service.metrics import ServiceMetrics
 
 CLIENTS, PROCESSES, RUNS = 128, 4, 3
 SERVER_CPU, CLIENT_CPUS = 0, {1}
-RETRY_AFTER = 0.05
+RETRY_AFTER = 0.05  # as bench_priority's Refuser hints
 FROZEN = ", heap frozen"
-
-
-class Refuser(pb_grpc.TeacherServicer):
-    async def Score(self, request, context):
-        context.set_trailing_metadata(((RETRY_AFTER_KEY, f"{RETRY_AFTER:.3f}"),))
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
 
 
 class RefusingEngine:

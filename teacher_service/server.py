@@ -74,8 +74,8 @@ class RunningServer:
 
         The gRPC server takes calls through the grace (the draining engine refuses them:
         UNAVAILABLE, which clients retry elsewhere) and stops once the engine is idle or the
-        grace is over: grpc.aio's stop() CANCELs a call that has arrived but not reached its
-        handler, and nobody retries CANCELLED."""
+        grace is over: a call arriving as grpc.aio's stop() began could end CANCELLED under
+        load, and nobody retries CANCELLED."""
         self.engine.drain()
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
@@ -157,10 +157,10 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> NoReturn:
 
     async def main() -> tuple[Engine, float]:
         running = await start_server(config, backend)
-        # the process is the service's alone: what start-up built stays out of the garbage
-        # collector's full passes, each of which would stop every thread (heap.py)
         metrics = running.engine.metrics
         collections = CollectionTimer(metrics.observe_gc_pause)
+        # the process is the service's alone: what start-up built stays out of the garbage
+        # collector's full passes, each of which would stop every thread (heap.py)
         if config.freeze_heap:
             metrics.gc_frozen.set(frozen := freeze())
             log.info("%d objects frozen out of garbage collection", frozen)
