@@ -3,6 +3,13 @@ vLLM/OpenAI `/v1/completions` dialect with `prompt_logprobs`, on one server proc
 
     .venv/bin/python bench/bench_http.py            # ~2 minutes on 2 CPU cores
     .venv/bin/python bench/bench_http.py --quick
+    .venv/bin/python bench/bench_http.py --remote --model models/translation/teacher
+
+`--remote` adds the path of a teacher served by vLLM or SGLang: a second service with
+`--backend openai --upstream` the first one's HTTP port (its `/v1/completions` stands in
+for vLLM's), called over gRPC. Against plain gRPC that row costs what the remote path adds
+around the upstream's forward: the upstream's JSON rendering, the extra hop, and the front
+service's JSON parsing into tensors; the bytes of that hop are printed too.
 
 Every measurement scores the same batch (16 x 256 random tokens, score_from 1, top_k 64)
 with one unary request at a time, so the differences are encoding, transport and
@@ -26,6 +33,7 @@ import grpc
 import httpx
 import msgpack
 import torch
+from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,9 +41,30 @@ from bench_service import ServerProcess, bench_spec, ensure_bench_model
 
 from teacher_client import build_score_request
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
+from teacher_service.backend_api import ScoreItem
 from teacher_service.cli import free_port, serve_command
+from teacher_service.remote import _scores_from_prompt_logprobs
+from teacher_service.scoring import ScoreOptions
 
 MSGPACK = "application/msgpack"
+GRPC = "gRPC Score (float16)"
+COMPLETIONS = "HTTP /v1/completions prompt_logprobs (JSON)"
+REMOTE = "gRPC -> --backend openai -> /v1/completions"
+
+
+def parse_seconds(body: bytes, batch: list[list[int]], top_k: int, reps: int = 3) -> float:
+    """What the openai backend does with the upstream's answer (JSON -> rows), in-process:
+    the median of `reps` runs."""
+    options = ScoreOptions(top_k=top_k, dtype=torch.float16)
+    items = [ScoreItem(torch.tensor(ids), 1, options) for ids in batch]
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        choices = sorted(json.loads(body)["choices"], key=lambda c: c["index"])
+        for item, choice in zip(items, choices):
+            _scores_from_prompt_logprobs(item, choice["prompt_logprobs"])
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -50,12 +79,23 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=384)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--vocab-size", type=int, default=4000)
+    parser.add_argument(
+        "--model", type=Path, help="a model directory to serve instead of the benchmark Llama"
+    )
+    parser.add_argument(
+        "--remote",
+        action="store_true",
+        help="also a second service with --backend openai in front of the first one's "
+        "/v1/completions, called over gRPC (the vLLM/SGLang path)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.batch_size, args.seq_len = 3, 8, 128
     hf_logging.disable_progress_bar()
-    model_dir = ensure_bench_model(bench_spec(args))
+    model_dir = args.model or ensure_bench_model(bench_spec(args))
+    if args.model:
+        args.vocab_size = len(AutoTokenizer.from_pretrained(model_dir, local_files_only=True))
     batch = torch.randint(
         3,
         args.vocab_size,
@@ -79,6 +119,28 @@ def main() -> None:
     server.log_path.parent.mkdir(exist_ok=True)
     server.start(dict(os.environ))
     url = f"http://127.0.0.1:{http_port}"
+    front = None
+    if args.remote:  # the tokenizer is the model directory's own
+        front_port = free_port()
+        front = ServerProcess(
+            serve_command(
+                model_dir,
+                front_port,
+                "--backend",
+                "openai",
+                "--upstream",
+                url,
+                "--max-batch-tokens",
+                str(positions),
+            ),
+            f"127.0.0.1:{front_port}",
+            Path("runs") / "bench-http-front.log",
+        )
+        try:
+            front.start(dict(os.environ))
+        except BaseException:
+            server.stop()
+            raise
     limit = [("grpc.max_receive_message_length", 256 * 2**20)]
     channel = grpc.insecure_channel(server.address, options=limit)
     stub = pb_grpc.TeacherStub(channel)
@@ -98,6 +160,14 @@ def main() -> None:
 
     def grpc_call() -> int:
         return stub.Score(grpc_request, timeout=600).ByteSize()
+
+    front_channel = None
+    if front is not None:
+        front_channel = grpc.insecure_channel(front.address, options=limit)
+        front_stub = pb_grpc.TeacherStub(front_channel)
+
+        def remote_call() -> int:
+            return front_stub.Score(grpc_request, timeout=600).ByteSize()
 
     def msgpack_call() -> int:
         answer = http.post(
@@ -119,11 +189,13 @@ def main() -> None:
         return len(answer.content)
 
     calls = {
-        "gRPC Score (float16)": grpc_call,
+        GRPC: grpc_call,
         "HTTP /v1/score msgpack (float16)": msgpack_call,
         "HTTP /v1/score JSON": json_call,
-        "HTTP /v1/completions prompt_logprobs (JSON)": completions_call,
+        COMPLETIONS: completions_call,
     }
+    if front is not None:
+        calls[REMOTE] = remote_call
     seconds: dict[str, list[float]] = {name: [] for name in calls}
     sizes: dict[str, int] = {}
     try:
@@ -135,16 +207,24 @@ def main() -> None:
                 started = time.perf_counter()
                 sizes[name] = call()
                 seconds[name].append(time.perf_counter() - started)
+        if front is not None:  # the upstream hop: the very body OpenAIBackend sends
+            model_id = http.get(f"{url}/v1/models").json()["data"][0]["id"]
+            body = http.post(f"{url}/v1/completions", json={"model": model_id, **completions})
+            upstream_bytes = len(body.content)
+            parsing = parse_seconds(body.content, batch, args.top_k)
     finally:
         channel.close()
         http.close()
         server.stop()
-    base = statistics.median(seconds["gRPC Score (float16)"])
+        if front is not None:
+            front_channel.close()
+            front.stop()
+    base = statistics.median(seconds[GRPC])
     print(
         f"\nbatch {args.batch_size} x {args.seq_len} ({positions} scored positions), "
         f"top_k {args.top_k}, model {model_dir.name}, medians of {args.rounds} rounds"
     )
-    print(f"{'front end':46s} {'tokens/s':>10s} {'vs gRPC':>8s} {'bytes/token':>12s}")
+    print(f"{'front end':50s} {'tokens/s':>10s} {'vs gRPC':>8s} {'bytes/token':>12s}")
     results = {}
     for name in calls:
         median = statistics.median(seconds[name])
@@ -155,13 +235,37 @@ def main() -> None:
         }
         row = results[name]
         print(
-            f"{name:46s} {row['tokens_per_s']:10.0f} {row['vs_grpc']:8.2f} "
+            f"{name:50s} {row['tokens_per_s']:10.0f} {row['vs_grpc']:8.2f} "
             f"{row['bytes_per_token']:12.1f}"
         )
+    if front is not None:
+        per_1k = {name: statistics.median(seconds[name]) / positions * 1e6 for name in calls}
+        rendering = per_1k[COMPLETIONS] - per_1k[GRPC]
+        front_cost = per_1k[REMOTE] - per_1k[COMPLETIONS]
+        hop = upstream_bytes / positions
+        results[REMOTE] |= {
+            "upstream_bytes_per_token": hop,
+            "upstream_json_ms_per_1k_tokens": rendering,
+            "front_ms_per_1k_tokens": front_cost,
+        }
+        print(
+            f"\n{REMOTE}: the client's hop carries gRPC's bytes, the upstream hop {hop:.1f} "
+            f"bytes/token (JSON). Per 1000 scored tokens: the forward + gRPC {per_1k[GRPC]:.1f} "
+            f"ms; the upstream's JSON dialect {rendering:+.1f} ms; the front service (the "
+            f"second hop, JSON parsed into tensors, gRPC again) {front_cost:+.1f} ms, of "
+            f"which parsing the JSON into tensors {parsing / positions * 1e6:.1f} ms"
+        )
+        results[REMOTE]["parse_ms_per_1k_tokens"] = parsing / positions * 1e6
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=2
+                {
+                    "args": {
+                        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                    },
+                    "results": results,
+                },
+                indent=2,
             )
         )
 

@@ -60,9 +60,10 @@ against `serve --no-packing` (every row padded to the longest), and the same in 
 with the padding fraction of what each forward computed. No target: the issue asks for
 the padding fraction before and after.
 
-A model argument (`--ph-model`, `--group-model`) is `base` (the base section's model), a
-spec `vVOCAB-hHIDDEN-lLAYERS` (a random-weight Llama built once under .cache/), or a local
-model directory.
+A model argument (`--model`, `--ph-model`, `--group-model`) is `base` (the base section's
+model), a spec `vVOCAB-hHIDDEN-lLAYERS` or a preset (`qwen2-0.5b`: Qwen2-0.5B's shape, a
+152k vocabulary; `qwen2-tiny`: its vocabulary on a tiny body), each a random-weight Llama
+built once under .cache/, or a local model directory.
 
 Each server runs as a separate process, started exactly as a user starts it
 (`python -m teacher_service serve ...`), one per variant: a section starts its servers
@@ -114,6 +115,34 @@ GROUPS_TARGET = 2.5  # shared prompts over the same sequences unshared
 NOISY_SPREAD = 0.5  # (max - min) / median over rounds above which the run is flagged
 SHAPES = ("base", "prompt-heavy", "groups", "mixed")
 MODEL_SPEC = re.compile(r"^v(\d+)-h(\d+)-l(\d+)$")
+# named shapes, random weights built by ensure_bench_model (a model argument names them)
+PRESETS = {
+    # Qwen2-0.5B's shape: a 152k vocabulary, tied embeddings (about 494M parameters; as
+    # a Llama, without Qwen2's q/k/v biases)
+    "qwen2-0.5b": TinyModelSpec(
+        vocab_size=151_936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        max_seq_len=2048,
+        init_std=0.02,
+        tie_word_embeddings=True,
+    ),
+    # the same vocabulary and tying at a size for CPU dry runs (bench/gpu.sh)
+    "qwen2-tiny": TinyModelSpec(
+        vocab_size=151_936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        max_seq_len=2048,
+        init_std=0.02,
+        tie_word_embeddings=True,
+    ),
+}
 
 # --- the benchmark models --------------------------------------------------------------------
 
@@ -136,14 +165,15 @@ def model_spec(vocab_size: int, hidden_size: int, layers: int) -> TinyModelSpec:
     )
 
 
-def ensure_bench_model(spec: TinyModelSpec) -> Path:
-    """The cached benchmark model under .cache/, built on first use.
+def ensure_bench_model(spec: TinyModelSpec, name: str | None = None) -> Path:
+    """The cached benchmark model under .cache/ (bench-model-NAME, by default the spec's
+    vVOCAB-hHIDDEN-lLAYERS), built on first use.
 
     build_tiny_model's BPE runs out of merges on its small synthetic corpus (about 1.4k
     tokens whatever vocab_size asks for), so the vocabulary is topped up with plain added
     tokens and the embeddings resized: the lm_head and the scoring math grow with it.
     """
-    name = f"bench-model-v{spec.vocab_size}-h{spec.hidden_size}-l{spec.num_layers}"
+    name = "bench-model-" + (name or f"v{spec.vocab_size}-h{spec.hidden_size}-l{spec.num_layers}")
     out = ROOT / ".cache" / name
     if (out / "config.json").is_file():
         return out
@@ -166,17 +196,23 @@ def ensure_bench_model(spec: TinyModelSpec) -> Path:
     return out
 
 
-def resolve_model(value: str, args: argparse.Namespace) -> Path:
-    """A model argument: `base`, a spec vVOCAB-hHIDDEN-lLAYERS, or a model directory."""
-    if value == "base":
-        if args.model:
-            return Path(args.model)
-        return ensure_bench_model(bench_spec(args))
+def resolve_model(value: str, args: argparse.Namespace | None = None) -> Path:
+    """A model argument: `base` (--model, or the model of --vocab-size, --hidden-size and
+    --layers), a preset (PRESETS), a spec vVOCAB-hHIDDEN-lLAYERS, or a model directory."""
+    if value == "base" and args is not None:
+        if not args.model:
+            return ensure_bench_model(bench_spec(args))
+        value = args.model
+    if value in PRESETS:
+        return ensure_bench_model(PRESETS[value], value)
     match = MODEL_SPEC.match(value)
     if match:
         return ensure_bench_model(model_spec(*(int(g) for g in match.groups())))
     if not (Path(value) / "config.json").is_file():
-        sys.exit(f"bench: {value!r} is neither base, a spec like v32000-h256-l4, nor a model dir")
+        sys.exit(
+            f"bench: {value!r} is neither base, a preset ({', '.join(PRESETS)}), a spec like "
+            "v32000-h256-l4, nor a model dir"
+        )
     return Path(value)
 
 
@@ -1193,7 +1229,11 @@ def parse_args() -> argparse.Namespace:
         default=",".join(SHAPES),
         help=f"the sections to run, comma-separated, of {', '.join(SHAPES)} (default: all)",
     )
-    arg("--model", help="base: a local HF causal-LM directory (default: the built benchmark model)")
+    arg(
+        "--model",
+        help=f"base: a local HF causal-LM directory, a preset ({', '.join(PRESETS)}) or a spec "
+        "vVOCAB-hHIDDEN-lLAYERS (default: the model of --vocab-size, --hidden-size, --layers)",
+    )
     arg("--device", default="auto", help="auto, cpu, cuda or cuda:N (servers and baselines)")
     arg("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights")
     arg("--batch-size", type=int, help="base throughput: sequences per batch (16; quick 8)")
@@ -1222,7 +1262,7 @@ def parse_args() -> argparse.Namespace:
     arg(
         "--ph-model",
         default="v32000-h256-l4",
-        help="prompt-heavy: base, a spec vVOCAB-hHIDDEN-lLAYERS, or a model dir",
+        help="prompt-heavy: base, a preset, a spec vVOCAB-hHIDDEN-lLAYERS, or a model dir",
     )
     arg("--ph-batch", type=int, help="prompt-heavy: sequences per request (8)")
     arg(
@@ -1231,7 +1271,7 @@ def parse_args() -> argparse.Namespace:
         help="prompt-heavy: run today's-path server from this source tree (a checkout before "
         "the new path) instead of `serve --full-logits`",
     )
-    arg("--group-model", default="base", help="groups: base, a spec, or a model dir")
+    arg("--group-model", default="base", help="groups: base, a preset, a spec, or a model dir")
     arg("--groups", type=int, help="groups: prompts per batch (2; quick 1)")
     arg("--samples", type=int, default=8, help="groups: samples (sequences) per prompt")
     arg(

@@ -36,11 +36,21 @@ before issue 15, still the one for a model whose output layer cannot be split of
 completion rows only, a chunk at a time (student.loss_chunk_rows). Each runs in a process
 of its own: CPU peak RSS, plus CUDA max_memory_allocated on a GPU (`--device cuda`). The
 teacher's signal is synthetic (its memory is the service's, not the trainer's).
+
+On a GPU (bench/gpu.sh): `--device cuda` puts the student and the service's teacher there
+(`--dtype`: the server's weights), `--autocast bf16` runs the student's training forward
+under autocast, `--teacher-model`/`--student-model` take bench_service.py's model arguments
+(`qwen2-0.5b`: Qwen2-0.5B's shape at random weights, a 152k vocabulary), and
+`--service-only` times only our trainer against the service (no in-process teacher, no
+TRL). The JSON then also holds each configuration's peak CUDA memory in the trainer's
+process (torch.cuda.max_memory_allocated: weights, AdamW state, activations) and the
+server's, as nvidia-smi reports it.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -55,7 +65,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_service import ROOT, ServerProcess
+from bench_service import ROOT, ServerProcess, resolve_model, server_memory
 from trl_reference import trl_step_seconds
 
 from student_trainer.config import DEFAULT_LOSS_CHUNK_ROWS, MethodConfig, load_config
@@ -76,7 +86,9 @@ MEMORY_PATHS = ("full logits", "chunked rows")
 
 
 def build_models(args: argparse.Namespace) -> tuple[Path, Path]:
-    """Teacher and student for the benchmark, cached under .cache/ (same tokenizer)."""
+    """Teacher and student for the benchmark, cached under .cache/ (same tokenizer):
+    --teacher-model and --student-model, or built of --teacher-hidden, --student-hidden,
+    ... (a student built for a --teacher-model takes that model's tokenizer)."""
 
     def spec(hidden: int, layers: int, seed: int) -> TinyModelSpec:
         return TinyModelSpec(
@@ -88,10 +100,17 @@ def build_models(args: argparse.Namespace) -> tuple[Path, Path]:
             seed=seed,
         )
 
-    teacher = ROOT / ".cache" / f"bench-teacher-h{args.teacher_hidden}-l{args.teacher_layers}"
+    if args.teacher_model:
+        teacher = resolve_model(args.teacher_model)
+    else:
+        teacher = ROOT / ".cache" / f"bench-teacher-h{args.teacher_hidden}-l{args.teacher_layers}"
+        if not (teacher / "config.json").is_file():
+            build_tiny_model(teacher, spec(args.teacher_hidden, args.teacher_layers, 0))
+    if args.student_model:
+        return teacher, resolve_model(args.student_model)
     student = ROOT / ".cache" / f"bench-student-h{args.student_hidden}-l{args.student_layers}"
-    if not (teacher / "config.json").is_file():
-        build_tiny_model(teacher, spec(args.teacher_hidden, args.teacher_layers, 0))
+    if args.teacher_model:
+        student = student.with_name(f"{student.name}-for-{teacher.name}")
     if not (student / "config.json").is_file():
         build_tiny_model(
             student, spec(args.student_hidden, args.student_layers, 1), tokenizer_from=teacher
@@ -99,15 +118,25 @@ def build_models(args: argparse.Namespace) -> tuple[Path, Path]:
     return teacher, student
 
 
+def describe(model_dir: Path) -> str:
+    config = json.loads((model_dir / "config.json").read_text())
+    tied = ", tied" if config.get("tie_word_embeddings") else ""
+    shape = f"h{config['hidden_size']}/l{config['num_hidden_layers']}"
+    return f"{model_dir.name} ({shape}, vocabulary {config['vocab_size']}{tied})"
+
+
 def our_steps(
     args, student: Path, address: str, teacher=None, staleness: int = 0
-) -> tuple[list[float], float]:
-    """Seconds per step of our trainer (after warmup) and the mean hidden teacher fraction;
-    `staleness`: rollout.max_staleness (1: step t + 1 sampled and scored while t trains)."""
+) -> tuple[list[float], float, float | None]:
+    """Seconds per step of our trainer (after warmup), the mean hidden teacher fraction and
+    the peak CUDA memory of this process in MiB (None off CUDA); `staleness`:
+    rollout.max_staleness (1: step t + 1 sampled and scored while t trains)."""
     config = load_config(
         None,
         [
             f"student.model={student}",
+            f"student.device={args.device}",
+            f"student.autocast={args.autocast}",
             f"teacher.address={address}",
             f"run.out_dir={ROOT / 'runs' / 'bench-trainer'}",
             "run.progress=false",
@@ -122,13 +151,20 @@ def our_steps(
             f"rollout.max_staleness={staleness}",
         ],
     )
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:  # what the previous configuration's trainer left is not this one's
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(config, teacher=teacher)
     try:
         records = [trainer.train_step() for _ in range(WARMUP_STEPS + args.steps)]
     finally:
         trainer.close()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     timed = records[WARMUP_STEPS:]
-    return [r["step_s"] for r in timed], statistics.mean(r["hidden_fraction"] for r in timed)
+    hidden = statistics.mean(r["hidden_fraction"] for r in timed)
+    return [r["step_s"] for r in timed], hidden, peak
 
 
 def memory_step(args: argparse.Namespace) -> dict[str, float]:
@@ -264,6 +300,29 @@ def main() -> None:
     parser.add_argument("--student-layers", type=int, default=2)
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument(
+        "--service-only",
+        action="store_true",
+        help="only our trainer through the service (no in-process teacher, no TRL)",
+    )
+    parser.add_argument(
+        "--teacher-model",
+        help="bench_service.py's model argument: a preset (qwen2-0.5b), a spec "
+        "vVOCAB-hHIDDEN-lLAYERS or a model dir (default: built of --teacher-hidden/-layers)",
+    )
+    parser.add_argument(
+        "--student-model",
+        help="as --teacher-model; it must have the teacher's tokenizer (default: built of "
+        "--student-hidden/-layers with the teacher's tokenizer)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="the service's weights (default: the server's)",
+    )
+    parser.add_argument(
+        "--autocast", default="none", choices=["none", "bf16", "fp16"], help="student.autocast"
+    )
+    parser.add_argument(
         "--separate-cores",
         action="store_true",
         help="trainers (ours and TRL) on CPU 0 with 1 thread, the service's teacher on CPU 1 "
@@ -278,7 +337,9 @@ def main() -> None:
     parser.add_argument(
         "--loss-chunk-rows", type=int, default=DEFAULT_LOSS_CHUNK_ROWS, help="--memory: chunk"
     )
-    parser.add_argument("--device", default="cpu", help="--memory: cpu or cuda")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda: the student, the service's teacher, --memory"
+    )
     parser.add_argument("--memory-step", nargs=2, help=argparse.SUPPRESS)  # one child's run
     args = parser.parse_args()
     if args.memory_step:
@@ -305,8 +366,9 @@ def main() -> None:
     prompts = [encode_prompt(tokenizer, e.prompt) for e in task]
 
     port = free_port()
+    device_flags = ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
     server = ServerProcess(
-        serve_command(teacher_dir, port),
+        serve_command(teacher_dir, port, *device_flags),
         f"127.0.0.1:{port}",
         ROOT / "runs" / "bench-trainer-server.log",
     )
@@ -314,23 +376,28 @@ def main() -> None:
     server.command = server_prefix + server.command
     threads = {"OMP_NUM_THREADS": "1"} if args.separate_cores else {}
     server.start({**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", **threads})
-    in_process = LocalTeacher.load(teacher_dir)
     ours = {  # configuration: (teacher address, in-process teacher, rollout.max_staleness)
         "service": (server.address, None, 0),
         "service k=1": (server.address, None, 1),
-        "in-process": ("unused:1", in_process, 0),
-        "in-process k=1": ("unused:1", in_process, 1),
     }
-    trls = {} if args.no_trl else {"TRL Distill": "distillation", "TRL GKD": "gkd"}
+    if not args.service_only:
+        in_process = LocalTeacher.load(teacher_dir, device=args.device)
+        ours["in-process"] = ("unused:1", in_process, 0)
+        ours["in-process k=1"] = ("unused:1", in_process, 1)
+    no_trl = args.no_trl or args.service_only
+    trls = {} if no_trl else {"TRL Distill": "distillation", "TRL GKD": "gkd"}
     times: dict[str, list[float]] = {name: [] for name in [*ours, *trls]}
     hidden: dict[str, list[float]] = {name: [] for name in ours}
+    peaks: dict[str, list[float]] = {name: [] for name in ours}
     try:
         for round_index in range(args.rounds):
             print(f"round {round_index + 1}/{args.rounds}", flush=True)
             for name, (address, teacher, staleness) in ours.items():
-                steps, frac = our_steps(args, student_dir, address, teacher, staleness)
+                steps, frac, peak = our_steps(args, student_dir, address, teacher, staleness)
                 times[name] += steps
                 hidden[name].append(frac)
+                if peak is not None:
+                    peaks[name].append(peak)
             for name, trainer in trls.items():
                 trl = trl_step_seconds(
                     str(teacher_dir),
@@ -346,20 +413,26 @@ def main() -> None:
                 )
                 if trl is not None:
                     times[name].append(trl)
+        served = server_memory(server.process.pid)
     finally:
         server.stop()
 
     median = {k: statistics.median(v) for k, v in times.items() if v}
+    peak_mib = {k: max(v) for k, v in peaks.items() if v}
     print(
         f"\none on-policy GKD step: {args.batch_size} prompts x <= {args.max_new_tokens} new "
-        f"tokens, teacher h{args.teacher_hidden}/l{args.teacher_layers}, student "
-        f"h{args.student_hidden}/l{args.student_layers}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}"
+        f"tokens, teacher {describe(teacher_dir)} (weights: {args.dtype or 'the default'}), "
+        f"student {describe(student_dir)} on {args.device}, autocast {args.autocast}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     )
-    print(f"{'configuration':16s} {'median ms/step':>15s} {'teacher hidden':>15s}")
+    peak_header = f" {'peak CUDA MiB':>14s}" if peak_mib else ""
+    print(f"{'configuration':16s} {'median ms/step':>15s} {'teacher hidden':>15s}{peak_header}")
     for name, value in median.items():
         share = f"{statistics.mean(hidden[name]):.0%}" if name in hidden else "-"
-        print(f"{name:16s} {value * 1000:15.1f} {share:>15s}")
+        peak = f" {peak_mib[name]:14.0f}" if name in peak_mib else ""
+        print(f"{name:16s} {value * 1000:15.1f} {share:>15s}{peak}")
+    if served["gpu_mib"] is not None:
+        print(f"the service's GPU memory (nvidia-smi, its cache included): {served['gpu_mib']} MiB")
     pairs = [  # (numerator, denominator, target): async <= 0.7x sync with its own cores,
         # no slower on shared ones; through the service <= TRL's in-process trainer
         ("service k=1", "service", 0.7 if args.separate_cores else 1.0),
@@ -385,6 +458,12 @@ def main() -> None:
                     "median_s": median,
                     "ratios": ratios,
                     "hidden": {k: statistics.mean(v) for k, v in hidden.items()},
+                    "peak_cuda_mib": peak_mib,
+                    "server_memory": served,
+                    "teacher": describe(teacher_dir),
+                    "student": describe(student_dir),
+                    "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name() if peak_mib else None,
                     "args": vars(args) | {"json": str(args.json)},
                     "time": time.time(),
                 },

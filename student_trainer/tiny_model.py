@@ -36,6 +36,7 @@ class TinyModelSpec:
     max_seq_len: int = 512
     init_std: float = 0.2  # wider than the usual 0.02, so distributions are not flat
     seed: int = 0
+    tie_word_embeddings: bool = False  # the output layer shares the embedding (Qwen2-0.5B's)
 
 
 def synthetic_corpus(num_sentences: int, seed: int) -> list[str]:
@@ -110,7 +111,7 @@ def build_tiny_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_word_embeddings,
     )
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config)
@@ -122,4 +123,17 @@ def build_tiny_model(
 # A smaller random student sharing the tiny model's tokenizer (tests, smoke runs).
 TINY_STUDENT_SPEC = TinyModelSpec(
     hidden_size=32, intermediate_size=88, num_layers=1, num_heads=2, num_kv_heads=1, seed=1
+)
+
+# The slow-teacher rig (tests/test_slow_teacher.py, bench/bench_slow_teacher.py): a 50M
+# Llama whose trainer-sized request (8 x 256 tokens) takes 1-5 s on 2 CPU cores, as a real
+# teacher's forward takes seconds on its hardware (about 1.5k tokens/s here)
+SLOW_TEACHER_SPEC = TinyModelSpec(
+    hidden_size=768,
+    intermediate_size=2048,
+    num_layers=8,
+    num_heads=12,
+    num_kv_heads=2,
+    max_seq_len=1024,
+    init_std=0.02,
 )

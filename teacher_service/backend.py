@@ -8,6 +8,10 @@ Scoring runs the model's body (forward.py), applies the output layer to the scor
 only, in chunks of a memory budget, and computes every sequence's rows together, grouped
 by what their requests ask for; the results reach the host in one copy per group (pinned
 and non-blocking on CUDA) and are split per sequence there.
+
+A model larger than one GPU is loaded with a device map (placement.py): its inputs go to
+the embedding's device (`body.device`), and the logits, the scoring math and the sampling
+generators live on the output layer's (`device`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from teacher_service.forward import (
     item_rows,
     padded,
 )
+from teacher_service.placement import describe_placement, device_map_argument, module_device
 from teacher_service.sampling import Completion, SamplingOptions, next_token, sample
 from teacher_service.scoring import (
     TENSOR_FIELDS,
@@ -74,7 +79,8 @@ class HFBackend:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
-        self.device = next(model.parameters()).device
+        # where the logits come out: the scoring math and the sampling generators run there
+        self.device = module_device(model.get_output_embeddings())
         self.model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.vocab_size = len(tokenizer)
         logits_rows = model.get_output_embeddings().weight.shape[0]
@@ -111,16 +117,32 @@ class HFBackend:
         score_chunk_mb: int = DEFAULT_SCORE_CHUNK_MB,
         share_prefixes: bool = True,
         pack: bool = True,
+        device_map: str = "",
     ) -> HFBackend:
+        """`device_map` (auto, balanced, sequential or a JSON file's path) places the layers
+        across the node's devices with accelerate instead of putting the model on `device`."""
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"--model {model_dir}: no config.json (not a model directory)")
-        target = resolve_device(device)
-        log.info("loading %s on %s in %s", path, target, dtype)
+        if device_map and device != "auto":
+            raise ValueError(f"--device-map {device_map} and --device {device}: pick one of them")
+        placement = device_map_argument(device_map) if device_map else None
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype(dtype), local_files_only=True
-        ).to(target)
+        if placement is not None:
+            log.info("loading %s with device map %s in %s", path, device_map, dtype)
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                device_map=placement,
+                dtype=torch_dtype(dtype),
+                local_files_only=True,
+            )  # no .to(): accelerate's hooks move the activations between the devices
+            log.info("%s placed on %s", path.name, describe_placement(model))
+        else:
+            target = resolve_device(device)
+            log.info("loading %s on %s in %s", path, target, dtype)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype(dtype), local_files_only=True
+            ).to(target)
         return cls(
             model,
             tokenizer,
@@ -135,7 +157,7 @@ class HFBackend:
         """Whether the body + OutputLayer give model(...).logits on a short sequence."""
         ids = torch.arange(min(8, self.vocab_size))
         try:
-            expected = self.model(input_ids=ids.unsqueeze(0).to(self.device)).logits[0]
+            expected = self.model(input_ids=ids.unsqueeze(0).to(self.body.device)).logits[0]
             got = self.output_layer(self.body.hidden([ids])[0])
         except Exception as error:  # an architecture whose body cannot run alone
             log.warning("%s: scoring every position (%s)", self.model_id, error)
@@ -241,10 +263,10 @@ class HFBackend:
         """The items' rows of model(...).logits over every position (rows_only False)."""
         input_ids, attention_mask = padded([item.token_ids[: item.forward_len] for item in items])
         logits = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
+            input_ids=input_ids.to(self.body.device),
+            attention_mask=attention_mask.to(self.body.device),
             use_cache=False,
-        ).logits
+        ).logits.to(self.device)  # where the targets and the sampling generators are
         rows = [item_rows(item, logits[row][:0], logits[row]) for row, item in enumerate(items)]
         computed = input_ids.numel()
         padding = computed - int(attention_mask.sum())
@@ -304,7 +326,7 @@ def _agree(got: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:
     tolerance = 1e-4 if expected[0].dtype == torch.float32 else 2e-2
     scale = max(1.0, max(float(t.float().abs().max()) for t in expected))
     return all(
-        torch.allclose(a.float(), b.float(), atol=tolerance * scale, rtol=0)
+        torch.allclose(a.float().to(b.device), b.float(), atol=tolerance * scale, rtol=0)
         for a, b in zip(got, expected, strict=True)
     )
 

@@ -1,31 +1,40 @@
 """Dynamic batching: sequences from many requests and clients merged into forward passes.
 
-When to run: as soon as the queue fills the token budget, or holds a request from every
-caller seen recently (the peak number of requests in flight over the last second), or
-its oldest sequence has waited `max_wait_ms`. So a lone client never waits for company
+Every bound here is in units of what the model was measured to do (capacity.py: tokens/s
+by forward size, from warm-up forwards before the first request and from every forward
+since), never in absolute seconds: a forward takes milliseconds for a small model on CPU
+cores and seconds for a 70B teacher, and the same rules must hold for both.
+
+When to run: as soon as the queue fills the forward's budget, or holds a request from
+every caller seen recently (the peak number of requests in flight over the last second),
+or its oldest sequence has waited `max_wait_ms`. So a lone client never waits for company
 that is not coming, and 8 clients are gathered into one forward instead of being split
 by the jitter of their arrivals.
 
-What to run: at most `max_batch_tokens` padded tokens (rows x longest), and no more than
-the recent throughput runs in `max_forward_seconds`, formed around the oldest waiting
-sequence (so nothing starves) from the sequences closest to it in length (so little padding
-is computed). A forward cannot be interrupted, so its length is the latency every request
-arriving during it pays first: under overload the queue is cut into forwards of bounded
-time rather than into the biggest ones the memory allows (on 2 CPU cores tokens/s is flat
-from about 2k tokens per forward; on a GPU the measured throughput grows the cap). The
-forward runs on the model worker thread, never on the event loop. A request whose caller
-goes away (cancel, deadline) takes its queued sequences out of the queue with it, and is
-skipped if its batch has not started yet.
+What to run: a forward is formed around the oldest waiting sequence (so nothing starves)
+from the sequences closest to it in length (so little padding is computed), up to the
+forward budget in padded tokens (rows x longest): the model's efficient batch (the
+smallest forward within 90 % of its best measured tokens/s) or FORWARD_REQUESTS requests
+of the recent mean size, whichever is more (batching across callers is what the service
+is for), and at most `max_batch_tokens` (memory). Never less than the oldest sequence. Not
+more: a forward cannot be interrupted, so its length is the latency every request arriving
+during it pays first, and past the efficient batch a bigger forward is only longer (on CPU
+cores it is slower per token too). The forward runs on the model worker thread, never on
+the event loop. A request whose caller goes away (cancel, deadline) takes its queued
+sequences out of the queue with it, and is skipped if its batch has not started yet.
 
-What to admit: the queue promises a wait, not a number of tokens. A request's wait is
-estimated from the throughput of recent forwards (tokens/s): what is left of the running
-forward, and the queued work that will not fit in the forward the request would join. A
-request that would wait more than `max_queue_seconds` is refused at once, with a retry hint
-(BatcherOverloaded.retry_after), rather than queued behind minutes of work; callers with
-deadlines learn at once, and the admitted ones keep a bounded latency. The hints book the
-refused work back in, one after another at the measured throughput, so refused callers
-return about when the queue has room for each of them: not all at once into a new refusal
-(every refusal costs the cores that score).
+What to admit: the queue promises a wait, not a number of tokens. A request's wait is the
+work ahead of it at the measured rates: what is left of the running forward, and the
+queued work that will not fit in the next forward. Its own sequences are not ahead of it:
+a request is never refused against parts of itself, and one arriving at an empty queue is
+always admitted. A request whose wait is over `max_queue_forwards` forwards of the budget
+is refused at once, with a retry hint (BatcherOverloaded.retry_after), rather than queued
+behind minutes of work; callers with deadlines learn at once, and the admitted ones keep a
+latency of a few forwards. The hints book the refused work back in, one after another at
+the measured rate, so refused callers return about when the queue has room for each of
+them: not all at once into a new refusal (every refusal costs the cores that score).
+Until a forward has been measured nothing is refused but by `max_queued_tokens` (a remote
+backend's first calls): no estimate is better than a wrong one.
 
 What to drop: a sequence whose deadline passes in the queue, or would pass before its
 forward could end, fails with DeadlineExceeded and never reaches a forward; nobody would
@@ -48,17 +57,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from teacher_service.capacity import Capacity
 from teacher_service.errors import ErrorKind, ServiceError
 
 log = logging.getLogger(__name__)
 Item = TypeVar("Item")
 Result = TypeVar("Result")
-PEAK_WINDOW_SECONDS = 1.0  # how long a burst of concurrent callers is remembered
-# assumed before any forward has run: slow (a small model on 2 CPU cores), so that a cold
-# server admits too little for one forward rather than minutes of work
-PRIOR_TOKENS_PER_SECOND = 1000.0
-THROUGHPUT_WEIGHT = 0.3  # the newest forward's weight in the throughput estimate
-PEAK_FORWARDS = 32  # how many recent forwards the peak rate (forward sizing) looks at
+# callers in flight during the last this-many forwards (and at least PEAK_WINDOW_SECONDS)
+# are expected in the next forward
+PEAK_WINDOW_FORWARDS = 2
+PEAK_WINDOW_SECONDS = 1.0
+# after a forward, the next one waits up to this fraction of its own time for the callers
+# expected back: a caller just answered is back in milliseconds, and a forward without it
+# splits the callers into groups that stay apart, each forward half as big (at most this
+# fraction of throughput, once, against batches twice the size from then on)
+COMPANY_WAIT_FRACTION = 0.1
+# a forward has room for this many requests of the recent mean size: batching across
+# callers needs a forward bigger than one caller's request, on any hardware
+FORWARD_REQUESTS = 4
+REQUEST_WEIGHT = 0.1  # the newest request's weight in the mean request size
 # a retry hint is when the queue will have room for the refused request, within these
 # bounds: soon after the running forward at the earliest, and never a tight loop
 RETRY_AFTER_BOUNDS = (0.02, 30.0)
@@ -134,43 +151,6 @@ class ModelWorker:
         return self._idle.wait(timeout)
 
 
-class Throughput:
-    """Tokens per second of recent forwards, from EWMAs of their tokens and their seconds
-    (a ratio of averages: a big forward weighs more than a tiny one, as in a queue), and
-    the best rate among the last PEAK_FORWARDS (what a full forward achieves)."""
-
-    def __init__(self, prior: float = PRIOR_TOKENS_PER_SECOND) -> None:
-        self._tokens, self._seconds = prior, 1.0
-        self._rates: deque[float] = deque([prior], maxlen=PEAK_FORWARDS)
-        self.measured = False  # False while the prior stands
-
-    def observe(self, tokens: int, seconds: float) -> None:
-        if tokens <= 0 or seconds <= 0:
-            return
-        if not self.measured:
-            self._rates.clear()
-        self._rates.append(tokens / seconds)
-        if not self.measured:  # the first measurement replaces the prior outright
-            self._tokens, self._seconds, self.measured = float(tokens), seconds, True
-            return
-        self._tokens += THROUGHPUT_WEIGHT * (tokens - self._tokens)
-        self._seconds += THROUGHPUT_WEIGHT * (seconds - self._seconds)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self._tokens / self._seconds
-
-    @property
-    def peak_tokens_per_second(self) -> float:
-        """The fastest of the recent forwards: forwards sized from the average would shrink
-        it (small forwards run slower), and the smaller forwards it then gives it again."""
-        return max(self._rates)
-
-    def seconds(self, tokens: float) -> float:
-        """How long the model takes for `tokens`, at the recent rate."""
-        return tokens / self.tokens_per_second
-
-
 @dataclass
 class BatcherStats:
     batches: int = 0
@@ -242,8 +222,7 @@ class DynamicBatcher(Generic[Item, Result]):
         max_batch_tokens: int,
         max_wait_ms: float,
         max_queued_tokens: int | None = None,
-        max_queue_seconds: float | None = None,
-        max_forward_seconds: float | None = None,
+        max_queue_forwards: float | None = None,
         observer: BatchObserver | None = None,
     ) -> None:
         self._run_batch = run_batch
@@ -252,13 +231,14 @@ class DynamicBatcher(Generic[Item, Result]):
         self._budget = max_batch_tokens
         self._max_wait = max_wait_ms / 1000.0
         self._max_queued = max_queued_tokens
-        self._max_queue_seconds = max_queue_seconds
-        self._max_forward_seconds = max_forward_seconds
+        self._max_queue_forwards = max_queue_forwards
+        self._request_tokens = 0.0  # the recent mean request size (REQUEST_WEIGHT)
         self._booked_until = 0.0  # loop time up to which refused requests were told to return
         self._observer = observer
         self._queue: list[_Pending[Item]] = []
         self._running: list[_Pending[Item]] = []  # the batch on the worker now
         self._running_since = 0.0
+        self._idle_since = 0.0  # loop time the last forward ended
         self._callers = itertools.count()
         self._in_flight = 0  # submit() calls not yet answered
         self._recent_in_flight: deque[tuple[float, int]] = deque()  # (time, in flight) samples
@@ -266,7 +246,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self._task: asyncio.Task | None = None
         self._admitting = True  # False once draining: queued work runs, new work is refused
         self._closed = False
-        self.throughput = Throughput()
+        self.capacity = Capacity()
         self.stats = BatcherStats()
 
     @property
@@ -279,24 +259,34 @@ class DynamicBatcher(Generic[Item, Result]):
         return sum(p.length for p in self._queue)
 
     def forward_budget(self) -> int:
-        """Padded tokens the next forward may hold: max_batch_tokens, and once throughput
-        is measured no more than the recent peak rate runs in max_forward_seconds (at least
-        one token: the oldest sequence always runs, however long)."""
-        if self._max_forward_seconds is None or not self.throughput.measured:
+        """Padded tokens the next forward may hold: the efficient batch or FORWARD_REQUESTS
+        requests of the recent mean size, whichever is more, at most max_batch_tokens
+        (before anything is measured: max_batch_tokens). The oldest sequence always runs,
+        however long."""
+        if not self.capacity.measured:
             return self._budget
-        timed = int(self.throughput.peak_tokens_per_second * self._max_forward_seconds)
-        return max(1, min(self._budget, timed))
+        wanted = max(self.capacity.efficient_tokens(), FORWARD_REQUESTS * self._request_tokens)
+        return max(1, min(self._budget, int(wanted)))
 
-    def estimated_wait(self, tokens: int = 0) -> float:
-        """Seconds before a request of `tokens` queued now would start its forward, at the
-        recent throughput: what is left of the running forward, and the queued work that
-        will not fit in the request's own forward (what fits rides along with it)."""
+    def estimated_wait(self) -> float:
+        """Seconds before a request queued now would start its forward, at the measured
+        rates: what is left of the running forward, and the queued work that will not fit
+        in the next forward (what fits rides along with it). 0 before any measurement."""
+        if not self.capacity.measured:
+            return 0.0
         left = 0.0
         if self._running:
             elapsed = time.monotonic() - self._running_since  # the loop's clock
-            left = max(0.0, self.throughput.seconds(sum(p.length for p in self._running)) - elapsed)
-        ahead = max(0, self.queued_tokens + tokens - self.forward_budget())
-        return left + self.throughput.seconds(ahead)
+            left = max(0.0, self.capacity.seconds(sum(p.length for p in self._running)) - elapsed)
+        forward = self.forward_budget()
+        return left + self.capacity.seconds(max(0, self.queued_tokens - forward), forward)
+
+    def queue_budget(self) -> float | None:
+        """The longest wait admission lets a request take: max_queue_forwards forwards of
+        the budget, at the rate measured at that size (None: no bound, or none measured)."""
+        if self._max_queue_forwards is None or not self.capacity.measured:
+            return None
+        return self._max_queue_forwards * self._forward_seconds()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="dynamic-batcher")
@@ -332,6 +322,10 @@ class DynamicBatcher(Generic[Item, Result]):
             raise DeadlineExceeded("the caller's deadline passed before the request was queued")
         lengths = [self._length(item) for item in items]
         self._admit(sum(lengths))
+        if self._request_tokens:
+            self._request_tokens += REQUEST_WEIGHT * (sum(lengths) - self._request_tokens)
+        else:
+            self._request_tokens = float(sum(lengths))
         futures = [loop.create_future() for _ in items]
         for item, length, future in zip(items, lengths, futures):
             self._queue.append(_Pending(item, length, now, caller, deadline, future))
@@ -376,47 +370,67 @@ class DynamicBatcher(Generic[Item, Result]):
                 + (": the request alone is over it" if alone_too_big else ": retry later"),
                 retry_after=None
                 if alone_too_big
-                else self._book_retry(
-                    tokens, self.throughput.seconds(self.queued_tokens + tokens - self._max_queued)
-                ),
+                else self._book_retry(tokens, self.queued_tokens + tokens - self._max_queued),
             )
-        if self._max_queue_seconds is None or not self._queue:
+        budget = self.queue_budget()
+        if budget is None or not self._queue:
             return  # an empty queue always admits: the request goes into the next forward
-        wait = self.estimated_wait(tokens)
-        if wait > self._max_queue_seconds:
+        wait = self.estimated_wait()
+        if wait > budget:
             self.stats.refused += 1
-            hint = self._book_retry(tokens, wait - self._max_queue_seconds)
+            hint = self._book_retry(tokens, wait=wait - budget)
+            forward = self.forward_budget()
             raise BatcherOverloaded(
-                f"the teacher's queue holds {wait:.2f} s of work (at "
-                f"{self.throughput.tokens_per_second:.0f} tokens/s), over max_queue_seconds = "
-                f"{self._max_queue_seconds:g}: retry in {hint:.2f} s",
+                f"the teacher's queue holds {wait:.2f} s of work, over max_queue_forwards = "
+                f"{self._max_queue_forwards:g} forwards of {forward} tokens ({budget:.2f} s at "
+                f"{self.capacity.rate(forward):.0f} tokens/s): retry in {hint:.2f} s",
                 retry_after=hint,
             )
 
-    def _book_retry(self, tokens: int, until_room: float) -> float:
-        """The retry hint for a refused request of `tokens`: the queue has room for it in
-        `until_room` seconds, after the requests refused before it, which were booked to
-        return one after another at the measured throughput (bounded)."""
+    def _book_retry(self, tokens: int, excess: int = 0, *, wait: float = 0.0) -> float:
+        """The retry hint for a refused request of `tokens`: the queue has room for it once
+        `excess` queued tokens have run, or in `wait` seconds, after the requests refused
+        before it, which were booked to return one after another at the measured rate
+        (bounded; before any measurement: the shortest hint, booking nothing)."""
         now = time.monotonic()  # the loop's clock
         low, high = RETRY_AFTER_BOUNDS
+        if not self.capacity.measured:
+            return low
+        forward = self.forward_budget()
+        until_room = wait + self.capacity.seconds(excess, forward)
         returns = min(now + high, max(now + until_room, self._booked_until))
-        self._booked_until = returns + self.throughput.seconds(tokens)
+        self._booked_until = returns + self.capacity.seconds(tokens, forward)
         return max(low, returns - now)
 
     def _expected_callers(self, now: float) -> int:
-        """The most requests that were in flight at once during the last PEAK_WINDOW_SECONDS."""
+        """The most requests that were in flight at once during the last PEAK_WINDOW_FORWARDS
+        forwards (at least PEAK_WINDOW_SECONDS)."""
+        window = PEAK_WINDOW_SECONDS
+        if self.capacity.measured:
+            window = max(window, PEAK_WINDOW_FORWARDS * self._forward_seconds())
         recent = self._recent_in_flight
-        while len(recent) > 1 and now - recent[0][0] > PEAK_WINDOW_SECONDS:
+        while len(recent) > 1 and now - recent[0][0] > window:
             recent.popleft()
         return max(count for _, count in recent)
 
+    def _forward_seconds(self) -> float:
+        """How long a forward of the budget takes, at the rate measured at that size."""
+        return self.capacity.seconds(self.forward_budget())
+
+    def _run_at(self) -> float:
+        """When the next forward runs at the latest without every expected caller: once the
+        oldest sequence has waited max_wait_ms and the model has been idle for
+        COMPANY_WAIT_FRACTION of a forward."""
+        company = COMPANY_WAIT_FRACTION * self._forward_seconds() if self.capacity.measured else 0
+        return max(self._queue[0].enqueued_at + self._max_wait, self._idle_since + company)
+
     def _ready(self, now: float) -> bool:
-        """Run now: the oldest waited enough, the budget is full, or every recent caller is in."""
-        if now - self._queue[0].enqueued_at >= self._max_wait:
-            return True
+        """Run now: the budget is full, every expected caller is in, or the wait is over."""
         if self.queued_tokens >= self.forward_budget():
             return True
-        return len({p.caller for p in self._queue}) >= self._expected_callers(now)
+        if len({p.caller for p in self._queue}) >= self._expected_callers(now):
+            return True
+        return now >= self._run_at()
 
     def _dropped(self, reason: str, count: int) -> None:
         if count:
@@ -432,10 +446,10 @@ class DynamicBatcher(Generic[Item, Result]):
 
     def _drop_hopeless(self, batch: list[_Pending[Item]], now: float) -> list[_Pending[Item]]:
         """Fail, before the forward, sequences whose deadline passes before it would end
-        (once the throughput is measured: the prior only guards admission)."""
-        if not self.throughput.measured or all(p.deadline is None for p in batch):
+        (once a forward has been measured)."""
+        if not self.capacity.measured or all(p.deadline is None for p in batch):
             return batch
-        ends = now + self.throughput.seconds(sum(p.length for p in batch))
+        ends = now + self.capacity.seconds(sum(p.length for p in batch))
         kept = [p for p in batch if p.deadline is None or p.deadline >= ends]
         for pending in batch:
             if pending.deadline is not None and pending.deadline < ends:
@@ -452,8 +466,8 @@ class DynamicBatcher(Generic[Item, Result]):
             self._arrived.clear()
             self._drop_gone()
             while self._queue and not self._ready(loop.time()):
-                remaining = self._queue[0].enqueued_at + self._max_wait - loop.time()
-                with contextlib.suppress(asyncio.TimeoutError):  # the oldest has waited enough
+                remaining = self._run_at() - loop.time()
+                with contextlib.suppress(asyncio.TimeoutError):  # waited enough
                     await asyncio.wait_for(self._arrived.wait(), remaining)
                 self._arrived.clear()
                 self._drop_gone()
@@ -473,11 +487,12 @@ class DynamicBatcher(Generic[Item, Result]):
             outcomes = await self._worker.run(self._run_live, batch)
         finally:
             self._running = []
-        seconds = loop.time() - started
+            self._idle_since = loop.time()
+        seconds = self._idle_since - started
         ran = [p for p, outcome in zip(batch, outcomes) if outcome is not None]
         wasted = sum(p.future.done() for p in ran)  # their caller left during the forward
         self._count(ran, wasted)
-        self.throughput.observe(sum(p.length for p in ran), seconds)
+        self.capacity.observe(sum(p.length for p in ran), seconds)
         if ran and self._observer is not None:
             self._observer.observe_batch(
                 [p.length for p in ran], [started - p.enqueued_at for p in ran], seconds, wasted

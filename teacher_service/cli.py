@@ -21,14 +21,14 @@ def _serve(args: argparse.Namespace) -> None:
         max_sequences_per_request=args.max_sequences_per_request,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         max_queued_tokens=args.max_queued_tokens,
-        max_queue_seconds=args.max_queue_seconds,
-        max_forward_seconds=args.max_forward_seconds,
+        max_queue_forwards=args.max_queue_forwards,
     )
     config = ServerConfig(
         model=args.model,
         host=args.host,
         port=args.port,
         device=args.device,
+        device_map=args.device_map or "",
         dtype=args.dtype,
         score_chunk_mb=args.score_chunk_mb,
         share_prefixes=not args.no_share_prefixes,
@@ -37,6 +37,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_wait_ms=args.max_wait_ms,
         worker_nice=args.worker_nice,
         freeze_heap=not args.no_freeze_heap,
+        warm_up=not args.no_warm_up,
         limits=limits,
         grace_seconds=args.grace_seconds,
         max_connection_age_s=args.max_connection_age_s,
@@ -204,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", help="the upstream server's URL, e.g. http://vllm:8000")
     serve.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
     serve.add_argument(
+        "--device-map",
+        help="a teacher larger than one GPU: accelerate places its layers across the node's "
+        "GPUs (auto, balanced, sequential) or as a JSON file of module name -> device says "
+        "(a GPU index, cuda:N, cpu, disk); one GPU computes at a time. Not with --device",
+    )
+    serve.add_argument(
         "--dtype", default=defaults.dtype, choices=["float32", "float16", "bfloat16"]
     )
     serve.add_argument(
@@ -259,20 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-tokens-per-request", type=int, default=limits.max_tokens_per_request)
     serve.add_argument(
-        "--max-queue-seconds",
+        "--max-queue-forwards",
         type=float,
-        default=limits.max_queue_seconds,
+        default=limits.max_queue_forwards,
         help="admission: a request is refused at once (RESOURCE_EXHAUSTED / HTTP 429, with a "
-        "retry-after hint) while the queue holds more than this many seconds of work, "
-        "estimated from the measured tokens/s of recent forwards",
+        "retry-after hint) while the work ahead of it would take more than this many "
+        "forwards, at the model's measured speed; a forward holds the model's efficient "
+        "batch or 4 requests of the recent mean size (at most --max-batch-tokens); inf: off",
     )
     serve.add_argument(
-        "--max-forward-seconds",
-        type=float,
-        default=limits.max_forward_seconds,
-        help="a forward pass holds no more tokens than the measured tokens/s run in this "
-        "time (and at most --max-batch-tokens): under overload, every request first waits "
-        "for the forward that is running",
+        "--no-warm-up",
+        action="store_true",
+        help="serve without timing forwards first (by default forwards of growing size, up to "
+        "--max-batch-tokens, measure the model before the first request, so admission and "
+        "forward sizing start from its real speed)",
     )
     serve.add_argument(
         "--max-queued-tokens",

@@ -15,18 +15,12 @@ class Limits:
     max_sequences_per_request: int = 1024
     max_message_bytes: int = 256 * 1024 * 1024  # request and response messages
     max_queued_tokens: int = 4 * 1024 * 1024  # a hard cap on queued tokens (429 beyond it)
-    # the longest wait for a forward the queue may promise (estimated from measured
-    # throughput): beyond it a request is refused at once with a retry hint (429). An
-    # admitted request waits at most about this plus its own forward: a longer queue only
-    # delays what it holds (docs/benchmarks.md, 128 clients on 2 CPU cores: admitted p99
-    # 2.8 s with 2 s, about 0.35-0.5 s with 0.2, 0.23-0.26 s with 0.1)
-    max_queue_seconds: float = 0.1
-    # the longest a forward may take at the recent peak throughput (on top of
-    # max_batch_tokens): a forward cannot be interrupted, so under overload its length is
-    # what every request arriving meanwhile waits first (128 clients on 2 CPU cores,
-    # docs/benchmarks.md: admitted p99 0.39-0.50 s with 0.1, 0.51-0.67 s with 0.15, at the
-    # same throughput)
-    max_forward_seconds: float = 0.1
+    # admission: the longest wait for a forward the queue may promise, in forwards of the
+    # batcher's budget at the measured rate (batcher.py): beyond it a request is refused at
+    # once with a retry hint (429). Relative, so that it holds from a 2M model on CPU cores
+    # (forwards of milliseconds) to a 70B one on GPUs (seconds): an admitted request waits
+    # about this many forwards plus its own
+    max_queue_forwards: float = 3.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -37,9 +31,8 @@ class Limits:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_queue_seconds", "max_forward_seconds"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.max_queue_forwards > 0:  # inf: admission off (max_queued_tokens only)
+            raise ValueError(f"max_queue_forwards must be > 0, got {self.max_queue_forwards}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
 
@@ -50,6 +43,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    # a teacher larger than one GPU: accelerate places its layers across the node's devices
+    # (auto, balanced, sequential, or a JSON file of module -> device); "" off: `device`
+    device_map: str = ""
     dtype: str = "float32"  # the model's weights: float32, float16, bfloat16
     score_chunk_mb: int = 256  # float32 logits computed at once when scoring (memory bound)
     share_prefixes: bool = True  # a prefix several sequences of a batch share runs once
@@ -62,6 +58,10 @@ class ServerConfig:
     # at that weight too: 0 when the service shares its cores with a trainer that must not
     # outrank it
     worker_nice: int = 10
+    # time forwards of growing size before serving (capacity.warm_up), so that admission
+    # and forward sizing start from the model's measured speed. Off: tests that gate the
+    # model's forwards
+    warm_up: bool = True
     # `serve` freezes what start-up built out of garbage collection: a full collection of
     # it stops every thread for 100-250 ms on 2 CPU cores (heap.py). Off: to measure that
     freeze_heap: bool = True
@@ -120,6 +120,13 @@ class ServerConfig:
             raise ValueError(
                 f"grpc_max_concurrent_rpcs must be >= 1, got {self.grpc_max_concurrent_rpcs}"
             )
+        if self.device_map and self.device != "auto":
+            raise ValueError(
+                f"--device-map {self.device_map} places the model's layers itself: it does not "
+                f"go with --device {self.device} (leave --device at auto)"
+            )
+        if self.device_map and self.backend != "huggingface":
+            raise ValueError("--device-map places a local model: not with --backend openai or tgi")
         if self.backend not in ("huggingface", "openai", "tgi"):
             raise ValueError(f"backend must be huggingface, openai or tgi, got {self.backend!r}")
         if (self.backend != "huggingface") != bool(self.upstream):

@@ -12,17 +12,22 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
+import torch
+
 from teacher_client import TeacherInfo
 from teacher_service.backend_api import Backend, Capability, ScoreItem, describe
 from teacher_service.batcher import BatcherClosed, DeadlineExceeded, DynamicBatcher, ModelWorker
+from teacher_service.capacity import warm_up
 from teacher_service.config import ServerConfig
 from teacher_service.deadlines import caller_deadline
 from teacher_service.errors import Unsupported
 from teacher_service.metrics import ServiceMetrics
 from teacher_service.requests import GenerateRequest, ScoreRequest
 from teacher_service.sampling import Completion, SamplingOptions, chunk_prompts, new_generator
-from teacher_service.scoring import SequenceScores
+from teacher_service.scoring import ScoreOptions, SequenceScores
 from teacher_service.validation import ModelLimits, parse_generate_request, parse_score_request
+
+WARM_UP_SEQUENCE_TOKENS = 512  # a trainer's prompt + completion, about
 
 
 class Engine:
@@ -39,8 +44,7 @@ class Engine:
             max_batch_tokens=config.limits.max_batch_tokens,
             max_wait_ms=config.max_wait_ms,
             max_queued_tokens=config.limits.max_queued_tokens,
-            max_queue_seconds=config.limits.max_queue_seconds,
-            max_forward_seconds=config.limits.max_forward_seconds,
+            max_queue_forwards=config.limits.max_queue_forwards,
             observer=self.metrics,
         )
         self.metrics.track_queue(self.batcher)
@@ -62,6 +66,32 @@ class Engine:
     def start(self) -> None:
         """Start the batcher's loop (call from the event loop that will serve requests)."""
         self.batcher.start()
+
+    async def warm_up(self) -> None:
+        """Time forwards of the configured shape before the first request (capacity.py):
+        sequences of WARM_UP_SEQUENCE_TOKENS (or the model's limit), one and then twice as
+        many, up to max_batch_tokens, every row scored with top-k 64. A remote backend's
+        upstream is measured by the first real calls instead."""
+        if not (self.config.warm_up and self.backend.samples_while_scoring):
+            return
+        budget = self.config.limits.max_batch_tokens
+        length = min(WARM_UP_SEQUENCE_TOKENS, self.backend.max_seq_len, budget + 1)
+        generator = torch.Generator().manual_seed(0)
+        options = ScoreOptions(top_k=min(64, self.backend.vocab_size))
+
+        def run(tokens: int) -> int:  # on the worker
+            items = [  # random ids: no shared prefix, nothing packed
+                ScoreItem(
+                    torch.randint(self.backend.vocab_size, (length,), generator=generator),
+                    1,
+                    options,
+                )
+                for _ in range(max(1, tokens // (length - 1)))
+            ]
+            self.backend.score_batch(items)
+            return sum(item.forward_len for item in items)
+
+        await self.worker.run(warm_up, self.batcher.capacity, run, length - 1, budget)
 
     def drain(self) -> None:
         """Shutdown begins: new calls are refused (SHUTTING_DOWN), in-flight ones go on."""

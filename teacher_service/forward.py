@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from teacher_service.backend_api import ScoreItem
+from teacher_service.placement import execution_devices, module_device
 from teacher_service.sampling import cache_argument
 
 MIN_SHARED_TOKENS = 16  # a shorter common prefix is not worth a forward of its own
@@ -114,11 +115,15 @@ def padded(ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Body:
-    """The model without its output layer, run over batches of ScoreItems."""
+    """The model without its output layer, run over batches of ScoreItems. Its inputs go to
+    the embedding's device; its hidden states come out on the last layer's (placement.py)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model.get_decoder()
-        self.device = next(model.parameters()).device
+        self.device = module_device(model.get_input_embeddings())
+        # the KV cache's rows are picked per layer, on that layer's device: with layers on
+        # several devices the indices stay on the CPU (indexing accepts them on any device)
+        self.index_device = self.device if len(execution_devices(model)) == 1 else "cpu"
         self.cache = cache_argument(model)
 
     def hidden(
@@ -202,7 +207,7 @@ class Body:
             )
             prefix_hidden, cache = out.last_hidden_state, out[self.cache]
             owner = [g for g, (_, members) in enumerate(groups) for _ in members]
-            cache.batch_select_indices(torch.tensor(owner, device=self.device))
+            cache.batch_select_indices(torch.tensor(owner, device=self.index_device))
             members = [n for _, group in groups for n in group]
             lengths = [groups[g][0] for g in owner]
             suffixes = [

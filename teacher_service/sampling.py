@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from teacher_service.placement import module_device
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -89,9 +91,12 @@ def sample(
     """Complete each prompt (left-padded into one batch) for up to max_new_tokens tokens.
 
     `generator` (from `new_generator`) is the only source of randomness; pass the same one
-    to consecutive chunks of a request to keep the whole request reproducible.
+    to consecutive chunks of a request to keep the whole request reproducible. The tokens
+    are drawn on its device, the inputs go to the embedding's (they differ when a device
+    map split the model: placement.py).
     """
-    device = next(model.parameters()).device
+    device = module_device(model.get_input_embeddings())
+    drawn_on = device if generator is None else generator.device
     batch, width = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
     attention_mask = torch.zeros((batch, width), dtype=torch.long, device=device)
@@ -99,7 +104,7 @@ def sample(
         input_ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
         attention_mask[row, width - len(prompt) :] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    stop_ids = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    stop_ids = torch.tensor(sorted(eos_ids), dtype=torch.long, device=drawn_on)
     use_stops = options.stop_at_eos and len(stop_ids) > 0
 
     cache = cache_argument(model)
@@ -109,11 +114,14 @@ def sample(
         position_ids=position_ids,
         use_cache=True,
     )
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=drawn_on)
     new_tokens: list[torch.Tensor] = []
     for step in range(options.max_new_tokens):
         token = next_token(
-            out.logits[:, -1, :vocab_size], options.temperature, options.top_p, generator
+            out.logits[:, -1, :vocab_size].to(drawn_on),
+            options.temperature,
+            options.top_p,
+            generator,
         )
         token = token.masked_fill(finished, pad_id)
         new_tokens.append(token)
@@ -124,7 +132,7 @@ def sample(
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         position_ids = position_ids[:, -1:] + 1
         out = model(
-            input_ids=token.unsqueeze(1),
+            input_ids=token.unsqueeze(1).to(device),
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=True,

@@ -102,6 +102,7 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     engine.start()
     grpc_server = port = health = http = zmq = None
     try:
+        await engine.warm_up()  # before any front end: the first request meets a measured model
         if config.grpc:
             grpc_server, port, health = await start_grpc(engine, config)
         if config.http_port is not None:
@@ -137,6 +138,7 @@ def load_backend(config: ServerConfig) -> Backend:
         backend = HFBackend.load(
             config.model,
             device=config.device,
+            device_map=config.device_map,
             dtype=config.dtype,
             score_chunk_mb=config.score_chunk_mb,
             share_prefixes=config.share_prefixes,

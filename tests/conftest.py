@@ -58,7 +58,18 @@ def sequences(tokenizer) -> list[list[int]]:
 
 def start_background_server(model_dir: Path, backend: HFBackend, **config) -> BackgroundServer:
     config.setdefault("limits", Limits())
-    return BackgroundServer(ServerConfig(model=str(model_dir), port=0, **config), backend).start()
+    running = BackgroundServer(ServerConfig(model=str(model_dir), port=0, **config), backend)
+    running.start()
+    if isinstance(backend, GatedBackend):
+        backend.entered.clear()  # the warm-up's forwards went through it
+    return running
+
+
+def busy_limits(sequences: list[list[int]]) -> Limits:
+    """Forwards of one of `sequences` at most, and a queue that admits nothing past the next
+    forward: once a call holds the worker and one with all of them waits, every further
+    call is refused (at once, with a retry hint)."""
+    return Limits(max_queue_forwards=1e-9, max_batch_tokens=max(map(len, sequences)))
 
 
 @pytest.fixture(scope="session")

@@ -17,21 +17,20 @@ from teacher_client.proto import teacher_pb2 as pb
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_client.retry import RETRY_AFTER_KEY
 from teacher_service.batcher import (
+    FORWARD_REQUESTS,
+    REQUEST_WEIGHT,
     RETRY_AFTER_BOUNDS,
     BatcherOverloaded,
     DeadlineExceeded,
     DynamicBatcher,
     ModelWorker,
 )
-from teacher_service.config import Limits
 from teacher_service.metrics import ServiceMetrics
-from tests.conftest import GatedBackend, start_background_server
-from tests.test_batcher import SLOW, RecordingModel, _until
-
-TOKENS_PER_SECOND = 1000.0  # the throughput the batcher tests pretend to have measured
+from tests.conftest import GatedBackend, busy_limits, start_background_server
+from tests.test_batcher import SLOW, RecordingModel, _hold_the_rate, _until
 
 
-def _run(coroutine_fn, *, max_queue_seconds: float = 0.4, max_batch_tokens: int = 10**6):
+def _run(coroutine_fn, *, max_queue_forwards: float = 4, max_batch_tokens: int = 10**6):
     async def main():
         model, worker, metrics = RecordingModel(), ModelWorker(), ServiceMetrics()
         batcher = DynamicBatcher(
@@ -40,10 +39,10 @@ def _run(coroutine_fn, *, max_queue_seconds: float = 0.4, max_batch_tokens: int 
             length=abs,
             max_batch_tokens=max_batch_tokens,
             max_wait_ms=0,
-            max_queue_seconds=max_queue_seconds,
+            max_queue_forwards=max_queue_forwards,
             observer=metrics,
         )
-        batcher.throughput.observe(int(TOKENS_PER_SECOND), 1.0)
+        _hold_the_rate(batcher)
         batcher.start()
         try:
             return model, batcher, metrics, await coroutine_fn(batcher, model)
@@ -59,34 +58,100 @@ def test_a_request_beyond_the_queues_wait_budget_is_refused_at_once_and_the_admi
     async def submit(batcher, model):
         slow = asyncio.create_task(batcher.submit([SLOW]))  # holds the worker
         await _until(lambda: model.batches == [[SLOW]])
-        # at 1000 tokens/s, forwards of 100 tokens: the running one has <= 0.1 s left
+        # at 1000 tokens/s, forwards of 100 tokens (0.1 s): the budget is 4 forwards, 0.4 s
+        assert batcher.forward_budget() == 100 and batcher.queue_budget() == pytest.approx(0.4)
         admitted = asyncio.create_task(batcher.submit([150]))  # an empty queue admits
         await _until(lambda: batcher.pending == 1)
-        # 150 + 200 tokens, of which the forward it would join holds 100: <= 0.35 s
+        # 150 tokens ahead, of which the next forward holds 100: 0.05 s + the running one
         also = asyncio.create_task(batcher.submit([200]))
         await _until(lambda: batcher.pending == 2)
+        # 350 queued, 100 in the next forward: 0.25 s + the running one, within the budget
+        third = asyncio.create_task(batcher.submit([160]))
+        await _until(lambda: batcher.pending == 3)
         started = time.monotonic()
-        with pytest.raises(BatcherOverloaded) as refused:  # > 0.41 s waits now
-            await batcher.submit([160])
-        assert time.monotonic() - started < 0.05  # at once, not after a wait
-        with pytest.raises(BatcherOverloaded) as refused_next:  # > 0.46 s
+        with pytest.raises(BatcherOverloaded) as refused:  # 510 queued: 0.41 s + the running
             await batcher.submit([210])
+        assert time.monotonic() - started < 0.05  # at once, not after a wait
+        with pytest.raises(BatcherOverloaded) as refused_next:
+            await batcher.submit([50])
         model.gate.set()
-        return refused.value, refused_next.value, await admitted, await also, await slow
+        served = [await admitted, await also, await third, await slow]
+        return refused.value, refused_next.value, served
 
-    model, batcher, _, (refusal, refusal_next, *served) = _run(
-        submit, max_queue_seconds=0.4, max_batch_tokens=100
+    model, batcher, _, (refusal, refusal_next, served) = _run(
+        submit, max_queue_forwards=4, max_batch_tokens=100
     )
-    assert served == [[300], [400], [2 * SLOW]]
+    assert served == [[300], [400], [320], [2 * SLOW]]
     # back when the queue's wait is within its budget again: 0.01 s + what is left of the
     # running forward (at least RETRY_AFTER_BOUNDS[0])
     assert RETRY_AFTER_BOUNDS[0] <= refusal.retry_after <= 0.11 + 0.01
-    # the next refused request is booked after the first one's 160 tokens (0.16 s at 1000
+    # the next refused request is booked after the first one's 210 tokens (0.21 s at 1000
     # tokens/s), not sent back into the same instant
-    assert refusal_next.retry_after == pytest.approx(refusal.retry_after + 0.16, abs=0.015)
-    assert "max_queue_seconds = 0.4" in str(refusal)
-    assert [160] not in model.batches and [210] not in model.batches
+    assert refusal_next.retry_after == pytest.approx(refusal.retry_after + 0.21, abs=0.015)
+    assert "max_queue_forwards = 4 forwards of 100 tokens" in str(refusal)
+    assert [210] not in model.batches and [50] not in model.batches
     assert batcher.stats.refused == 2
+
+
+def test_a_request_is_never_refused_against_its_own_sequences():
+    """Its own tokens are not ahead of it: a request of 50 forwards is admitted behind a
+    short queue, and one arriving at an empty queue is admitted whatever its size."""
+
+    async def submit(batcher, model):
+        slow = asyncio.create_task(batcher.submit([SLOW]))
+        await _until(lambda: model.batches == [[SLOW]])
+        big = asyncio.create_task(batcher.submit([60] * 50))  # empty queue: admitted
+        await _until(lambda: batcher.pending == 50)
+        with pytest.raises(BatcherOverloaded):  # 2,900 tokens ahead past the next forward
+            await batcher.submit([60])
+        model.gate.set()
+        await big, await slow
+        model.gate.clear()
+        queued = asyncio.create_task(batcher.submit([SLOW]))  # holds the worker again
+        await _until(lambda: len(model.batches) == 52)
+        followers = asyncio.create_task(batcher.submit([30]))
+        await _until(lambda: batcher.pending == 1)
+        huge = asyncio.create_task(batcher.submit([60] * 50))  # 30 ahead, within a forward
+        await _until(lambda: batcher.pending == 51)
+        model.gate.set()
+        return await queued, await followers, await huge
+
+    _, batcher, _, (queued, followers, huge) = _run(
+        submit, max_queue_forwards=2, max_batch_tokens=100
+    )
+    assert queued == [2 * SLOW] and followers == [60] and huge == [120] * 50
+    assert batcher.stats.refused == 1
+
+
+def test_nothing_is_refused_before_a_forward_has_been_measured():
+    """A remote backend's first calls: no estimate is better than a wrong one (the hard
+    cap, max_queued_tokens, still holds)."""
+
+    async def main():
+        model, worker = RecordingModel(), ModelWorker()
+        batcher = DynamicBatcher(
+            model, worker, length=abs, max_batch_tokens=10, max_wait_ms=0,
+            max_queued_tokens=1000, max_queue_forwards=1,
+        )  # fmt: skip
+        assert batcher.queue_budget() is None and batcher.estimated_wait() == 0.0
+        assert batcher.forward_budget() == 10
+        batcher.start()
+        try:
+            slow = asyncio.create_task(batcher.submit([SLOW]))
+            await _until(lambda: model.batches == [[SLOW]])
+            queued = [asyncio.create_task(batcher.submit([9] * 10)) for _ in range(5)]
+            await _until(lambda: batcher.pending == 50)
+            with pytest.raises(BatcherOverloaded, match="max_queued_tokens = 1000"):
+                await batcher.submit([9] * 70)  # 450 + 630 tokens
+            model.gate.set()
+            return await asyncio.gather(*queued), await slow
+        finally:
+            model.gate.set()
+            await batcher.close()
+            worker.close()
+
+    results, _ = asyncio.run(main())
+    assert results == [[18] * 10] * 5
 
 
 def test_cancelled_and_expired_work_never_reaches_a_forward():
@@ -111,7 +176,7 @@ def test_cancelled_and_expired_work_never_reaches_a_forward():
         await slow
         return await batcher.submit([1], deadline=loop.time() + 10)
 
-    model, batcher, metrics, result = _run(submit, max_queue_seconds=100)
+    model, batcher, metrics, result = _run(submit, max_queue_forwards=1000)
     assert result == [2]
     assert model.batches == [[SLOW], [1]]  # nothing of the others was computed
     assert (batcher.stats.cancelled, batcher.stats.expired, batcher.stats.wasted) == (2, 4, 0)
@@ -128,30 +193,26 @@ def gated(backend):
 
 @pytest.fixture(scope="module")
 def busy_server(tiny_model_dir, gated, sequences):
-    """A 1 ms wait budget and forwards of one token: once a forward has been measured, one
-    queued request puts the queue over it (its 20-odd tokens cannot ride in the forward
-    a new request would join, and take longer than 1 ms)."""
-    limits = Limits(max_queue_seconds=0.001, max_forward_seconds=1e-9)
+    """Forwards of one sequence and a queue that admits nothing past the next forward."""
     running = start_background_server(
-        tiny_model_dir, gated, limits=limits, http_port=0, max_wait_ms=0.0
+        tiny_model_dir, gated, limits=busy_limits(sequences), http_port=0, max_wait_ms=0.0
     )
-    with TeacherClient(running.address, timeout=30) as teacher:
-        teacher.score(sequences[:1], 1, top_k=2)  # the throughput is measured
     yield running
     running.stop()
 
 
 def _hold_the_worker_and_fill_the_queue(server, gated, sequences) -> list[threading.Thread]:
-    """One call in a forward (held at the gate), one queued behind it; both succeed later."""
+    """One call in a forward (held at the gate), one of every sequence queued behind it
+    (more than the next forward holds); both succeed later."""
     gated.gate.clear()
     gated.entered.clear()
     results: list = []
 
-    def call():
+    def call(batch):
         with TeacherClient(server.address, timeout=30) as client:
-            results.append(client.score(sequences[:1], 1, top_k=2))
+            results.append(client.score(batch, 1, top_k=2))
 
-    threads = [threading.Thread(target=call) for _ in range(2)]
+    threads = [threading.Thread(target=call, args=(batch,)) for batch in (sequences[:1], sequences)]
     threads[0].start()
     assert gated.entered.wait(10)
     threads[1].start()
@@ -174,7 +235,7 @@ def test_grpc_and_http_refusals_carry_a_retry_hint_in_each_dialects_shape(
                 pb_grpc.TeacherStub(channel).Score(request, timeout=30)
             assert time.monotonic() - started < 1.0
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "max_queue_seconds" in refused.value.details()
+        assert "max_queue_forwards" in refused.value.details()
         hint = dict(refused.value.trailing_metadata())[RETRY_AFTER_KEY]
         assert RETRY_AFTER_BOUNDS[0] <= float(hint) <= RETRY_AFTER_BOUNDS[1]
         native = httpx.post(
@@ -182,7 +243,7 @@ def test_grpc_and_http_refusals_carry_a_retry_hint_in_each_dialects_shape(
             json={"sequences": [{"token_ids": sequences[0], "score_from": 1}]},
         )
         assert native.status_code == 429 and int(native.headers["retry-after"]) >= 1
-        assert "max_queue_seconds" in native.json()["error"]
+        assert "max_queue_forwards" in native.json()["error"]
         openai = httpx.post(
             busy_server.http_url + "/v1/completions",
             json={"prompt": sequences[0], "max_tokens": 1, "prompt_logprobs": 1},
@@ -213,34 +274,39 @@ def test_the_client_retries_after_the_hint_and_succeeds(busy_server, gated, sequ
     assert [r.topk_ids.tolist() for r in results] == [r.topk_ids.tolist() for r in expected]
 
 
-def test_forwards_hold_no_more_than_the_measured_throughput_runs_in_max_forward_seconds():
-    """At 1000 tokens/s and max_forward_seconds 0.1, a forward holds <= 100 padded tokens,
-    however much is queued; a longer sequence still runs, alone."""
+def test_a_forward_holds_the_efficient_batch_or_four_mean_requests_and_a_long_sequence_alone():
+    """Forwards are sized by measurement: at least the smallest size within 90 % of the
+    best measured rate, and room for FORWARD_REQUESTS requests of the recent mean size;
+    at most max_batch_tokens; a sequence longer than that still runs, alone."""
 
     async def main():
         model, worker = RecordingModel(), ModelWorker()
-        batcher = DynamicBatcher(
-            model, worker, length=abs, max_batch_tokens=10**6, max_wait_ms=0,
-            max_forward_seconds=0.1,
-        )  # fmt: skip
-        assert batcher.forward_budget() == 10**6  # nothing measured yet: the token budget
-        batcher.throughput.observe(int(TOKENS_PER_SECOND), 1.0)
-        batcher.throughput.observe = lambda *_: None  # held at 1000 tokens/s
-        assert batcher.forward_budget() == 100
+        batcher = DynamicBatcher(model, worker, length=abs, max_batch_tokens=1000, max_wait_ms=0)
+        assert batcher.forward_budget() == 1000  # nothing measured yet: the token budget
+        # 64 tokens: 500/s, 128: 950/s, 256: 1000/s, 512: 800/s -> efficient from 128
+        for tokens, rate in ((64, 500), (128, 950), (256, 1000), (512, 800)):
+            batcher.capacity.observe(tokens, tokens / rate)
+        batcher.capacity.observe = lambda *_: None
+        assert batcher.capacity.efficient_tokens() == 128
+        assert batcher.forward_budget() == 128
         batcher.start()
         try:
             slow = asyncio.create_task(batcher.submit([SLOW]))  # holds the worker
             await _until(lambda: model.batches == [[SLOW]])
-            queued = asyncio.create_task(batcher.submit([40, 40, 40, 40, 40, 300]))
+            # requests of 100 tokens, then 6 x 20: their mean is 102, so forwards hold 408
+            queued = asyncio.create_task(batcher.submit([20] * 6))
             await _until(lambda: batcher.pending == 6)
+            assert batcher.forward_budget() == int(FORWARD_REQUESTS * (100 + REQUEST_WEIGHT * 20))
+            longer = asyncio.create_task(batcher.submit([1500]))  # more than max_batch_tokens
+            await _until(lambda: batcher.pending == 7)
             model.gate.set()
-            return model, await queued, await slow
+            return model, await queued, await longer, await slow
         finally:
             model.gate.set()
             await batcher.close()
             worker.close()
 
-    model, results, _ = asyncio.run(main())
-    assert results == [80, 80, 80, 80, 80, 600]
-    # 2 x 40 fit in 100 padded tokens, 3 x 40 do not; 300 runs alone, after the last 40
-    assert model.batches[1:] == [[40, 40], [40, 40], [40], [300]]
+    model, results, longer, _ = asyncio.run(main())
+    assert results == [40] * 6 and longer == [3000]
+    # the six 20s in one forward; 1500 over the 1000 tokens of max_batch_tokens, alone
+    assert model.batches[1:] == [[20] * 6, [1500]]

@@ -15,6 +15,7 @@ import pytest
 from teacher_service.batcher import BatcherClosed, DynamicBatcher, ModelWorker
 
 SLOW = 100  # an item that holds the worker until the test opens the gate
+TOKENS_PER_SECOND = 1000.0  # the rate the batcher tests pretend to have measured, every size
 
 
 class RecordingModel:
@@ -33,12 +34,20 @@ class RecordingModel:
         return [2 * item for item in items]
 
 
+def _hold_the_rate(batcher: DynamicBatcher) -> None:
+    """The batcher measures TOKENS_PER_SECOND at every forward size (its efficient batch:
+    512 tokens), and nothing else: the fake model's own speed does not size forwards."""
+    batcher.capacity.observe(int(TOKENS_PER_SECOND), 1.0)
+    batcher.capacity.observe = lambda *_: None
+
+
 def _run(coroutine_fn, *, budget=64, wait_ms=20.0):
     async def main():
         model, worker = RecordingModel(), ModelWorker()
         batcher = DynamicBatcher(
             model, worker, length=abs, max_batch_tokens=budget, max_wait_ms=wait_ms
         )
+        _hold_the_rate(batcher)
         batcher.start()
         try:
             return model, batcher, await coroutine_fn(batcher, model, worker)
@@ -215,7 +224,8 @@ def test_concurrent_callers_are_gathered_into_one_batch():
 def test_the_worker_runs_the_next_batch_while_a_caller_still_encodes_its_results():
     """Results are handed back on the event loop, and the model thread has already been given
     the next queued batch: it runs while a caller turns its results into a response (here a
-    blocking 0.3 s 'encoding' on the loop)."""
+    blocking 0.3 s 'encoding' on the loop). The queued batch fills the forward's budget, so
+    it waits for no caller expected back (COMPANY_WAIT_FRACTION)."""
     started: dict[int, float] = {}
     recorded = RecordingModel()
 
@@ -225,7 +235,7 @@ def test_the_worker_runs_the_next_batch_while_a_caller_still_encodes_its_results
 
     async def main():
         worker = ModelWorker()
-        batcher = DynamicBatcher(model, worker, length=abs, max_batch_tokens=256, max_wait_ms=0)
+        batcher = DynamicBatcher(model, worker, length=abs, max_batch_tokens=3, max_wait_ms=0)
         batcher.start()
 
         async def first():

@@ -5,7 +5,9 @@ before chunks of prompts nobody would read."""
 
 from __future__ import annotations
 
+import asyncio
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -14,13 +16,13 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from teacher_client import TeacherClient, TeacherServiceError
+from teacher_client import AsyncTeacherClient, TeacherClient, TeacherServiceError
 from teacher_client.proto import teacher_pb2 as pb
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service import cli
 from teacher_service.config import Limits, ServerConfig
 from teacher_service.server import BackgroundServer
-from tests.conftest import GatedBackend, start_background_server
+from tests.conftest import GatedBackend, busy_limits, start_background_server
 
 pytestmark = pytest.mark.timeout(60)
 CAP_REFUSAL = "Concurrent RPC limit exceeded!"  # gRPC core's words, past the cap
@@ -61,9 +63,13 @@ def _dropped(server: BackgroundServer, reason: str) -> float:
     return registry.get_sample_value("teacher_sequences_dropped_total", {"reason": reason}) or 0.0
 
 
-def _score_request(token_ids: list[int], request_id: str = "") -> pb.ScoreRequest:
+def _score_request(token_ids: list[int] | list[list[int]], request_id: str = "") -> pb.ScoreRequest:
+    """One sequence, or several."""
+    batch = token_ids if isinstance(token_ids[0], list) else [token_ids]
     return pb.ScoreRequest(
-        sequences=[pb.Sequence(token_ids=token_ids, score_from=1)], top_k=2, request_id=request_id
+        sequences=[pb.Sequence(token_ids=ids, score_from=1) for ids in batch],
+        top_k=2,
+        request_id=request_id,
     )
 
 
@@ -140,13 +146,6 @@ def test_serve_freezes_the_heap_unless_told_not_to(monkeypatch, tiny_model_dir):
 # --- ScoreStream's refusals -----------------------------------------------------------------
 
 
-def busy_limits(sequences: list[list[int]]) -> Limits:
-    """A 1 ms wait budget, and forwards as long as the longest of `sequences` (before any
-    is measured): one queued request puts the queue over it, as two of them cannot ride
-    in one forward (at the 1000 tokens/s assumed, what waits takes more than 1 ms)."""
-    return Limits(max_queue_seconds=0.001, max_batch_tokens=max(map(len, sequences)))
-
-
 def test_a_refused_score_stream_request_carries_the_retry_hint_and_the_stream_goes_on(
     serve, gated, sequences
 ):
@@ -157,13 +156,13 @@ def test_a_refused_score_stream_request_carries_the_retry_hint_and_the_stream_go
         responses = pb_grpc.TeacherStub(channel).ScoreStream(iter(outbox.get, None), timeout=30)
         outbox.put(_score_request(sequences[0], "held"))
         assert gated.entered.wait(10)  # in a forward, held at the gate
-        outbox.put(_score_request(sequences[1], "queued"))
-        _until(lambda: server.running.engine.batcher.pending == 1)
+        outbox.put(_score_request(sequences[1:3], "queued"))  # more than a forward holds
+        _until(lambda: server.running.engine.batcher.pending == 2)
         outbox.put(_score_request(sequences[2], "refused"))
         refused = next(responses)  # answered at once, while the others wait
         assert refused.request_id == "refused" and refused.WhichOneof("outcome") == "error"
         assert refused.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-        assert "max_queue_seconds" in refused.error.message
+        assert "max_queue_forwards" in refused.error.message
         assert refused.error.HasField("retry_after_s") and refused.error.retry_after_s > 0
         gated.gate.set()
         served = {r.request_id: r for r in (next(responses), next(responses))}
@@ -186,25 +185,36 @@ def test_other_score_stream_errors_carry_no_retry_hint(serve, sequences):
     assert not answer.error.HasField("retry_after_s")
 
 
-def test_the_stream_client_raises_the_refusal_with_its_retry_hint(serve, gated, sequences):
+@pytest.mark.parametrize("flavour", ["blocking", "asyncio"])
+def test_the_stream_clients_send_a_refused_request_again_after_its_hint_and_keep_the_order(
+    serve, gated, sequences, client, flavour
+):
     server = serve(limits=busy_limits(sequences[:3]))
     gated.gate.clear()
+    calls = [{"sequences": [ids], "score_from": 1, "top_k": 2} for ids in sequences[:3]]
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.TeacherStub(channel)
         held = stub.Score.future(_score_request(sequences[0]), timeout=30)
         assert gated.entered.wait(10)
-        queued = stub.Score.future(_score_request(sequences[1]), timeout=30)
-        _until(lambda: server.running.engine.batcher.pending == 1)
-        with TeacherClient(server.address, timeout=30) as teacher:
-            call = {"sequences": [sequences[2]], "score_from": 1, "top_k": 2}
-            with pytest.raises(TeacherServiceError) as refused:
-                list(teacher.score_stream([call]))
-            gated.gate.set()
-            held.result(30), queued.result(30)
-            assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert refused.value.retry_after is not None and refused.value.retry_after > 0
-            (results,) = teacher.score_stream([call])  # once the queue drained: served
-    assert results[0].topk_ids.shape == (len(sequences[2]) - 1, 2)
+        queued = stub.Score.future(_score_request(sequences[1:3]), timeout=30)
+        _until(lambda: server.running.engine.batcher.pending == 2)
+        threading.Timer(0.5, gated.gate.set).start()  # the queue drains half a second from now
+        if flavour == "blocking":
+            with TeacherClient(server.address, timeout=30) as teacher:
+                streamed = list(teacher.score_stream(calls, window=3))
+        else:
+
+            async def stream() -> list:
+                async with AsyncTeacherClient(server.address, timeout=30) as teacher:
+                    return [results async for results in teacher.score_stream(calls, window=3)]
+
+            streamed = asyncio.run(stream())
+        held.result(30), queued.result(30)
+    assert server.running.engine.batcher.stats.refused >= 1  # it was refused, then served
+    expected = [client.score(**call) for call in calls]  # the session's own server
+    assert [[r.topk_ids.tolist() for r in results] for results in streamed] == [
+        [r.topk_ids.tolist() for r in results] for results in expected
+    ]
 
 
 # --- Generate and the caller's deadline ------------------------------------------------------

@@ -18,10 +18,11 @@ the service is back: retry.OutageLog).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -39,6 +40,7 @@ from teacher_client.messages import (
     parse_info,
     parse_score_response,
 )
+from teacher_client.pipeline import DONE, Pipeline, StreamRefused, Wait
 from teacher_client.pool import POOL_SERVICE_CONFIG, channel_options, channel_target
 from teacher_client.proto import teacher_pb2 as pb
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
@@ -77,6 +79,12 @@ def _remaining(deadline: float | None) -> float | None:
 
 def _error(method: str, error: grpc.RpcError) -> TeacherServiceError:
     return TeacherServiceError(method, error.code(), error.details() or "")
+
+
+def _stream_error(failed: StreamRefused) -> TeacherServiceError:
+    return TeacherServiceError(
+        "ScoreStream", failed.code, failed.message, retry_after=failed.retry_after
+    )
 
 
 class _Tries:
@@ -202,44 +210,47 @@ class TeacherClient(_ClientBase):
 
         Each call is a dict of `score` keyword arguments (sequences, score_from, top_k, ...).
         At most `window` requests are in flight. `timeout` bounds the whole stream. A
-        refused request raises TeacherServiceError when its turn comes, and the stream
-        ends; it is not retried: resubmit what was not yielded (after `error.retry_after`
-        seconds when the server refused it for back-pressure).
+        request the server refuses for back-pressure is sent again after its hint, before
+        anything after it (pipeline.py), within the stream's deadline; a request that fails
+        otherwise, or whose hint would pass the deadline, raises TeacherServiceError when
+        its turn comes, and the stream ends.
         """
-        slots = threading.Semaphore(window)
-        closed = threading.Event()
+        deadline = self._deadline(timeout)
+        pipeline = Pipeline(calls, window, deadline)
+        changed = threading.Condition()
+        closed = False
 
-        def requests() -> Iterator[pb.ScoreRequest]:
-            for index, call in enumerate(calls):
-                while not slots.acquire(timeout=0.1):
-                    if closed.is_set():
+        def requests() -> Iterator[pb.ScoreRequest]:  # on gRPC's thread
+            while True:
+                with changed:
+                    if closed:
                         return
-                yield build_score_request(**call, request_id=str(index))
+                    step = pipeline.next_request()
+                    if step is DONE:
+                        return
+                    if isinstance(step, Wait):  # woken by an answer, the hint, or closing
+                        changed.wait(step.seconds)
+                        continue
+                yield step
 
         stream = self._stub.ScoreStream(
-            requests(), timeout=_remaining(self._deadline(timeout)), metadata=self._metadata
+            requests(), timeout=_remaining(deadline), metadata=self._metadata
         )
-        ready: dict[int, pb.ScoreStreamResponse] = {}
-        next_index = 0
         try:
             for response in stream:
-                slots.release()
-                ready[int(response.request_id)] = response
-                while next_index in ready:
-                    answer = ready.pop(next_index)
-                    if answer.HasField("error"):
-                        status = answer.error
-                        code = next(c for c in grpc.StatusCode if c.value[0] == status.code)
-                        hint = status.retry_after_s if status.HasField("retry_after_s") else None
-                        raise TeacherServiceError(
-                            "ScoreStream", code, status.message, retry_after=hint
-                        )
-                    yield parse_score_response(answer.response)
-                    next_index += 1
+                with changed:
+                    pipeline.answered(response)
+                    changed.notify_all()
+                    results, failed = pipeline.take_ready()
+                yield from results
+                if failed is not None:
+                    raise _stream_error(failed)
         except grpc.RpcError as error:
             raise _error("ScoreStream", error) from None
         finally:
-            closed.set()
+            with changed:
+                closed = True
+                changed.notify_all()
             stream.cancel()
 
     def generate(
@@ -330,6 +341,43 @@ class AsyncTeacherClient(_ClientBase):
         """TeacherClient.score: options top_k, candidates, full, temperature, dtype."""
         request = build_score_request(sequences, score_from, **options)
         return parse_score_response(await self._call("Score", request, timeout))
+
+    async def score_stream(
+        self, calls: Iterable[dict[str, Any]], *, window: int = 8, timeout: float | None = None
+    ) -> AsyncIterator[list[ScoreResult]]:
+        """TeacherClient.score_stream as an async generator: `async for results in ...`."""
+        deadline = self._deadline(timeout)
+        pipeline = Pipeline(calls, window, deadline)
+        changed = asyncio.Event()
+
+        async def requests() -> AsyncIterator[pb.ScoreRequest]:
+            while True:
+                step = pipeline.next_request()
+                if step is DONE:
+                    return
+                if isinstance(step, Wait):  # woken by an answer or the hint
+                    changed.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(changed.wait(), step.seconds)
+                    continue
+                yield step
+
+        stream = self._stub.ScoreStream(
+            requests(), timeout=_remaining(deadline), metadata=self._metadata
+        )
+        try:
+            async for response in stream:
+                pipeline.answered(response)
+                changed.set()
+                results, failed = pipeline.take_ready()
+                for result in results:
+                    yield result
+                if failed is not None:
+                    raise _stream_error(failed)
+        except grpc.aio.AioRpcError as error:
+            raise _error("ScoreStream", error) from None
+        finally:
+            stream.cancel()
 
     async def generate(
         self, prompts: Sequence[Any], *, timeout: float | None = None, **options: Any
