@@ -186,7 +186,7 @@ class BatcherClosed(ServiceError):
 
 
 class BatcherOverloaded(ServiceError):
-    """The queue's wait is over max_queue_seconds (or it holds max_queued_tokens): come
+    """The queue's wait is over max_queue_forwards (or it holds max_queued_tokens): come
     back after `retry_after` seconds (gRPC RESOURCE_EXHAUSTED / HTTP 429)."""
 
     kind = ErrorKind.OVERLOADED

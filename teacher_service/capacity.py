@@ -89,7 +89,13 @@ class Capacity:
         return ", ".join(f"{size}: {rate:,.0f}" for size, rate in self.rates().items())
 
 
-def warm_up(capacity: Capacity, run: Callable[[int], int], first: int, ceiling: int) -> None:
+def warm_up(
+    capacity: Capacity,
+    run: Callable[[int], int],
+    first: int,
+    ceiling: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> None:
     """Time forwards of `first`, 2 x `first`, ... tokens up to `ceiling` into `capacity`.
     `run(n)` runs one forward of about n tokens and returns the tokens it fed.
 
@@ -100,9 +106,9 @@ def warm_up(capacity: Capacity, run: Callable[[int], int], first: int, ceiling: 
     run(first)
     size, best, flat = first, 0.0, 0
     while True:
-        started = time.perf_counter()
+        started = clock()
         fed = run(size)
-        seconds = time.perf_counter() - started
+        seconds = clock() - started
         capacity.observe(fed, seconds)
         rate = fed / seconds
         flat = 0 if rate >= WARM_UP_GROWTH * best else flat + 1

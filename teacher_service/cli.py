@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=limits.max_queued_tokens,
         help="a hard cap on the tokens waiting in the batcher, whatever the estimate says "
-        "(beyond it requests are refused like --max-queue-seconds)",
+        "(beyond it requests are refused like --max-queue-forwards)",
     )
     serve.add_argument(
         "--max-sequences-per-request", type=int, default=limits.max_sequences_per_request

@@ -25,6 +25,14 @@ class Queue(Protocol):
 
     def estimated_wait(self) -> float: ...
 
+    def forward_budget(self) -> int: ...
+
+    def queue_budget(self) -> float | None: ...
+
+
+def _or_inf(value: float | None) -> float:
+    return float("inf") if value is None else value
+
 
 class ServiceMetrics:
     content_type = CONTENT_TYPE_LATEST
@@ -90,7 +98,20 @@ class ServiceMetrics:
         )
         self.queue_wait_estimate = Gauge(
             "teacher_queue_wait_estimate_seconds",
-            "The queue's estimated wait, which admission compares with max_queue_seconds",
+            "The queue's estimated wait, which admission compares with "
+            "teacher_queue_wait_budget_seconds",
+            registry=r,
+        )
+        self.queue_wait_budget = Gauge(
+            "teacher_queue_wait_budget_seconds",
+            "The longest wait admission lets a request take: max_queue_forwards forwards of "
+            "teacher_forward_budget_tokens at the measured rate (+Inf: no bound yet)",
+            registry=r,
+        )
+        self.forward_budget = Gauge(
+            "teacher_forward_budget_tokens",
+            "Padded tokens the next forward may hold: the model's efficient batch or 4 mean "
+            "requests, at most max_batch_tokens",
             registry=r,
         )
         self.computed = Counter(
@@ -126,6 +147,8 @@ class ServiceMetrics:
     def track_queue(self, queue: Queue) -> None:
         self.queue_depth.set_function(lambda: queue.pending)
         self.queue_wait_estimate.set_function(queue.estimated_wait)
+        self.forward_budget.set_function(queue.forward_budget)
+        self.queue_wait_budget.set_function(lambda: _or_inf(queue.queue_budget()))
 
     def observe_dropped(self, reason: str, count: int) -> None:
         self.dropped.labels(reason).inc(count)

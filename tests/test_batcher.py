@@ -288,3 +288,28 @@ def test_the_model_worker_and_the_threads_it_starts_run_nice_steps_below_the_cal
     assert asyncio.run(main(7)) == (min(19, base + 7),) * 2
     assert asyncio.run(main(0)) == (base, base)
     assert nice_of_this_thread() == base  # the caller's own priority is untouched
+
+
+def test_callers_just_answered_are_waited_for_so_that_a_split_group_merges():
+    """Four callers, the first alone in a forward (it came first): the other three queue
+    behind it. Without waiting they would alternate for ever, one and three per forward.
+    The next forward waits for the caller it just answered (up to COMPANY_WAIT_FRACTION of
+    a forward), so from then on the four share each forward; a caller that does not come
+    back holds the others up no longer than that."""
+
+    async def submit(batcher, model, _):
+        async def caller(first: int, rounds: int) -> None:
+            await batcher.submit([first])
+            for _ in range(rounds - 1):
+                await batcher.submit([10])
+
+        alone = asyncio.create_task(caller(SLOW, 2))  # holds the worker in its first forward
+        await _until(lambda: model.batches == [[SLOW]])
+        others = [asyncio.create_task(caller(10, 2)) for _ in range(3)]
+        await _until(lambda: batcher.pending == 3)
+        model.gate.set()
+        await asyncio.gather(alone, *others)
+
+    model, _, _ = _run(submit, budget=512, wait_ms=0.0)
+    # 1000 tokens/s and forwards of up to 512 tokens: it waits up to 51 ms for the caller
+    assert model.batches == [[SLOW], [10, 10, 10, 10], [10, 10, 10]]

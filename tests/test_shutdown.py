@@ -35,6 +35,7 @@ from tests.replicas import Replica
 from tests.trainer_helpers import in_process, small_config
 
 GRACE = 1.0
+LOADED_MACHINE_SLACK = 5.0  # seconds a loaded machine may add to the exit (see below)
 CALLS = 12  # per front end, each with seconds of work between them
 SEQUENCES, LENGTH = 64, 480  # per call: 30k tokens
 OUTAGE_SECONDS = 5.0
@@ -48,7 +49,7 @@ def _queued_sequences(http_port: int) -> float:
 
 def test_sigterm_under_load_exits_within_grace_and_answers_every_call(tiny_model_dir):
     port, http_port = free_port(), free_port()
-    flags = ["--grace-seconds", str(GRACE), "--max-queue-seconds", "100000"]
+    flags = ["--grace-seconds", str(GRACE), "--max-queue-forwards", "inf"]
     command = serve_command(tiny_model_dir, port, "--http-port", str(http_port), *flags)
     process = subprocess.Popen(command)
     try:
@@ -101,7 +102,11 @@ def test_sigterm_under_load_exits_within_grace_and_answers_every_call(tiny_model
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert exited <= GRACE + 1.0, f"exited {exited:.1f} s after SIGTERM"
+    # the server exits grace + 1 s after it handles the signal, with tens of seconds of work
+    # still queued; on a loaded machine the signal's handling and the process's teardown
+    # come late (2.6 s after SIGTERM was seen from a fresh clone), so the bound here only
+    # tells "cut at the grace" from "drained the queue"
+    assert exited <= GRACE + 1.0 + LOADED_MACHINE_SLACK, f"exited {exited:.1f} s after SIGTERM"
     assert new_call == grpc.StatusCode.UNAVAILABLE
     assert len(grpc_codes) == len(http_statuses) == CALLS
     assert set(grpc_codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, grpc_codes
