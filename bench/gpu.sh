@@ -12,7 +12,9 @@
 # 1. results/gpu/bench_cuda_1b_shapes.json: the 0.81B Llama of bench_cuda_1b.json (hidden
 #    2048, 16 layers, vocabulary 32000, bf16), every section of bench_service.py on it:
 #    - base: the service against a bare forward, 32 x 512 tokens every row scored
-#      (target >= 0.85; 0.58 before the new path), 8 clients against 1, bytes per token;
+#      (target >= 0.85; 0.58 before the new path), and in process the forward + the
+#      scoring math (target >= 0.9; 0.74 before issue 26's device-side math) and the
+#      backend's score_batch against the same forward; 8 clients against 1, bytes per token;
 #    - prompt-heavy: 32 x (384 prompt + 128 completion) scored from the completion: the
 #      service on today's path (serve --full-logits), on the new path, and the in-process
 #      limit (body + output layer on the scored rows + top-k). The 1.7x target is the CPU

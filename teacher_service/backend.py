@@ -96,7 +96,7 @@ class HFBackend:
         self.eos_ids = frozenset(eos_token_ids(model, tokenizer))
         self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         self.body = Body(model)
-        self.output_layer = OutputLayer(model)
+        self.output_layer = OutputLayer(model, self.vocab_size)  # logits [T, V]: padding cut
         self.chunk_rows = max(1, score_chunk_mb * 2**20 // (4 * logits_rows))
         # run a prefix that several sequences of a batch share once (checked below)
         self.forward_tokens = ForwardTokens()
@@ -158,6 +158,7 @@ class HFBackend:
         ids = torch.arange(min(8, self.vocab_size))
         try:
             expected = self.model(input_ids=ids.unsqueeze(0).to(self.body.device)).logits[0]
+            expected = expected[:, : self.vocab_size]  # padded rows are never scored
             got = self.output_layer(self.body.hidden([ids])[0])
         except Exception as error:  # an architecture whose body cannot run alone
             log.warning("%s: scoring every position (%s)", self.model_id, error)
@@ -215,6 +216,14 @@ class HFBackend:
     @torch.inference_mode()
     def score_batch(self, items: list[ScoreItem]) -> list[SequenceScores]:
         """Every item's rows, scored together with the rows of items that ask the same."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for n, item in enumerate(items):
+            width = None if item.candidate_ids is None else item.candidate_ids.shape[-1]
+            groups[item.options, width].append(n)
+        # what the math reads besides the hidden states goes to the device before the forward
+        # is queued: on CUDA a copy from pageable memory waits for the queue to drain, so
+        # after the forward it would hold the math's launches back until the forward ends
+        inputs = {key: self._group_inputs(items, group, key[1]) for key, group in groups.items()}
         if self.rows_only:
             found = self.body.scored_rows(items, self.share_prefixes, self.pack)
             project = self.output_layer
@@ -223,22 +232,12 @@ class HFBackend:
         self.forward_tokens.computed += found.computed_tokens
         self.forward_tokens.padding += found.padding_tokens
         results: list[SequenceScores | None] = [None] * len(items)
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for n, item in enumerate(items):
-            width = None if item.candidate_ids is None else item.candidate_ids.shape[-1]
-            groups[item.options, width].append(n)
         for (options, width), members in groups.items():
             sizes = [found.rows[n].shape[0] for n in members]
-            candidates = None
-            if width is not None:
-                candidates = torch.cat(
-                    [items[n].candidate_ids.expand(size, width) for n, size in zip(members, sizes)]
-                ).to(self.device)
+            targets, candidates = inputs[options, width]
             scores = score_chunked(
                 torch.cat([found.rows[n] for n in members]),
-                torch.cat([items[n].token_ids[items[n].score_from :] for n in members]).to(
-                    self.device
-                ),
+                targets,
                 self.vocab_size,
                 options,
                 candidates,
@@ -258,6 +257,20 @@ class HFBackend:
                 )
                 results[n].next_token_id = int(token)
         return results  # type: ignore[return-value]
+
+    def _group_inputs(
+        self, items: list[ScoreItem], members: list[int], width: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The members' targets [N] and candidate ids [N, width] (or None), N = their scored
+        rows (len - score_from each), in order, on the device the logits come out on."""
+        targets = torch.cat([items[n].token_ids[items[n].score_from :] for n in members])
+        candidates = None
+        if width is not None:
+            sizes = [items[n].token_ids.numel() - items[n].score_from for n in members]
+            candidates = torch.cat(
+                [items[n].candidate_ids.expand(size, width) for n, size in zip(members, sizes)]
+            ).to(self.device)
+        return targets.to(self.device), candidates
 
     def _all_logits(self, items: list[ScoreItem]) -> ScoredRows:
         """The items' rows of model(...).logits over every position (rows_only False)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from teacher_service.backend_api import ScoreItem
 from teacher_service.placement import execution_devices, module_device
@@ -36,17 +37,36 @@ MIN_SHARED_TOKENS = 16  # a shorter common prefix is not worth a forward of its 
 class OutputLayer:
     """The model's output layer and what its forward does to the logits after it: Gemma 2's
     soft-capping, Cohere's `logit_scale`, Granite's `logits_scaling`. backend.py checks
-    the result against `model(...).logits` when it loads a model."""
+    the result against `model(...).logits` when it loads a model.
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    With `vocab_size`, a plain torch.nn.Linear computes the first vocab_size logits only
+    (its weight's first rows, a view): padded embedding rows (152064 for 151936 tokens) are
+    never computed, and the logits come out as whole rows, so the scoring math reads them
+    without a strided copy. Another layer (quantised, or offloaded behind accelerate's hooks)
+    runs as it is, and its logits are cut afterwards (a view)."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None) -> None:
         self.linear = model.get_output_embeddings()
         config = model.config
         self.scale = getattr(config, "logit_scale", None)
         self.divide = getattr(config, "logits_scaling", None)
         self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.vocab_size = vocab_size
+        self.cut_weight = (
+            vocab_size is not None
+            and type(self.linear) is torch.nn.Linear
+            and not hasattr(self.linear, "_hf_hook")
+            and vocab_size < self.linear.weight.shape[0]
+        )
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.linear(hidden)
+        """[T, H] hidden states -> [T, V'] logits in the model's dtype (V' = vocab_size
+        when given, else the output layer's rows)."""
+        if self.cut_weight:
+            weight, bias = self.linear.weight[: self.vocab_size], self.linear.bias
+            logits = F.linear(hidden, weight, None if bias is None else bias[: self.vocab_size])
+        else:
+            logits = self.linear(hidden)[..., : self.vocab_size]
         if self.scale is not None:
             logits = logits * self.scale
         if self.divide is not None:
@@ -126,40 +146,34 @@ class Body:
         self.index_device = self.device if len(execution_devices(model)) == 1 else "cpu"
         self.cache = cache_argument(model)
 
-    def hidden(
-        self, ids: list[torch.Tensor], prefixes: list[int] | None = None, cache: object = None
-    ) -> torch.Tensor:
-        """Final hidden states [B, W, H] of right-padded token rows; with `cache` (rows of
-        prefixes padded to a common width), row n continues its prefix of prefixes[n] tokens:
-        it attends to those, not to the prefix's padding, and its positions follow them."""
+    def padded_inputs(
+        self, ids: list[torch.Tensor], prefixes: list[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """A forward's tensors for right-padded token rows, on the device: input_ids and
+        attention_mask [B, W]; after `prefixes` (rows of a KV cache of prefixes[n] tokens,
+        padded to a common width P), the mask [B, P + W] lets row n attend to its prefix's
+        tokens, not to the prefix's padding, and position_ids [B, W] follow them."""
         input_ids, attention_mask = padded(ids)
-        extra = {}
-        if cache is not None:
-            width = max(prefixes)
-            seen = torch.zeros((len(ids), width), dtype=torch.long)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if prefixes is not None:
+            seen = torch.zeros((len(ids), max(prefixes)), dtype=torch.long)
             for n, length in enumerate(prefixes):
                 seen[n, :length] = 1
-            attention_mask = torch.cat([seen, attention_mask], dim=1)
+            inputs["attention_mask"] = torch.cat([seen, attention_mask], dim=1)
             positions = torch.tensor(prefixes).unsqueeze(1) + torch.arange(input_ids.shape[1])
-            extra = {
-                "position_ids": positions.to(self.device),
-                "use_cache": True,
-                self.cache: cache,
-            }
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            **extra,
-        )
-        return out.last_hidden_state
+            inputs["position_ids"] = positions
+        return {name: tensor.to(self.device) for name, tensor in inputs.items()}
 
-    def each(self, ids: list[torch.Tensor], pack: bool) -> tuple[list[torch.Tensor], int]:
-        """Each sequence's final hidden states [len_i, H] and the positions the forward ran
-        (padding included): packed (when `pack`) if that saves a row, else right-padded."""
+    def packed_inputs(
+        self, ids: list[torch.Tensor], pack: bool
+    ) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+        """A forward's tensors (on the device) that runs each of `ids` alone, and where each
+        one's hidden states come out: (row, first position). Packed (when `pack`) if that
+        saves a row: input_ids and position_ids [R, W], W the longest, each sequence's
+        positions restarting at 0; else right-padded (padded_inputs)."""
         rows = packed_rows([len(row) for row in ids]) if pack else []
         if not rows or len(rows) == len(ids):
-            hidden = self.hidden(ids)
-            return [hidden[n, : len(row)] for n, row in enumerate(ids)], hidden.shape[:2].numel()
+            return self.padded_inputs(ids), [(n, 0) for n in range(len(ids))]
         width = max(len(row) for row in ids)
         input_ids = torch.zeros((len(rows), width), dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
@@ -172,49 +186,68 @@ class Body:
                 where[n] = (r, start)
                 start += len(ids[n])
             positions[r, start:] = torch.arange(width - start)  # the padding: a sequence of its own
-        hidden = self.model(
-            input_ids=input_ids.to(self.device),
-            position_ids=positions.to(self.device),
-            use_cache=False,
-        ).last_hidden_state
-        each = [
-            hidden[where[n][0], where[n][1] : where[n][1] + len(row)] for n, row in enumerate(ids)
+        inputs = {"input_ids": input_ids, "position_ids": positions}
+        return {name: t.to(self.device) for name, t in inputs.items()}, [
+            where[n] for n in range(len(ids))
         ]
-        return each, input_ids.numel()
+
+    def run(self, inputs: dict[str, torch.Tensor], cache: object = None) -> torch.Tensor:
+        """The final hidden states [B, W, H] of one forward over `inputs`; with `cache`, after
+        the rows of that KV cache (which grows by these tokens), else keeping no cache."""
+        extra = {"use_cache": False} if cache is None else {"use_cache": True, self.cache: cache}
+        return self.model(**inputs, **extra).last_hidden_state
+
+    def hidden(self, ids: list[torch.Tensor]) -> torch.Tensor:
+        """Final hidden states [B, W, H] of right-padded token rows."""
+        return self.run(self.padded_inputs(ids))
+
+    def each(self, ids: list[torch.Tensor], pack: bool) -> tuple[list[torch.Tensor], int]:
+        """Each sequence's final hidden states [len_i, H] and the positions the forward ran
+        (padding included): packed (when `pack`) if that saves a row, else right-padded."""
+        inputs, where = self.packed_inputs(ids, pack)
+        hidden = self.run(inputs)
+        each = [hidden[r, start : start + len(row)] for (r, start), row in zip(where, ids)]
+        return each, hidden.shape[:2].numel()
 
     def scored_rows(
         self, items: list[ScoreItem], share_prefixes: bool, pack: bool = False
     ) -> ScoredRows:
         """Two forwards at most besides the unshared one: every group's prefix together, then
-        every group's suffixes together, after their prefix's rows of the KV cache."""
+        every group's suffixes together, after their prefix's rows of the KV cache.
+
+        Every input reaches the device before the first forward is queued (on CUDA a copy
+        from pageable memory waits for the device's queue to drain), so no copy of ours
+        makes the host wait for a forward; the forwards without a KV cache keep none."""
         rows: list[torch.Tensor | None] = [None] * len(items)
         next_rows: list[torch.Tensor | None] = [None] * len(items)
         groups, alone = _shared_groups(items) if share_prefixes else ([], list(range(len(items))))
         fed = real = 0  # positions the forwards ran, and of them the sequences' own
         if alone:
             ids = [items[n].token_ids[: items[n].forward_len] for n in alone]
-            each, fed = self.each(ids, pack)
-            real = sum(len(row) for row in ids)
-            for hidden, n in zip(each, alone):
-                rows[n], next_rows[n] = item_rows(items[n], hidden[:0], hidden)
+            alone_inputs, where = self.packed_inputs(ids, pack)
         if groups:
             prefixes = [items[members[0]].token_ids[:length] for length, members in groups]
-            input_ids, attention_mask = padded(prefixes)
-            out = self.model(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                use_cache=True,
-            )
-            prefix_hidden, cache = out.last_hidden_state, out[self.cache]
+            prefix_inputs = self.padded_inputs(prefixes)
             owner = [g for g, (_, members) in enumerate(groups) for _ in members]
-            cache.batch_select_indices(torch.tensor(owner, device=self.index_device))
+            owner_index = torch.tensor(owner, device=self.index_device)
             members = [n for _, group in groups for n in group]
             lengths = [groups[g][0] for g in owner]
             suffixes = [
                 items[n].token_ids[length : items[n].forward_len]
                 for n, length in zip(members, lengths)
             ]
-            hidden = self.hidden(suffixes, lengths, cache)
+            suffix_inputs = self.padded_inputs(suffixes, lengths)
+        if alone:
+            hidden = self.run(alone_inputs)
+            fed, real = hidden.shape[:2].numel(), sum(len(row) for row in ids)
+            for (r, start), row, n in zip(where, ids, alone):
+                own = hidden[r, start : start + len(row)]
+                rows[n], next_rows[n] = item_rows(items[n], own[:0], own)
+        if groups:
+            out = self.model(**prefix_inputs, use_cache=True)
+            prefix_hidden, cache = out.last_hidden_state, out[self.cache]
+            cache.batch_select_indices(owner_index)  # row n: its group's prefix
+            hidden = self.run(suffix_inputs, cache)
             fed += prefix_hidden.shape[:2].numel() + hidden.shape[:2].numel()
             real += sum(len(row) for row in prefixes) + sum(len(row) for row in suffixes)
             for row, (n, g) in enumerate(zip(members, owner)):

@@ -98,8 +98,12 @@ def test_two_processes_equal_one_and_resume_in_one(pool, student_model_dir, tmp_
         checkpoint_dirs(tmp_path / "two")[-1],
         checkpoint_dirs(tmp_path / "one")[-1],
     )
+    # to the teacher's rounding: its log-probs move by ~3e-6 with the sequences a forward
+    # holds (padding, packing: docs/design.md), and two processes' calls share forwards
+    # differently from one's; four steps carried that to 2e-5 in one weight (AdamW moves
+    # each weight by about the learning rate, 1e-2, a step)
     for name, value in weights(alone_final).items():
-        torch.testing.assert_close(weights(pair_final)[name], value, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(weights(pair_final)[name], value, atol=1e-4, rtol=1e-4)
 
     # the 2-process run's half-way checkpoint, continued by one process
     halfway = checkpoint_dirs(tmp_path / "two")[0]
@@ -109,7 +113,7 @@ def test_two_processes_equal_one_and_resume_in_one(pool, student_model_dir, tmp_
     assert losses(resumed) == pytest.approx({s: losses(alone)[s] for s in (3, 4)}, abs=1e-4)
     resumed_final = checkpoint_dirs(tmp_path / "resumed")[-1]
     for name, value in weights(alone_final).items():
-        torch.testing.assert_close(weights(resumed_final)[name], value, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(weights(resumed_final)[name], value, atol=1e-4, rtol=1e-4)
 
 
 def test_on_policy_ranks_sample_apart_and_checkpoint_every_stream(
