@@ -269,9 +269,10 @@ class DynamicBatcher(Generic[Item, Result]):
         return max(1, min(self._budget, int(wanted)))
 
     def estimated_wait(self) -> float:
-        """Seconds before a request queued now would start its forward, at the measured
-        rates: what is left of the running forward, and the queued work that will not fit
-        in the next forward (what fits rides along with it). 0 before any measurement."""
+        """Seconds before a request queued now would start its forward: what is left of the
+        running forward (at the rate measured at its size), and the full forwards the queue
+        holds ahead of it (what is left over rides along with it) at the rate recent
+        forwards drained the queue. 0 before any measurement."""
         if not self.capacity.measured:
             return 0.0
         left = 0.0
@@ -279,14 +280,16 @@ class DynamicBatcher(Generic[Item, Result]):
             elapsed = time.monotonic() - self._running_since  # the loop's clock
             left = max(0.0, self.capacity.seconds(sum(p.length for p in self._running)) - elapsed)
         forward = self.forward_budget()
-        return left + self.capacity.seconds(max(0, self.queued_tokens - forward), forward)
+        full = self.queued_tokens // forward  # forwards that run before it, FIFO
+        return left + self.capacity.drain_seconds(full * forward)
 
     def queue_budget(self) -> float | None:
         """The longest wait admission lets a request take: max_queue_forwards forwards of
-        the budget, at the rate measured at that size (None: no bound, or none measured)."""
+        the budget, at the rate recent forwards drained the queue (None: no bound, or
+        nothing measured)."""
         if self._max_queue_forwards is None or not self.capacity.measured:
             return None
-        return self._max_queue_forwards * self._forward_seconds()
+        return self._max_queue_forwards * self.capacity.drain_seconds(self.forward_budget())
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="dynamic-batcher")
@@ -396,10 +399,9 @@ class DynamicBatcher(Generic[Item, Result]):
         low, high = RETRY_AFTER_BOUNDS
         if not self.capacity.measured:
             return low
-        forward = self.forward_budget()
-        until_room = wait + self.capacity.seconds(excess, forward)
+        until_room = wait + self.capacity.drain_seconds(excess)
         returns = min(now + high, max(now + until_room, self._booked_until))
-        self._booked_until = returns + self.capacity.seconds(tokens, forward)
+        self._booked_until = returns + self.capacity.drain_seconds(tokens)
         return max(low, returns - now)
 
     def _expected_callers(self, now: float) -> int:
@@ -414,8 +416,8 @@ class DynamicBatcher(Generic[Item, Result]):
         return max(count for _, count in recent)
 
     def _forward_seconds(self) -> float:
-        """How long a forward of the budget takes, at the rate measured at that size."""
-        return self.capacity.seconds(self.forward_budget())
+        """How long a forward of the budget takes, at the rate recent forwards ran."""
+        return self.capacity.drain_seconds(self.forward_budget())
 
     def _run_at(self) -> float:
         """When the next forward runs at the latest without every expected caller: once the

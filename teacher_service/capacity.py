@@ -45,6 +45,7 @@ class Capacity:
     def __init__(self) -> None:
         self._tokens: dict[int, float] = {}
         self._seconds: dict[int, float] = {}
+        self._recent = [0.0, 0.0]  # tokens and seconds of recent forwards, whatever their size
 
     @property
     def measured(self) -> bool:
@@ -58,9 +59,14 @@ class Capacity:
         size = size_bucket(tokens)
         if size not in self._tokens:  # the first forward of a size is its rate outright
             self._tokens[size], self._seconds[size] = float(tokens), seconds
-            return
-        self._tokens[size] += RATE_WEIGHT * (tokens - self._tokens[size])
-        self._seconds[size] += RATE_WEIGHT * (seconds - self._seconds[size])
+        else:
+            self._tokens[size] += RATE_WEIGHT * (tokens - self._tokens[size])
+            self._seconds[size] += RATE_WEIGHT * (seconds - self._seconds[size])
+        if not self._recent[1]:
+            self._recent = [float(tokens), seconds]
+        else:
+            self._recent[0] += RATE_WEIGHT * (tokens - self._recent[0])
+            self._recent[1] += RATE_WEIGHT * (seconds - self._recent[1])
 
     def rates(self) -> dict[int, float]:
         """tokens/s of each measured size bucket."""
@@ -73,10 +79,15 @@ class Capacity:
         nearest = min(self._tokens, key=lambda size: (abs(math.log2(size) - wanted), -size))
         return self._tokens[nearest] / self._seconds[nearest]
 
-    def seconds(self, tokens: float, forward: int | None = None) -> float:
-        """How long the model takes for `tokens`, run in forwards of `forward` tokens
-        (default: all in one)."""
-        return tokens / self.rate(forward or max(1, int(tokens)))
+    def seconds(self, tokens: int) -> float:
+        """How long one forward of `tokens` takes, at the rate measured at its size."""
+        return tokens / self.rate(tokens)
+
+    def drain_seconds(self, tokens: float) -> float:
+        """How long the model takes for `tokens` in the forwards it runs now: at the rate of
+        the recent forwards, whatever their size (so a queue's drain time is right whichever
+        size the batcher's budget gives its forwards)."""
+        return tokens * self._recent[1] / self._recent[0]
 
     def efficient_tokens(self) -> int:
         """The smallest measured forward size within EFFICIENT_FRACTION of the best rate:

@@ -20,7 +20,7 @@ class Limits:
     # once with a retry hint (429). Relative, so that it holds from a 2M model on CPU cores
     # (forwards of milliseconds) to a 70B one on GPUs (seconds): an admitted request waits
     # about this many forwards plus its own
-    max_queue_forwards: float = 3.0
+    max_queue_forwards: float = 2.0
 
     def __post_init__(self) -> None:
         for name in (

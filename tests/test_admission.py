@@ -58,17 +58,16 @@ def test_a_request_beyond_the_queues_wait_budget_is_refused_at_once_and_the_admi
     async def submit(batcher, model):
         slow = asyncio.create_task(batcher.submit([SLOW]))  # holds the worker
         await _until(lambda: model.batches == [[SLOW]])
-        # at 1000 tokens/s, forwards of 100 tokens (0.1 s): the budget is 4 forwards, 0.4 s
-        assert batcher.forward_budget() == 100 and batcher.queue_budget() == pytest.approx(0.4)
+        # at 1000 tokens/s, forwards of 100 tokens (0.1 s): the budget is 3 forwards, 0.3 s
+        assert batcher.forward_budget() == 100 and batcher.queue_budget() == pytest.approx(0.3)
         admitted = asyncio.create_task(batcher.submit([150]))  # an empty queue admits
         await _until(lambda: batcher.pending == 1)
-        # 150 tokens ahead, of which the next forward holds 100: 0.05 s + the running one
-        also = asyncio.create_task(batcher.submit([200]))
+        # 150 queued: one full forward runs before it (0.1 s), after the running one's rest
+        also = asyncio.create_task(batcher.submit([100]))
         await _until(lambda: batcher.pending == 2)
-        # 350 queued, 100 in the next forward: 0.25 s + the running one, within the budget
-        third = asyncio.create_task(batcher.submit([160]))
+        third = asyncio.create_task(batcher.submit([120]))  # 250 queued: two, 0.2 s + the rest
         await _until(lambda: batcher.pending == 3)
-        with pytest.raises(BatcherOverloaded) as refused:  # 510 queued: 0.41 s + the running
+        with pytest.raises(BatcherOverloaded) as refused:  # 370 queued: three, 0.3 s + the rest
             await batcher.submit([210])
         assert model.batches == [[SLOW]]  # at once: the first forward still holds the worker
         with pytest.raises(BatcherOverloaded) as refused_next:
@@ -78,16 +77,16 @@ def test_a_request_beyond_the_queues_wait_budget_is_refused_at_once_and_the_admi
         return refused.value, refused_next.value, served
 
     model, batcher, _, (refusal, refusal_next, served) = _run(
-        submit, max_queue_forwards=4, max_batch_tokens=100
+        submit, max_queue_forwards=3, max_batch_tokens=100
     )
-    assert served == [[300], [400], [320], [2 * SLOW]]
-    # back when the queue's wait is within its budget again: 0.01 s + what is left of the
-    # running forward (at least RETRY_AFTER_BOUNDS[0])
-    assert RETRY_AFTER_BOUNDS[0] <= refusal.retry_after <= 0.11 + 0.01
+    assert served == [[300], [200], [240], [2 * SLOW]]
+    # back when the queue's wait is within its budget again: once the running forward's rest
+    # has run (at least RETRY_AFTER_BOUNDS[0])
+    assert RETRY_AFTER_BOUNDS[0] <= refusal.retry_after <= 0.1 + 0.01
     # the next refused request is booked after the first one's 210 tokens (0.21 s at 1000
     # tokens/s), not sent back into the same instant
     assert refusal_next.retry_after == pytest.approx(refusal.retry_after + 0.21, abs=0.015)
-    assert "max_queue_forwards = 4 forwards of 100 tokens" in str(refusal)
+    assert "max_queue_forwards = 3 forwards of 100 tokens" in str(refusal)
     assert [210] not in model.batches and [50] not in model.batches
     assert batcher.stats.refused == 2
 
@@ -101,7 +100,7 @@ def test_a_request_is_never_refused_against_its_own_sequences():
         await _until(lambda: model.batches == [[SLOW]])
         big = asyncio.create_task(batcher.submit([60] * 50))  # empty queue: admitted
         await _until(lambda: batcher.pending == 50)
-        with pytest.raises(BatcherOverloaded):  # 2,900 tokens ahead past the next forward
+        with pytest.raises(BatcherOverloaded):  # 30 full forwards ahead of it
             await batcher.submit([60])
         model.gate.set()
         await big, await slow

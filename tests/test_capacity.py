@@ -31,8 +31,16 @@ def test_each_size_keeps_its_own_rate_and_an_unmeasured_size_takes_the_nearest()
     assert capacity.rate(64) == pytest.approx(12_800)  # nearest on a log scale
     assert capacity.rate(1 << 20) == pytest.approx(40_960)
     assert capacity.rate(1024) == pytest.approx(40_960)  # 2 steps from either: the larger
-    assert capacity.seconds(8192, forward=4096) == pytest.approx(0.2)
+    assert capacity.seconds(8192) == pytest.approx(0.2)
     assert capacity.seconds(256) == pytest.approx(0.02)
+
+
+def test_a_queue_drains_at_the_rate_of_the_forwards_run_lately_whatever_their_size():
+    capacity = Capacity()
+    capacity.observe(256, 0.02)
+    capacity.observe(4096, 0.1)  # the EWMAs: 256 + 0.3 x 3840 tokens in 0.02 + 0.3 x 0.08 s
+    assert capacity.drain_seconds(1408) == pytest.approx(0.044)
+    assert capacity.drain_seconds(0) == 0.0
 
 
 def test_a_rate_is_a_ratio_of_averages_that_follows_the_newest_forwards():

@@ -152,7 +152,7 @@ def test_serve_takes_the_queue_budget_in_forwards_and_can_skip_the_warm_up(
     cli.main(["serve", "--model", str(tiny_model_dir), "--max-queue-forwards", "inf"])
     cli.main(["serve", "--model", str(tiny_model_dir), "--max-queue-forwards", "1.5"])
     cli.main(["serve", "--model", str(tiny_model_dir), "--no-warm-up"])
-    assert [c.limits.max_queue_forwards for c in seen] == [3.0, float("inf"), 1.5, 3.0]
+    assert [c.limits.max_queue_forwards for c in seen] == [2.0, float("inf"), 1.5, 2.0]
     assert [c.warm_up for c in seen] == [True, True, True, False]
     for forwards in (0, -1, float("nan")):
         with pytest.raises(ValueError, match="max_queue_forwards must be > 0"):
