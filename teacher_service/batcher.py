@@ -57,6 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from teacher_client.retry import BACKPRESSURE_JITTER
 from teacher_service.capacity import Capacity
 from teacher_service.errors import ErrorKind, ServiceError
 
@@ -161,6 +162,18 @@ class BatcherStats:
     expired: int = 0  # sequences dropped because their deadline passed, or would in the forward
     wasted: int = 0  # sequences computed whose caller had left by the time they were done
     refused: int = 0  # requests refused at the door: the queue's wait was over its budget
+    held: int = 0  # requests held until their caller's booked return (it came back early)
+
+
+@dataclass(eq=False)
+class _Booking:
+    """A refused request's turn to come back (loop times), kept for its caller's peer."""
+
+    peer: str
+    returns: float
+    expires: float  # its room is reserved until then (the client's jitter, a forward)
+    tokens: int
+    claimed: bool = False  # a request of the peer, back early, waits for it
 
 
 @dataclass
@@ -211,6 +224,8 @@ class BatchObserver(Protocol):
 
     def observe_dropped(self, reason: str, count: int) -> None: ...
 
+    def observe_held(self) -> None: ...
+
 
 class DynamicBatcher(Generic[Item, Result]):
     def __init__(
@@ -234,6 +249,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self._max_queue_forwards = max_queue_forwards
         self._request_tokens = 0.0  # the recent mean request size (REQUEST_WEIGHT)
         self._booked_until = 0.0  # loop time up to which refused requests were told to return
+        self._bookings: list[_Booking] = []  # refused requests' returns, in that order
         self._observer = observer
         self._queue: list[_Pending[Item]] = []
         self._running: list[_Pending[Item]] = []  # the batch on the worker now
@@ -268,11 +284,12 @@ class DynamicBatcher(Generic[Item, Result]):
         wanted = max(self.capacity.efficient_tokens(), FORWARD_REQUESTS * self._request_tokens)
         return max(1, min(self._budget, int(wanted)))
 
-    def estimated_wait(self) -> float:
+    def estimated_wait(self, reserved: int = 0) -> float:
         """Seconds before a request queued now would start its forward: what is left of the
         running forward (at the rate measured at its size), and the full forwards the queue
-        holds ahead of it (what is left over rides along with it) at the rate recent
-        forwards drained the queue. 0 before any measurement."""
+        (and `reserved` tokens booked to return before it) hold ahead of it (what is left
+        over rides along with it) at the rate recent forwards drained the queue. 0 before
+        any measurement."""
         if not self.capacity.measured:
             return 0.0
         left = 0.0
@@ -280,7 +297,7 @@ class DynamicBatcher(Generic[Item, Result]):
             elapsed = time.monotonic() - self._running_since  # the loop's clock
             left = max(0.0, self.capacity.seconds(sum(p.length for p in self._running)) - elapsed)
         forward = self.forward_budget()
-        full = self.queued_tokens // forward  # forwards that run before it, FIFO
+        full = (self.queued_tokens + reserved) // forward  # forwards that run before it, FIFO
         return left + self.capacity.drain_seconds(full * forward)
 
     def queue_budget(self) -> float | None:
@@ -312,19 +329,27 @@ class DynamicBatcher(Generic[Item, Result]):
         self._queue.clear()
         self._running = []
 
-    async def submit(self, items: Sequence[Item], *, deadline: float | None = None) -> list[Result]:
+    async def submit(
+        self, items: Sequence[Item], *, deadline: float | None = None, peer: str | None = None
+    ) -> list[Result]:
         """Queue items; return their results in order. Raises what running an item raised,
         BatcherOverloaded at once when the queue is over its budget, DeadlineExceeded when
-        `deadline` (loop time, i.e. time.monotonic()) passes first."""
+        `deadline` (loop time, i.e. time.monotonic()) passes first. A `peer` (the caller's
+        connection) back before the hint of its last refusal is held until then first."""
         if self._closed or not self._admitting:  # nothing would ever run it
             raise BatcherClosed("the service is shutting down")
         loop = asyncio.get_running_loop()
-        now, caller = loop.time(), next(self._callers)
-        if deadline is not None and deadline <= now:
+        if deadline is not None and deadline <= loop.time():
             self._dropped("expired", len(items))
             raise DeadlineExceeded("the caller's deadline passed before the request was queued")
+        booking = None if peer is None else self._claim(peer, deadline, loop.time())
+        if booking is not None:
+            await self._hold(booking, loop)
+            if self._closed or not self._admitting:
+                raise BatcherClosed("the service is shutting down")
+        now, caller = loop.time(), next(self._callers)
         lengths = [self._length(item) for item in items]
-        self._admit(sum(lengths))
+        self._admit(sum(lengths), peer, booking)
         if self._request_tokens:
             self._request_tokens += REQUEST_WEIGHT * (sum(lengths) - self._request_tokens)
         else:
@@ -361,8 +386,57 @@ class DynamicBatcher(Generic[Item, Result]):
         finally:
             self._in_flight -= 1
 
-    def _admit(self, tokens: int) -> None:
-        """Refuse (BatcherOverloaded) a request the queue cannot serve within its budget."""
+    def _claim(self, peer: str, deadline: float | None, now: float) -> _Booking | None:
+        """The peer's earliest booking no other of its requests waits for: the request is
+        one of its refused ones coming back (several callers may share a connection, and
+        whichever request a peer sends next takes its next turn). None: a newcomer. Refuses
+        at once, with what is left of the hint, a request back early whose deadline comes
+        before its turn, so that it can go elsewhere."""
+        self._bookings = [b for b in self._bookings if b.claimed or b.expires > now]
+        booking = next((b for b in self._bookings if b.peer == peer and not b.claimed), None)
+        if booking is None:
+            return None
+        early = booking.returns > now
+        if early and deadline is not None and deadline <= booking.returns:
+            self.stats.refused += 1
+            wait = booking.returns - now
+            raise BatcherOverloaded(
+                f"the teacher's queue is over its budget: this caller was told to retry in "
+                f"{wait:.2f} s",
+                retry_after=max(RETRY_AFTER_BOUNDS[0], wait),
+            )
+        booking.claimed = True
+        return booking
+
+    async def _hold(self, booking: _Booking, loop: asyncio.AbstractEventLoop) -> None:
+        """A request back before its turn (its caller ignores retry hints, retrying in a
+        tight loop) waits here until then, as it was told, and is then admitted or refused
+        like any other: each refusal costs the cores that score, and its turn is its share.
+        A caller gone meanwhile gives its turn up."""
+        wait = booking.returns - loop.time()
+        if wait <= 0:
+            return
+        self.stats.held += 1
+        if self._observer is not None:
+            self._observer.observe_held()
+        try:
+            await asyncio.sleep(wait)
+        except BaseException:
+            self._bookings.remove(booking)
+            raise
+
+    def _reserved_ahead(self, booking: _Booking | None) -> int:
+        """Tokens of refused requests booked to come back before this request's turn: all
+        of them for a newcomer, those booked before it for one back at its turn (whose own
+        booking ends here)."""
+        if booking is None:
+            return sum(b.tokens for b in self._bookings)
+        self._bookings.remove(booking)
+        return sum(b.tokens for b in self._bookings if b.returns < booking.returns)
+
+    def _admit(self, tokens: int, peer: str | None = None, booking: _Booking | None = None) -> None:
+        """Refuse (BatcherOverloaded) a request the queue cannot serve within its budget:
+        the work queued and the refused work booked to come back before it."""
         if self._max_queued is not None and self.queued_tokens + tokens > self._max_queued:
             self.stats.refused += 1
             # no hint for a request over the cap by itself: coming back would not help
@@ -373,36 +447,46 @@ class DynamicBatcher(Generic[Item, Result]):
                 + (": the request alone is over it" if alone_too_big else ": retry later"),
                 retry_after=None
                 if alone_too_big
-                else self._book_retry(tokens, self.queued_tokens + tokens - self._max_queued),
+                else self._book_retry(tokens, peer, self.queued_tokens + tokens - self._max_queued),
             )
         budget = self.queue_budget()
+        reserved = self._reserved_ahead(booking)
         if budget is None or not self._queue:
             return  # an empty queue always admits: the request goes into the next forward
-        wait = self.estimated_wait()
+        wait = self.estimated_wait(reserved)
         if wait > budget:
             self.stats.refused += 1
-            hint = self._book_retry(tokens, wait=wait - budget)
+            hint = self._book_retry(tokens, peer, wait=wait - budget)
             forward = self.forward_budget()
+            rate = forward / self.capacity.drain_seconds(forward)
             raise BatcherOverloaded(
                 f"the teacher's queue holds {wait:.2f} s of work, over max_queue_forwards = "
                 f"{self._max_queue_forwards:g} forwards of {forward} tokens ({budget:.2f} s at "
-                f"{self.capacity.rate(forward):.0f} tokens/s): retry in {hint:.2f} s",
+                f"{rate:.0f} tokens/s): retry in {hint:.2f} s",
                 retry_after=hint,
             )
 
-    def _book_retry(self, tokens: int, excess: int = 0, *, wait: float = 0.0) -> float:
+    def _book_retry(
+        self, tokens: int, peer: str | None, excess: int = 0, *, wait: float = 0.0
+    ) -> float:
         """The retry hint for a refused request of `tokens`: the queue has room for it once
         `excess` queued tokens have run, or in `wait` seconds, after the requests refused
         before it, which were booked to return one after another at the measured rate
-        (bounded; before any measurement: the shortest hint, booking nothing)."""
+        (the hint within RETRY_AFTER_BOUNDS; before any measurement: the shortest, booking
+        nothing). A peer's booking reserves its room (_reserved_ahead), and holds its next
+        request until then if it comes back early (_hold)."""
         now = time.monotonic()  # the loop's clock
         low, high = RETRY_AFTER_BOUNDS
         if not self.capacity.measured:
             return low
         until_room = wait + self.capacity.drain_seconds(excess)
-        returns = min(now + high, max(now + until_room, self._booked_until))
+        returns = max(now + until_room, self._booked_until)
         self._booked_until = returns + self.capacity.drain_seconds(tokens)
-        return max(low, returns - now)
+        if peer is not None:  # late by the client's jitter, or a forward: still its turn
+            late = BACKPRESSURE_JITTER * (returns - now) + self._forward_seconds()
+            self._bookings.append(_Booking(peer, returns, returns + late, tokens))
+        # a turn past the bound is told as the bound: back then, it is held to its turn
+        return min(high, max(low, returns - now))
 
     def _expected_callers(self, now: float) -> int:
         """The most requests that were in flight at once during the last PEAK_WINDOW_FORWARDS

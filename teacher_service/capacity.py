@@ -113,12 +113,23 @@ def warm_up(
     The first forward runs twice and its first time is discarded (lazy initialisation,
     cold caches, a GPU's kernel selection). The sizes stop growing once the rate has
     not grown by WARM_UP_GROWTH for two sizes (CPU cores: past their peak), or a forward
-    took WARM_UP_LONGEST_SECONDS."""
+    took WARM_UP_LONGEST_SECONDS, or failed (a device out of memory: logged, and the
+    service starts with what ran; the first forward failing is raised)."""
     run(first)
     size, best, flat = first, 0.0, 0
     while True:
         started = clock()
-        fed = run(size)
+        try:
+            fed = run(size)
+        except RuntimeError as error:  # out of memory, say: say so, serve what did run
+            log.warning(
+                "warm-up: a forward of %d tokens failed (%s); --max-batch-tokens %d may not "
+                "fit this device",
+                size,
+                error,
+                ceiling,
+            )
+            break
         seconds = clock() - started
         capacity.observe(fed, seconds)
         rate = fed / seconds

@@ -1,10 +1,13 @@
-"""The caller's deadline, from the front end that received the call to the batcher.
+"""The caller's deadline and who it is, from the front end that received the call to the
+batcher.
 
 gRPC carries a deadline with every call (`context.time_remaining()`); HTTP has none, so
 a caller may send `X-Request-Timeout: <seconds>`. The front end records it here, in a
 context variable of the task serving the call, so that every dialect's request-building
 code stays as it is and the engine reads it in one place. Times are `time.monotonic()`,
-the event loop's clock.
+the event loop's clock. The caller's peer (its connection: a gRPC peer, an HTTP client's
+host:port, a ZeroMQ identity) lets the batcher hold a caller that comes back before the
+retry hint it was given (batcher.py).
 """
 
 from __future__ import annotations
@@ -40,6 +43,19 @@ def set_timeout_header(value: str | None) -> None:
         _caller.set((None, f"{TIMEOUT_HEADER} = {value[:40]!r}: expected seconds, a number >= 0"))
         return None
     return set_timeout(seconds)
+
+
+_peer: ContextVar[str | None] = ContextVar("caller_peer", default=None)
+
+
+def set_peer(peer: str | None) -> None:
+    """The serving task's caller: its connection, as the front end names it."""
+    _peer.set(peer)
+
+
+def caller_peer() -> str | None:
+    """The serving task's caller (None: unknown, e.g. in-process)."""
+    return _peer.get()
 
 
 def caller_deadline() -> float | None:

@@ -19,7 +19,7 @@ from teacher_service.backend_api import Backend, Capability, ScoreItem, describe
 from teacher_service.batcher import BatcherClosed, DeadlineExceeded, DynamicBatcher, ModelWorker
 from teacher_service.capacity import warm_up
 from teacher_service.config import ServerConfig
-from teacher_service.deadlines import caller_deadline
+from teacher_service.deadlines import caller_deadline, caller_peer
 from teacher_service.errors import Unsupported
 from teacher_service.metrics import ServiceMetrics
 from teacher_service.requests import GenerateRequest, ScoreRequest
@@ -143,7 +143,7 @@ class Engine:
                     1, sample_next.temperature, sample_next.top_p, (sample_next.seed + n) % 2**64
                 )
                 item.sample_next = (seeded, new_generator(seeded, self.backend.device))
-        results = await self.batcher.submit(items, deadline=deadline)
+        results = await self.batcher.submit(items, deadline=deadline, peer=caller_peer())
         self.metrics.tokens_scored.inc(sum(int(r.target_logprobs.numel()) for r in results))
         return results
 

@@ -29,7 +29,7 @@ from teacher_client.retry import RETRY_AFTER_KEY
 from teacher_service.auth import TokenInterceptor, grpc_server_credentials
 from teacher_service.codec import decode_ids, encode_torch
 from teacher_service.config import ServerConfig
-from teacher_service.deadlines import set_timeout
+from teacher_service.deadlines import set_peer, set_timeout
 from teacher_service.engine import Engine
 from teacher_service.errors import (
     ErrorKind,
@@ -167,6 +167,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         try:
             set_timeout(context.time_remaining())
+            set_peer(context.peer())
             async with self._observed("Score"):
                 return await self._score(request)
         except Exception as error:
@@ -177,6 +178,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
     ) -> AsyncIterator[pb.ScoreStreamResponse]:
         """Work on up to MAX_IN_FLIGHT_PER_STREAM requests at once; answer as each finishes."""
         set_timeout(context.time_remaining())  # the stream's deadline, for each of its requests
+        set_peer(context.peer())
         done: asyncio.Queue[pb.ScoreStreamResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(MAX_IN_FLIGHT_PER_STREAM)
         tasks: set[asyncio.Task] = set()

@@ -129,6 +129,12 @@ class ServiceMetrics:
             ["reason"],
             registry=r,
         )
+        self.held = Counter(
+            "teacher_requests_held",
+            "Requests held until the return their caller's last refusal booked (a caller that "
+            "came back before its retry hint), then admitted or refused as any other",
+            registry=r,
+        )
 
         self.gc_pause = Histogram(
             "teacher_gc_pause_seconds",
@@ -152,6 +158,9 @@ class ServiceMetrics:
 
     def observe_dropped(self, reason: str, count: int) -> None:
         self.dropped.labels(reason).inc(count)
+
+    def observe_held(self) -> None:
+        self.held.inc()
 
     def observe_batch(
         self, sizes: list[int], queue_waits: list[float], forward_seconds: float, wasted: int

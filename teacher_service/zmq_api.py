@@ -72,6 +72,7 @@ import zmq
 import zmq.asyncio
 
 from teacher_service import validation
+from teacher_service.deadlines import set_peer
 from teacher_service.engine import Engine
 from teacher_service.errors import ErrorKind, Failure, PeerWarnings, RequestError, report
 from teacher_service.requests import GenerateRequest, Names, Prompt, ScoreRequest, Sequence
@@ -377,6 +378,7 @@ class ZmqServer:
                     f"request: {len(body)} body frames; expected one torch.save payload",
                     field="request",
                 )
+            set_peer(f"zmq:{envelope[0].hex()}")  # the identity ROUTER gave the peer
             payload = await asyncio.to_thread(decode, body[0])
             reply = await answer(payload, self.engine, self.default_top_k)
             message = await asyncio.to_thread(encode, reply)

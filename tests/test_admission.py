@@ -318,3 +318,73 @@ def test_a_forward_holds_the_efficient_batch_or_four_mean_requests_and_a_long_se
     assert results == [40] * 6 and longer == [3000]
     # the six 20s in one forward; 1500 over the 1000 tokens of max_batch_tokens, alone
     assert model.batches[1:] == [[20] * 6, [1500]]
+
+
+def test_a_caller_back_before_its_hint_is_held_until_then_and_one_with_a_deadline_is_not():
+    """A caller that ignores retry-after and retries at once is held until the return its
+    refusal booked, then admitted like any other; a caller with a deadline before that
+    return is refused at once with what is left of its hint; other callers are not held."""
+
+    async def submit(batcher, model):
+        loop = asyncio.get_running_loop()
+        slow = asyncio.create_task(batcher.submit([SLOW], peer="a"))  # holds the worker
+        await _until(lambda: model.batches == [[SLOW]])
+        queued = asyncio.create_task(batcher.submit([100] * 4, peer="b"))
+        await _until(lambda: batcher.pending == 4)
+        with pytest.raises(BatcherOverloaded) as refused:  # 4 forwards ahead: over 2
+            await batcher.submit([10], peer="c")
+        hint = refused.value.retry_after
+        with pytest.raises(BatcherOverloaded) as hurried:  # back at once, a deadline first
+            await batcher.submit([10], peer="c", deadline=loop.time() + hint / 2)
+        assert 0 < hurried.value.retry_after <= hint
+        assert batcher.stats.held == 0
+        started = loop.time()
+        again = asyncio.create_task(batcher.submit([10], peer="c"))  # back at once: held
+        await _until(lambda: batcher.stats.held == 1)
+        with pytest.raises(BatcherOverloaded):  # another caller: refused, not held
+            await batcher.submit([10], peer="d")
+        model.gate.set()
+        result = await again
+        return result, loop.time() - started, hint, await queued, await slow
+
+    _, batcher, metrics, (result, waited, hint, queued, _) = _run(
+        submit, max_queue_forwards=2, max_batch_tokens=100
+    )
+    assert result == [20] and queued == [200] * 4
+    assert waited >= hint * 0.99  # it was answered no earlier than it was told to come back
+    assert batcher.stats.held == 1 and batcher.stats.refused == 3
+    assert "teacher_requests_held_total 1.0" in metrics.render().decode()
+
+
+def test_refused_callers_keep_their_turn_ahead_of_callers_who_arrive_after_them():
+    """A refused request's room is reserved until its booked return: a newcomer that finds
+    the queue short, but not short of what is booked to come back, is refused too; the
+    caller refused first is admitted when it returns."""
+
+    async def submit(batcher, model):
+        slow = asyncio.create_task(batcher.submit([SLOW], peer="a"))  # holds the worker
+        await _until(lambda: model.batches == [[SLOW]])
+        queued = asyncio.create_task(batcher.submit([100] * 3, peer="b"))
+        await _until(lambda: batcher.pending == 3)
+        for peer in ("c", "e"):  # 3 full forwards ahead: refused, booked one after another
+            with pytest.raises(BatcherOverloaded):
+                await batcher.submit([100], peer=peer)
+        model.gate.set()  # everything runs; the bookings stand
+        await slow, await queued
+        model.gate.clear()
+        held = asyncio.create_task(batcher.submit([SLOW], peer="f"))  # an empty queue admits
+        await _until(lambda: len(model.batches) == 5)
+        small = asyncio.create_task(batcher.submit([50], peer="g"))  # an empty queue admits
+        await _until(lambda: batcher.pending == 1)
+        # 50 queued and 200 booked to return: two full forwards ahead with the running one's
+        # rest, over the budget; with nothing booked it would have been none
+        with pytest.raises(BatcherOverloaded):
+            await batcher.submit([10], peer="h")
+        first = asyncio.create_task(batcher.submit([100], peer="c"))  # back early: held
+        await _until(lambda: batcher.stats.held == 1)
+        model.gate.set()
+        return await first, await small, await held
+
+    _, batcher, _, (first, small, held) = _run(submit, max_queue_forwards=2, max_batch_tokens=100)
+    assert first == [200] and small == [100] and held == [2 * SLOW]
+    assert batcher.stats.refused == 3

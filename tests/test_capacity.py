@@ -103,3 +103,18 @@ def test_warm_up_stops_once_the_rate_no_longer_grows_or_a_forward_is_long():
     slow = FakeModel(0.0, lambda n: 200.0)  # 512 tokens take 2.56 s
     warm_up(Capacity(), slow.run, 512, 1 << 20, clock=slow.clock)
     assert slow.sizes == [512, 512] and WARM_UP_LONGEST_SECONDS <= 512 / 200
+
+
+def test_a_warm_up_forward_that_fails_ends_the_warm_up_with_a_warning(caplog):
+    def run(tokens: int) -> int:
+        if tokens > 1024:
+            raise RuntimeError("CUDA out of memory")  # what torch.OutOfMemoryError is
+        return tokens
+
+    capacity = Capacity()
+    warm_up(capacity, run, 512, 8192)
+    assert set(capacity.rates()) == {512, 1024}
+    assert "a forward of 2048 tokens failed (CUDA out of memory)" in caplog.text
+    assert "--max-batch-tokens 8192 may not fit" in caplog.text
+    with pytest.raises(RuntimeError):  # the first forward failing: the model cannot run
+        warm_up(Capacity(), lambda tokens: run(4096), 4096, 8192)

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from teacher_service import __version__
 from teacher_service.auth import HTTP_OPEN_PATHS, REFUSED, bearer_matches
-from teacher_service.deadlines import TIMEOUT_HEADER, set_timeout_header
+from teacher_service.deadlines import TIMEOUT_HEADER, set_peer, set_timeout_header
 from teacher_service.engine import Engine
 from teacher_service.web import native, openai, tgi
 
@@ -48,9 +48,11 @@ def create_app(engine: Engine, *, auth_token: str = "") -> FastAPI:
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
-        """Request metrics; and the caller's X-Request-Timeout, for the engine to read."""
+        """Request metrics; and the caller's X-Request-Timeout and address, for the engine."""
         started = time.perf_counter()
         set_timeout_header(request.headers.get(TIMEOUT_HEADER))
+        client = request.client
+        set_peer(None if client is None else f"{client.host}:{client.port}")
         response = await call_next(request)
         route = request.scope.get("route")
         method = getattr(route, "path", "unmatched")
