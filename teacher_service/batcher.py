@@ -24,17 +24,25 @@ the event loop. A request whose caller goes away (cancel, deadline) takes its qu
 sequences out of the queue with it, and is skipped if its batch has not started yet.
 
 What to admit: the queue promises a wait, not a number of tokens. A request's wait is the
-work ahead of it at the measured rates: what is left of the running forward, and the
-queued work that will not fit in the next forward. Its own sequences are not ahead of it:
-a request is never refused against parts of itself, and one arriving at an empty queue is
-always admitted. A request whose wait is over `max_queue_forwards` forwards of the budget
-is refused at once, with a retry hint (BatcherOverloaded.retry_after), rather than queued
+work ahead of it at the measured rates: what is left of the running forward, and the full
+forwards the queue holds ahead of it. Its own sequences are not ahead of it: a request is
+never refused against parts of itself, and one that fits in the next forward is always
+admitted. A request whose wait is over `max_queue_forwards` forwards of the budget is
+refused at once, with a retry hint (BatcherOverloaded.retry_after), rather than queued
 behind minutes of work; callers with deadlines learn at once, and the admitted ones keep a
-latency of a few forwards. The hints book the refused work back in, one after another at
-the measured rate, so refused callers return about when the queue has room for each of
-them: not all at once into a new refusal (every refusal costs the cores that score).
-Until a forward has been measured nothing is refused but by `max_queued_tokens` (a remote
-backend's first calls): no estimate is better than a wrong one.
+latency of a few forwards. Until a forward has been measured nothing is refused but by
+`max_queued_tokens` (a remote backend's first calls): no estimate is better than a wrong one.
+
+Whose turn: a refused request books a turn, one after another at the measured rate, so
+refused callers come back about when the queue has room for each of them, not all at once
+into a new refusal (every refusal costs the cores that score). The hint says when. Until
+then its room is reserved: a request that arrives meanwhile counts the booked work ahead of
+it, so callers answered a moment ago, who send again at once, do not take the turns of
+those refused before them (the refused would starve). A turn belongs to the caller's
+connection: its resend takes it, early or not, and any request of that connection takes it
+once it has come (callers sharing a connection share its turns). A resend back before its
+turn (a caller that ignores retry hints and loops) is held until then, as it was told, and
+then admitted or refused like any other.
 
 What to drop: a sequence whose deadline passes in the queue, or would pass before its
 forward could end, fails with DeadlineExceeded and never reaches a forward; nobody would
@@ -167,13 +175,14 @@ class BatcherStats:
 
 @dataclass(eq=False)
 class _Booking:
-    """A refused request's turn to come back (loop times), kept for its caller's peer."""
+    """A refused request's turn to come back (loop times), kept for its caller."""
 
-    peer: str
+    peer: str  # the caller's connection
+    request: str  # what it asked (a digest): a resend asks the same
     returns: float
     expires: float  # its room is reserved until then (the client's jitter, a forward)
     tokens: int
-    claimed: bool = False  # a request of the peer, back early, waits for it
+    claimed: bool = False  # the request, back early, waits for it
 
 
 @dataclass
@@ -181,7 +190,7 @@ class _Pending(Generic[Item]):
     item: Item
     length: int
     enqueued_at: float
-    caller: int  # which submit() call it came from
+    submission: int  # which submit() call it came from
     deadline: float | None  # loop time after which the caller no longer waits
     future: asyncio.Future = field(repr=False)
 
@@ -330,33 +339,38 @@ class DynamicBatcher(Generic[Item, Result]):
         self._running = []
 
     async def submit(
-        self, items: Sequence[Item], *, deadline: float | None = None, peer: str | None = None
+        self,
+        items: Sequence[Item],
+        *,
+        deadline: float | None = None,
+        caller: tuple[str, str] | None = None,
     ) -> list[Result]:
         """Queue items; return their results in order. Raises what running an item raised,
         BatcherOverloaded at once when the queue is over its budget, DeadlineExceeded when
-        `deadline` (loop time, i.e. time.monotonic()) passes first. A `peer` (the caller's
-        connection) back before the hint of its last refusal is held until then first."""
+        `deadline` (loop time, i.e. time.monotonic()) passes first. `caller` is (its
+        connection, a digest of the request): a refused request's turn is its connection's
+        (_claim), and a resend back before its hint is held until then first (_hold)."""
         if self._closed or not self._admitting:  # nothing would ever run it
             raise BatcherClosed("the service is shutting down")
         loop = asyncio.get_running_loop()
         if deadline is not None and deadline <= loop.time():
             self._dropped("expired", len(items))
             raise DeadlineExceeded("the caller's deadline passed before the request was queued")
-        booking = None if peer is None else self._claim(peer, deadline, loop.time())
+        booking = None if caller is None else self._claim(*caller, deadline, loop.time())
         if booking is not None:
             await self._hold(booking, loop)
             if self._closed or not self._admitting:
                 raise BatcherClosed("the service is shutting down")
-        now, caller = loop.time(), next(self._callers)
+        now, submission = loop.time(), next(self._callers)
         lengths = [self._length(item) for item in items]
-        self._admit(sum(lengths), peer, booking)
+        self._admit(sum(lengths), caller, booking)
         if self._request_tokens:
             self._request_tokens += REQUEST_WEIGHT * (sum(lengths) - self._request_tokens)
         else:
             self._request_tokens = float(sum(lengths))
         futures = [loop.create_future() for _ in items]
         for item, length, future in zip(items, lengths, futures):
-            self._queue.append(_Pending(item, length, now, caller, deadline, future))
+            self._queue.append(_Pending(item, length, now, submission, deadline, future))
         self._in_flight += 1
         self._recent_in_flight.append((now, self._in_flight))
         self._arrived.set()
@@ -386,14 +400,20 @@ class DynamicBatcher(Generic[Item, Result]):
         finally:
             self._in_flight -= 1
 
-    def _claim(self, peer: str, deadline: float | None, now: float) -> _Booking | None:
-        """The peer's earliest booking no other of its requests waits for: the request is
-        one of its refused ones coming back (several callers may share a connection, and
-        whichever request a peer sends next takes its next turn). None: a newcomer. Refuses
-        at once, with what is left of the hint, a request back early whose deadline comes
-        before its turn, so that it can go elsewhere."""
+    def _claim(
+        self, peer: str, request: str, deadline: float | None, now: float
+    ) -> _Booking | None:
+        """The turn this request takes, if its connection holds one: its own booking when it
+        is a resend (early or not: one back early waits for it, _hold), else the
+        connection's earliest turn that has come (a caller back with a request of its own;
+        callers that share a connection share its turns). None: a newcomer. Refuses at once,
+        with what is left of the hint, a resend back early whose deadline comes before its
+        turn, so that it can go elsewhere."""
         self._bookings = [b for b in self._bookings if b.claimed or b.expires > now]
-        booking = next((b for b in self._bookings if b.peer == peer and not b.claimed), None)
+        mine = [b for b in self._bookings if b.peer == peer and not b.claimed]
+        booking = next((b for b in mine if b.request == request), None)
+        if booking is None:
+            booking = next((b for b in mine if b.returns <= now), None)
         if booking is None:
             return None
         early = booking.returns > now
@@ -434,7 +454,9 @@ class DynamicBatcher(Generic[Item, Result]):
         self._bookings.remove(booking)
         return sum(b.tokens for b in self._bookings if b.returns < booking.returns)
 
-    def _admit(self, tokens: int, peer: str | None = None, booking: _Booking | None = None) -> None:
+    def _admit(
+        self, tokens: int, caller: tuple[str, str] | None = None, booking: _Booking | None = None
+    ) -> None:
         """Refuse (BatcherOverloaded) a request the queue cannot serve within its budget:
         the work queued and the refused work booked to come back before it."""
         if self._max_queued is not None and self.queued_tokens + tokens > self._max_queued:
@@ -447,16 +469,18 @@ class DynamicBatcher(Generic[Item, Result]):
                 + (": the request alone is over it" if alone_too_big else ": retry later"),
                 retry_after=None
                 if alone_too_big
-                else self._book_retry(tokens, peer, self.queued_tokens + tokens - self._max_queued),
+                else self._book_retry(
+                    tokens, caller, self.queued_tokens + tokens - self._max_queued
+                ),
             )
         budget = self.queue_budget()
         reserved = self._reserved_ahead(booking)
-        if budget is None or not self._queue:
-            return  # an empty queue always admits: the request goes into the next forward
+        if budget is None or self.queued_tokens < self.forward_budget():
+            return  # the next forward has room: it joins it (no turn to come idles the model)
         wait = self.estimated_wait(reserved)
         if wait > budget:
             self.stats.refused += 1
-            hint = self._book_retry(tokens, peer, wait=wait - budget)
+            hint = self._book_retry(tokens, caller, wait=wait - budget)
             forward = self.forward_budget()
             rate = forward / self.capacity.drain_seconds(forward)
             raise BatcherOverloaded(
@@ -467,14 +491,14 @@ class DynamicBatcher(Generic[Item, Result]):
             )
 
     def _book_retry(
-        self, tokens: int, peer: str | None, excess: int = 0, *, wait: float = 0.0
+        self, tokens: int, caller: tuple[str, str] | None, excess: int = 0, *, wait: float = 0.0
     ) -> float:
         """The retry hint for a refused request of `tokens`: the queue has room for it once
         `excess` queued tokens have run, or in `wait` seconds, after the requests refused
         before it, which were booked to return one after another at the measured rate
         (the hint within RETRY_AFTER_BOUNDS; before any measurement: the shortest, booking
-        nothing). A peer's booking reserves its room (_reserved_ahead), and holds its next
-        request until then if it comes back early (_hold)."""
+        nothing). A caller's booking reserves the request's room (_reserved_ahead) for its
+        connection's next request at its turn (_claim)."""
         now = time.monotonic()  # the loop's clock
         low, high = RETRY_AFTER_BOUNDS
         if not self.capacity.measured:
@@ -482,9 +506,9 @@ class DynamicBatcher(Generic[Item, Result]):
         until_room = wait + self.capacity.drain_seconds(excess)
         returns = max(now + until_room, self._booked_until)
         self._booked_until = returns + self.capacity.drain_seconds(tokens)
-        if peer is not None:  # late by the client's jitter, or a forward: still its turn
+        if caller is not None:  # late by the client's jitter, or a forward: still its turn
             late = BACKPRESSURE_JITTER * (returns - now) + self._forward_seconds()
-            self._bookings.append(_Booking(peer, returns, returns + late, tokens))
+            self._bookings.append(_Booking(*caller, returns, returns + late, tokens))
         # a turn past the bound is told as the bound: back then, it is held to its turn
         return min(high, max(low, returns - now))
 
@@ -514,7 +538,7 @@ class DynamicBatcher(Generic[Item, Result]):
         """Run now: the budget is full, every expected caller is in, or the wait is over."""
         if self.queued_tokens >= self.forward_budget():
             return True
-        if len({p.caller for p in self._queue}) >= self._expected_callers(now):
+        if len({p.submission for p in self._queue}) >= self._expected_callers(now):
             return True
         return now >= self._run_at()
 

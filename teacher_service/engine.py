@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import threading
 from collections.abc import Iterator
 
@@ -143,7 +144,7 @@ class Engine:
                     1, sample_next.temperature, sample_next.top_p, (sample_next.seed + n) % 2**64
                 )
                 item.sample_next = (seeded, new_generator(seeded, self.backend.device))
-        results = await self.batcher.submit(items, deadline=deadline, peer=caller_peer())
+        results = await self.batcher.submit(items, deadline=deadline, caller=caller(items))
         self.metrics.tokens_scored.inc(sum(int(r.target_logprobs.numel()) for r in results))
         return results
 
@@ -228,6 +229,19 @@ class Engine:
                 ) from None
             raise
         return completions
+
+
+def caller(items: list[ScoreItem]) -> tuple[str, str] | None:
+    """Who asks, for the batcher's turns: the caller's connection and a digest of what it
+    asks, the same for a request and its resends (None for an in-process caller)."""
+    peer = caller_peer()
+    if peer is None:
+        return None
+    digest = hashlib.blake2b(digest_size=12)
+    for item in items:
+        digest.update(item.score_from.to_bytes(4, "little"))
+        digest.update(item.token_ids.numpy().tobytes())
+    return peer, digest.hexdigest()
 
 
 class _Progress:

@@ -327,22 +327,26 @@ def test_a_caller_back_before_its_hint_is_held_until_then_and_one_with_a_deadlin
 
     async def submit(batcher, model):
         loop = asyncio.get_running_loop()
-        slow = asyncio.create_task(batcher.submit([SLOW], peer="a"))  # holds the worker
+        slow = asyncio.create_task(
+            batcher.submit([SLOW], caller=("a", "request"))
+        )  # holds the worker
         await _until(lambda: model.batches == [[SLOW]])
-        queued = asyncio.create_task(batcher.submit([100] * 4, peer="b"))
+        queued = asyncio.create_task(batcher.submit([100] * 4, caller=("b", "request")))
         await _until(lambda: batcher.pending == 4)
         with pytest.raises(BatcherOverloaded) as refused:  # 4 forwards ahead: over 2
-            await batcher.submit([10], peer="c")
+            await batcher.submit([10], caller=("c", "request"))
         hint = refused.value.retry_after
         with pytest.raises(BatcherOverloaded) as hurried:  # back at once, a deadline first
-            await batcher.submit([10], peer="c", deadline=loop.time() + hint / 2)
+            await batcher.submit([10], caller=("c", "request"), deadline=loop.time() + hint / 2)
         assert 0 < hurried.value.retry_after <= hint
         assert batcher.stats.held == 0
         started = loop.time()
-        again = asyncio.create_task(batcher.submit([10], peer="c"))  # back at once: held
+        again = asyncio.create_task(
+            batcher.submit([10], caller=("c", "request"))
+        )  # back at once: held
         await _until(lambda: batcher.stats.held == 1)
         with pytest.raises(BatcherOverloaded):  # another caller: refused, not held
-            await batcher.submit([10], peer="d")
+            await batcher.submit([10], caller=("d", "request"))
         model.gate.set()
         result = await again
         return result, loop.time() - started, hint, await queued, await slow
@@ -356,35 +360,45 @@ def test_a_caller_back_before_its_hint_is_held_until_then_and_one_with_a_deadlin
     assert "teacher_requests_held_total 1.0" in metrics.render().decode()
 
 
-def test_refused_callers_keep_their_turn_ahead_of_callers_who_arrive_after_them():
-    """A refused request's room is reserved until its booked return: a newcomer that finds
-    the queue short, but not short of what is booked to come back, is refused too; the
-    caller refused first is admitted when it returns."""
+@pytest.mark.parametrize("back", ["resend", "new-request"])
+def test_refused_callers_keep_their_turn_ahead_of_callers_who_arrive_after_them(back):
+    """A refused request's room is reserved until its turn: a newcomer that finds the queue
+    short, but not short of what is booked to come back, is refused too. The caller refused
+    first gets its turn back, whether it resends its request (early: held until the turn)
+    or sends another from the same connection once its turn has come."""
 
     async def submit(batcher, model):
-        slow = asyncio.create_task(batcher.submit([SLOW], peer="a"))  # holds the worker
+        loop = asyncio.get_running_loop()
+        slow = asyncio.create_task(batcher.submit([SLOW], caller=("a", "x")))  # holds the worker
         await _until(lambda: model.batches == [[SLOW]])
-        queued = asyncio.create_task(batcher.submit([100] * 3, peer="b"))
+        queued = asyncio.create_task(batcher.submit([100] * 3, caller=("b", "x")))
         await _until(lambda: batcher.pending == 3)
+        turns = []
         for peer in ("c", "e"):  # 3 full forwards ahead: refused, booked one after another
-            with pytest.raises(BatcherOverloaded):
-                await batcher.submit([100], peer=peer)
+            with pytest.raises(BatcherOverloaded) as refused:
+                await batcher.submit([100], caller=(peer, "x"))
+            turns.append(loop.time() + refused.value.retry_after)
         model.gate.set()  # everything runs; the bookings stand
         await slow, await queued
         model.gate.clear()
-        held = asyncio.create_task(batcher.submit([SLOW], peer="f"))  # an empty queue admits
+        held = asyncio.create_task(batcher.submit([SLOW], caller=("f", "x")))  # empty: admitted
         await _until(lambda: len(model.batches) == 5)
-        small = asyncio.create_task(batcher.submit([50], peer="g"))  # an empty queue admits
+        small = asyncio.create_task(batcher.submit([150], caller=("g", "x")))  # empty: admitted
         await _until(lambda: batcher.pending == 1)
-        # 50 queued and 200 booked to return: two full forwards ahead with the running one's
-        # rest, over the budget; with nothing booked it would have been none
+        # 150 queued and 200 booked to come back: three full forwards ahead, over the
+        # budget of two; with nothing booked it would have been one
         with pytest.raises(BatcherOverloaded):
-            await batcher.submit([10], peer="h")
-        first = asyncio.create_task(batcher.submit([100], peer="c"))  # back early: held
-        await _until(lambda: batcher.stats.held == 1)
+            await batcher.submit([10], caller=("h", "x"))
+        if back == "resend":  # at once: held until its turn
+            first = asyncio.create_task(batcher.submit([100], caller=("c", "x")))
+            await _until(lambda: batcher.stats.held == 1)
+        else:  # its turn has come: the connection's, whatever it sends
+            await asyncio.sleep(turns[0] - loop.time())
+            first = asyncio.create_task(batcher.submit([100], caller=("c", "y")))
+        await _until(lambda: batcher.pending == 2)  # admitted: one forward ahead, e's after
         model.gate.set()
         return await first, await small, await held
 
     _, batcher, _, (first, small, held) = _run(submit, max_queue_forwards=2, max_batch_tokens=100)
-    assert first == [200] and small == [100] and held == [2 * SLOW]
+    assert first == [200] and small == [300] and held == [2 * SLOW]
     assert batcher.stats.refused == 3
