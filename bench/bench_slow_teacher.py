@@ -53,7 +53,7 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_service import ROOT, ServerProcess, resolve_model
+from bench_service import ROOT, ServerProcess, resolve_model, tree_env
 
 from student_trainer.tiny_model import SLOW_TEACHER_SPEC, build_tiny_model
 from teacher_client import TeacherClient, TeacherServiceError, build_score_request
@@ -287,6 +287,18 @@ def main() -> None:
         "--scenarios", default="stream,unary,4 unary,raw 32,2 trainers", help="comma-separated"
     )
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--config",
+        action="append",
+        metavar="NAME=FLAGS",
+        help="server configurations to compare instead of the default and admission off, "
+        "e.g. --config 'queue 4=--max-queue-forwards 4' (repeatable)",
+    )
+    parser.add_argument(
+        "--server-tree",
+        type=Path,
+        help="run the servers from this source tree (e.g. an earlier commit's worktree)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.stream_requests, args.trainer_steps = 20.0, 8, 4
@@ -305,17 +317,25 @@ def main() -> None:
     print("| scenario | flags | answered | errors seen | refused (resent) | tokens/s | p50 s | "
           "p99 s | per caller min / max | sequences per forward | seconds |")  # fmt: skip
     print("|" + " --- |" * 11)
+    configs = CONFIGS
+    if args.config:
+        configs = {
+            name: flags.split() for name, _, flags in (c.partition("=") for c in args.config)
+        }
+    env = tree_env(dict(os.environ), args.server_tree)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-slow-") as tmp:
         for scenario in scenarios:
-            for config, flags in CONFIGS.items():
+            for config, flags in configs.items():
                 port, http_port = free_port(), free_port()
                 command = [sys.executable, "-m", "teacher_service", "--log-level", "WARNING",
                            "serve", "--model", str(model), "--port", str(port), "--device",
                            "cpu", "--http-port", str(http_port), *flags]  # fmt: skip
                 log = Path(tmp) / f"server-{port}.log"
-                server = ServerProcess(command, f"127.0.0.1:{port}", log, http_port=http_port)
-                server.start(dict(os.environ))
+                server = ServerProcess(
+                    command, f"127.0.0.1:{port}", log, args.server_tree or ROOT, http_port
+                )
+                server.start(env)
                 try:
                     with TeacherClient(server.address) as client:
                         vocab = client.info().vocab_size
@@ -328,8 +348,9 @@ def main() -> None:
                 rows.append(row(config, scenario, out, counters, args))
                 print_row(rows[-1])
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
-                                         "model": str(model), "rows": rows}, indent=1))  # fmt: skip
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({"args": settings, "model": str(model), "rows": rows},
+                                        indent=1))  # fmt: skip
     summarise(rows)
 
 

@@ -6,10 +6,12 @@ since), never in absolute seconds: a forward takes milliseconds for a small mode
 cores and seconds for a 70B teacher, and the same rules must hold for both.
 
 When to run: as soon as the queue fills the forward's budget, or holds a request from
-every caller seen recently (the peak number of requests in flight over the last second),
-or its oldest sequence has waited `max_wait_ms`. So a lone client never waits for company
-that is not coming, and 8 clients are gathered into one forward instead of being split
-by the jitter of their arrivals.
+every caller seen recently (the peak number of requests in flight over the last two
+forwards, at least a second), or its oldest sequence has waited `max_wait_ms` and the model
+has been idle for a tenth of a forward (COMPANY_WAIT_FRACTION: callers just answered come
+back in milliseconds). So a lone client never waits for company that is not coming, and 8
+clients are gathered into one forward instead of being split by the jitter of their
+arrivals.
 
 What to run: a forward is formed around the oldest waiting sequence (so nothing starves)
 from the sequences closest to it in length (so little padding is computed), up to the
@@ -86,7 +88,7 @@ COMPANY_WAIT_FRACTION = 0.1
 FORWARD_REQUESTS = 4
 REQUEST_WEIGHT = 0.1  # the newest request's weight in the mean request size
 # a retry hint is when the queue will have room for the refused request, within these
-# bounds: soon after the running forward at the earliest, and never a tight loop
+# bounds: never a tight loop, and a later turn is told as 30 s (and held to when back)
 RETRY_AFTER_BOUNDS = (0.02, 30.0)
 
 
