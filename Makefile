@@ -2,7 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+# The project's environment also takes bench/gpu-wheels.txt as constraints: the versions
+# bench/gpu.sh carries to the GPU machine are the versions every test here ran with, and a
+# fresh clone installs the same ones (not whatever the registry has newest that day).
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt \
+	-c bench/gpu-wheels.txt
 STAMP := $(VENV)/.installed
 
 .PHONY: venv client-venv tgi-client-venv trl-venv kustomize demo test lint proto bench bench-trainer bench-http models \
@@ -12,7 +16,7 @@ venv: $(STAMP)
 
 # torch first and pinned (constraints.txt): the CPU build on local disk, never a newer one;
 # then the client distribution (./teacher-client), which the service and trainer depend on.
-$(STAMP): pyproject.toml teacher-client/pyproject.toml constraints.txt
+$(STAMP): pyproject.toml teacher-client/pyproject.toml constraints.txt bench/gpu-wheels.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -e ./teacher-client

@@ -461,6 +461,7 @@ class DynamicBatcher(Generic[Item, Result]):
     ) -> None:
         """Refuse (BatcherOverloaded) a request the queue cannot serve within its budget:
         the work queued and the refused work booked to come back before it."""
+        reserved = self._reserved_ahead(booking)  # first: a claimed turn ends here, whatever
         if self._max_queued is not None and self.queued_tokens + tokens > self._max_queued:
             self.stats.refused += 1
             # no hint for a request over the cap by itself: coming back would not help
@@ -476,7 +477,6 @@ class DynamicBatcher(Generic[Item, Result]):
                 ),
             )
         budget = self.queue_budget()
-        reserved = self._reserved_ahead(booking)
         if budget is None or self.queued_tokens < self.forward_budget():
             return  # the next forward has room: it joins it (no turn to come idles the model)
         wait = self.estimated_wait(reserved)
