@@ -197,9 +197,9 @@ def main() -> None:
         "# The wheels bench/gpu.sh carries to the GPU machine: what the service, the client and\n"
         "# the trainer need that the image (gpu-image-packages.txt) lacks or has too old, pinned\n"
         "# to the local .venv's versions. Written by `bench/gpu_wheels.py --write`; checked by\n"
-        "# tests/test_gpu_script.py. Fetch them with `bench/gpu.sh fetch-wheels`. `make venv` installs\n"
-        "# with these pins as constraints, so every fresh .venv has exactly these versions: to move\n"
-        "# one, edit it here, `make venv`, then `bench/gpu_wheels.py --write`.\n"
+        "# tests/test_gpu_script.py. Fetch them with `bench/gpu.sh fetch-wheels`.\n"
+        "# `make venv` installs with these pins as constraints, so every fresh .venv has these\n"
+        "# versions: to move one, edit it here, `make venv`, then `bench/gpu_wheels.py --write`.\n"
         + "".join(pin + "\n" for pin in pinned)
     )
     if args.write:
