@@ -38,17 +38,6 @@ PACKAGES = [
 FIRST_PARTY = {"teacher_service", "student_trainer", "teacher_client"}
 OURS = {"teacher-service", "teacher-client"}  # their requirements are walked, never carried
 OPTIONAL = {"trl"}  # teacher_client.trl and bench/trl_reference.py: not installed here
-IMAGE_ENVIRONMENT = {
-    "python_version": "3.12",
-    "python_full_version": "3.12.3",
-    "implementation_name": "cpython",
-    "platform_python_implementation": "CPython",
-    "sys_platform": "linux",
-    "platform_system": "Linux",
-    "platform_machine": "x86_64",
-    "os_name": "posix",
-    "extra": "",
-}
 
 sys.path.insert(0, str(BENCH))
 import gpu_check  # noqa: E402
@@ -159,7 +148,7 @@ def problems(
         walked.add(name)
         for text in declared(name):
             sub = Requirement(text)
-            if sub.marker is None or sub.marker.evaluate(IMAGE_ENVIRONMENT):
+            if sub.marker is None or sub.marker.evaluate(gpu_wheels.TARGET):
                 todo.append((f"{name} requires", sub))
     return found, walked - OURS
 
