@@ -49,7 +49,10 @@ def run_trainer(out_dir: Path, overrides: list[str], nproc: int = 1, resume: str
     if resume:
         command += ["--resume", resume]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # both ends of the output: torchrun's summary closes it, a rank's own error may open it
+    assert done.returncode == 0, (
+        f"{done.stdout[-1500:]}\n--- stderr ---\n{done.stderr[:2500]}\n...\n{done.stderr[-3000:]}"
+    )
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
