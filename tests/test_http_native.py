@@ -78,7 +78,7 @@ def test_msgpack_tensors_are_raw_bytes_equal_to_grpc(http_url, client, sequences
 def test_generate_and_info_equal_grpc(http_url, client, sequences):
     prompts = [s[:4] for s in sequences[:3]]
     request = {"prompts": [{"token_ids": p} for p in prompts], "max_new_tokens": 6, "seed": 3}
-    got = httpx.post(f"{http_url}/v1/generate", json=request).json()["completions"]
+    got = httpx.post(f"{http_url}/v1/generate", json=request, timeout=60).json()["completions"]
     want = client.generate(prompts, max_new_tokens=6, seed=3)
     assert [g["token_ids"] for g in got] == [w.token_ids for w in want]
     assert [g["finish_reason"] for g in got] == [w.finish_reason for w in want]

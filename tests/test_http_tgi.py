@@ -42,7 +42,9 @@ print(json.dumps({
 
 
 def post(http_url: str, path: str, inputs: str, **parameters) -> httpx.Response:
-    return httpx.post(f"{http_url}{path}", json={"inputs": inputs, "parameters": parameters})
+    # generation to the model's limit: seconds on loaded cores, past httpx's default 5 s
+    body = {"inputs": inputs, "parameters": parameters}
+    return httpx.post(f"{http_url}{path}", json=body, timeout=60)
 
 
 def generate(http_url: str, inputs: str, **parameters) -> dict:
@@ -182,7 +184,7 @@ def test_sampled_tokens_and_top_tokens_are_at_the_sampling_temperature(
 def test_root_answers_a_list_and_generate_an_object(http_url, tokenizer) -> None:
     body = {"inputs": TEXTS[1], "parameters": {"max_new_tokens": 4}}
     root = httpx.post(f"{http_url}/", json={**body, "stream": False})
-    plain = httpx.post(f"{http_url}/generate", json=body)
+    plain = httpx.post(f"{http_url}/generate", json=body, timeout=60)
     assert root.status_code == plain.status_code == 200
     assert isinstance(root.json(), list) and root.json() == [plain.json()]
     assert set(plain.json()) == {"generated_text"}  # no details unless asked
