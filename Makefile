@@ -9,7 +9,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 	-c bench/gpu-wheels.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: venv client-venv tgi-client-venv trl-venv kustomize demo test lint proto bench bench-trainer bench-http models \
+.PHONY: venv client-venv tgi-client-venv trl-venv kustomize system-packages demo test lint proto bench bench-trainer bench-http models \
 	paper-table clean
 
 venv: $(STAMP)
@@ -84,10 +84,21 @@ $(TRL_STAMP): $(CLIENT_SOURCES) constraints.txt
 	$(TRL_PIP) --force-reinstall --no-deps ./teacher-client
 	touch $(TRL_STAMP)
 
+# Debian's Prometheus (tests/test_dashboards.py: a real server scrapes the service and the
+# trainer and answers every dashboard panel's query) and Chromium (tests/test_dashboard_page.py:
+# /dashboard rendered headless). Installed once, as root or through sudo, when missing.
+SYSTEM_PACKAGES := prometheus chromium
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
+
+system-packages:
+	@if ! test -x /usr/bin/prometheus || ! test -x /usr/bin/chromium; then \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install \
+			-y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; fi
+
 demo: venv
 	$(PY) -m student_trainer.demo
 
-test: venv client-venv tgi-client-venv trl-venv kustomize
+test: venv client-venv tgi-client-venv trl-venv kustomize system-packages
 	$(PY) -m pytest -q
 
 lint: venv
