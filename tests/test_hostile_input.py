@@ -59,6 +59,9 @@ STREAMING = [
     "/teacher.v1.Teacher/ScoreStream",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+)
 GOOD_SCORE = {"sequences": [{"token_ids": GOOD_IDS, "score_from": 2}], "top_k": 3}
 # every HTTP route taking a body: a valid body using most of its fields (the fuzzer's
 # starting point), and whether the route takes msgpack
@@ -93,6 +96,19 @@ ROUTES: dict[str, tuple[dict[str, Any], bool]] = {
             **{"max_tokens": 2, "logprobs": 2, "prompt_logprobs": 1, "echo": True},
             **{"stop": ["x"], "temperature": 0.5, "top_p": 0.9, "seed": 1},
             **{"return_token_ids": True, "return_tokens_as_token_ids": False, "top_k": -1},
+        },
+        False,
+    ),
+    "/v1/chat/completions": (
+        {
+            "messages": [
+                {"role": "system", "content": "Count."},
+                {"role": "user", "content": [{"type": "text", "text": "Ada has"}]},
+            ],
+            **{"chat_template": CHAT_TEMPLATE, "chat_template_kwargs": {"x": 1}},
+            **{"max_completion_tokens": 2, "logprobs": True, "top_logprobs": 2},
+            **{"prompt_logprobs": 1, "stop": ["x"], "temperature": 0.5, "top_p": 0.9},
+            **{"seed": 1, "return_token_ids": True, "add_generation_prompt": True},
         },
         False,
     ),
@@ -183,9 +199,11 @@ def error_text(route: str, answer: httpx.Response) -> str:
     """The error message in the route's dialect shape (asserting that shape)."""
     assert answer.headers["content-type"].startswith("application/json"), answer.text
     error = answer.json()["error"]
-    if route == "/v1/completions":  # OpenAI: {"error": {"message", "type", "param", "code"}}
-        kind = "NotFoundError" if answer.status_code == 404 else "invalid_request_error"  # model
-        assert error["code"] == answer.status_code and error["type"] == kind
+    if route.startswith("/v1/") and "completions" in route:  # OpenAI: {"error": {"message",
+        # "type", "param", "code"}}; vLLM's 404 for the model and 400 for the chat template
+        kinds = {404: {"NotFoundError"}, 400: {"BadRequestError", "invalid_request_error"}}
+        kind = kinds.get(answer.status_code, {"invalid_request_error"})
+        assert error["code"] == answer.status_code and error["type"] in kind
         return error["message"]
     if route in ("/", "/generate"):  # TGI: {"error", "error_type"}
         assert answer.json()["error_type"] == "validation"
@@ -301,6 +319,14 @@ def test_nan_and_infinity_get_a_4xx_in_the_dialects_shape_naming_the_field(http,
             ('{"prompt": [1, %s]}', "prompt"),
             ('{"prompt": [1, 2], "top_k": %s}', "top_k"),
         ],
+        "/v1/chat/completions": [
+            ('{"messages": [{"role": "user", "content": %s}]}', "messages[0].content"),
+            (
+                '{"messages": [{"role": "user", "content": "a"}], "chat_template": "a", '
+                '"top_p": %s}',
+                "top_p",
+            ),
+        ],
         "/generate": [('{"inputs": "a", "parameters": {"top_k": %s}}', "top_k")],
         "/": [('{"inputs": %s}', "inputs")],
     }
@@ -341,6 +367,11 @@ def test_lone_surrogates_anywhere_in_a_body_never_get_a_5xx(http):
             {"prompt": lone, "max_tokens": 1, "echo": True},
             {"prompt": "Ada", "max_tokens": 2, "stop": [lone]},
             {"prompt": [1, 5], "max_tokens": 1, "logit_bias": {lone: 1.0}},
+        ],
+        "/v1/chat/completions": [
+            {lone: 1},
+            {"messages": [{"role": lone, "content": lone}], "chat_template": CHAT_TEMPLATE},
+            {"messages": [{"role": "user", lone: "a"}], "chat_template": lone},
         ],
         "/generate": [{"inputs": lone}, {"inputs": "Ada", "parameters": {"stop": [lone]}}],
         "/": [{lone: 1}],

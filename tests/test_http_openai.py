@@ -544,3 +544,28 @@ def test_n_times_prompts_over_the_sequence_limit_is_413_naming_n(http_url, clien
     assert answer.status_code == 413, answer.text
     error = answer.json()["error"]
     assert error["param"] == "n" and "max_sequences_per_request" in error["message"]
+
+
+def test_an_unknown_route_under_v1_is_openais_not_found_naming_what_is_served(sdk, http_url):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as raised:
+        sdk.embeddings.create(model="any", input="Ada has 12 apples.")
+    error = raised.value
+    assert error.status_code == 404 and error.type == "invalid_request_error"
+    assert error.param is None and error.code == "404"
+    message = error.body["message"]
+    assert message.startswith("Invalid URL (POST /v1/embeddings): not served here")
+    for route in ("POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models"):
+        assert route in message
+    answer = httpx.get(f"{http_url}/v1/no/such/route")
+    assert answer.status_code == 404
+    assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+    assert "(GET /v1/no/such/route)" in answer.json()["error"]["message"]
+    # a served route with another method stays 405; outside /v1/, FastAPI's own answer
+    assert httpx.get(f"{http_url}/v1/completions").status_code == 405
+    outside = httpx.post(f"{http_url}/no-such-route")
+    assert outside.status_code == 404 and outside.json() == {"detail": "Not Found"}
+    # an unknown model is a distinct 404: vLLM's NotFoundError naming `model`
+    wrong_model = httpx.post(f"{http_url}/v1/completions", json={"model": "x", "prompt": [1]})
+    assert wrong_model.json()["error"]["type"] == "NotFoundError"

@@ -17,7 +17,7 @@ from teacher_service import __version__
 from teacher_service.auth import HTTP_OPEN_PATHS, REFUSED, bearer_matches
 from teacher_service.deadlines import TIMEOUT_HEADER, set_peer, set_timeout_header
 from teacher_service.engine import Engine
-from teacher_service.web import native, openai, tgi
+from teacher_service.web import native, openai, openai_chat, openai_errors, tgi
 
 
 def create_app(engine: Engine, *, auth_token: str = "") -> FastAPI:
@@ -76,5 +76,7 @@ def create_app(engine: Engine, *, auth_token: str = "") -> FastAPI:
 
     app.include_router(native.router)
     app.include_router(openai.router)
+    app.include_router(openai_chat.router)
+    app.add_exception_handler(404, openai_errors.unknown_route)
     app.include_router(tgi.router)
     return app

@@ -34,9 +34,10 @@ Choices made on purpose:
 - No streaming; fields that would change the result are accepted at their neutral
   value only (TRL sends some), unknown ones refused: nothing silently ignored.
 - A rank is 1 + the number of tokens strictly more likely (vLLM counts ties as ahead).
-- Errors: OpenAI's {"error": {"message", "type", "param", "code"}} with errors.STATUS's
-  statuses: 422 invalid, 400 not JSON, 413 too large, 429 overloaded, 503 stopping. The
-  engine is told each sequence's name (`prompt[1]`), so its errors name the body's fields.
+- Errors: OpenAI's {"error": {"message", "type", "param", "code"}} (openai_errors.py), with
+  errors.STATUS's statuses: 422 invalid, 400 not JSON, 413 too large, 429 overloaded, 503
+  stopping. The engine is told each sequence's name (`prompt[1]`), so its errors name the
+  body's fields.
 
 Laid out as vLLM's entrypoints are: the body with its `to_...()` conversions into the
 engine's requests, the serving function (`complete`, then `render`), the router.
@@ -55,8 +56,8 @@ from collections.abc import Callable
 from typing import Annotated, Any, NamedTuple
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from teacher_service import validation
 from teacher_service.backend_api import Backend
@@ -67,7 +68,7 @@ from teacher_service.requests import GenerateRequest, Names, Prompt, ScoreReques
 from teacher_service.sampling import Completion, SamplingOptions
 from teacher_service.scoring import SequenceScores
 from teacher_service.web.body import read_body
-from teacher_service.web.errors import error_headers, http_error
+from teacher_service.web.openai_errors import ModelNotFound, error_response
 
 router = APIRouter(tags=["openai"])
 STARTED = int(time.time())
@@ -83,17 +84,6 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "suffix": ("",),
     "logit_bias": ({},),
 }
-ERROR_TYPES = {
-    ErrorKind.OVERLOADED: "rate_limit_error",
-    ErrorKind.SHUTTING_DOWN: "service_unavailable_error",
-}
-
-
-class ModelNotFound(RequestError):
-    """A `model` other than the served one: vLLM's 404 (`OpenAIServing._check_model`)."""
-
-    def __init__(self, model: str) -> None:
-        super().__init__(f"The model `{model}` does not exist.", field="model")
 
 
 # the engine's errors name the body's fields: a sequence is `prompt[i]` (or `prompt`)
@@ -136,10 +126,22 @@ class CompletionBody(BaseModel):
     best_of: int | None = None
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None
+    # what the engine's errors call the fields: the chat dialect's body names them its way
+    _names: Names = PrivateAttr(default=NAMES)
+
+    def named(self, names: Names) -> CompletionBody:
+        """This body, the engine's errors naming its fields `names` (another body's terms)."""
+        self._names = names
+        return self
 
     @property
     def new_tokens(self) -> int:
         return 16 if self.max_tokens is None else self.max_tokens
+
+    @property
+    def prompt_k(self) -> int | None:
+        """k of the prompts' log-probs; vLLM: `echo` returns them at `logprobs`."""
+        return self.logprobs if self.prompt_logprobs is None and self.echo else self.prompt_logprobs
 
     def tokenized(self, backend: Backend) -> list[Tokenized]:
         """Each prompt's token ids (a string is tokenized as vLLM does: special tokens added)."""
@@ -158,9 +160,7 @@ class CompletionBody(BaseModel):
         return out
 
     def check_model(self, backend: Backend) -> None:
-        """vLLM checks the model first: an unknown one is 404 whatever else is wrong."""
-        if self.model is not None and self.model != backend.model_id:
-            raise ModelNotFound(self.model)
+        check_model(self.model, backend)
 
     def check(self, prompts: list[Tokenized], backend: Backend, limits: Limits) -> None:
         """What the schema cannot say, before any work."""
@@ -177,12 +177,7 @@ class CompletionBody(BaseModel):
             raise RequestError(
                 "stream: streaming is not supported; send stream = false", field="stream"
             )
-        for name, allowed in NEUTRAL.items():
-            value = getattr(self, name)
-            if value is not None and value not in allowed:
-                raise RequestError(
-                    f"{name} = {value!r}: only {allowed[0]!r} is supported", field=name
-                )
+        refuse_non_neutral(self, NEUTRAL)
         validation.temperature(self.temperature, "temperature", allow_zero=True)
         validation.top_p(self.top_p, "top_p")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
@@ -216,7 +211,7 @@ class CompletionBody(BaseModel):
             top_p=self.top_p,
             seed=seed,
             ignore_eos=self.ignore_eos,
-            names=NAMES,
+            names=self._names,
         )
 
     def to_score_request(
@@ -229,8 +224,22 @@ class CompletionBody(BaseModel):
             temperature=self.temperature or 1.0,
             ranks=True,
             sample_next=sample_next,
-            names=NAMES,
+            names=self._names,
         )
+
+
+def check_model(model: str | None, backend: Backend) -> None:
+    """vLLM checks the model first: an unknown one is 404 whatever else is wrong."""
+    if model is not None and model != backend.model_id:
+        raise ModelNotFound(model)
+
+
+def refuse_non_neutral(body: BaseModel, neutral: dict[str, tuple[Any, ...]]) -> None:
+    """Fields taken only at the value that changes nothing: none is silently ignored."""
+    for name, allowed in neutral.items():
+        value = getattr(body, name)
+        if value is not None and value not in allowed:
+            raise RequestError(f"{name} = {value!r}: only {allowed[0]!r} is supported", field=name)
 
 
 def _describe(problems: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -314,6 +323,11 @@ def finish(
     return Finished(ids[:low], text[:at], "stop", stop)
 
 
+def wire(logprob: float) -> float:
+    """A log-prob as JSON can carry it: -inf (and NaN) as vLLM's -9999.0."""
+    return logprob if logprob > MIN_LOGPROB else MIN_LOGPROB
+
+
 def position_dicts(
     scores: SequenceScores | None, ids: list[int], k: int, decoded: Callable[[int], str]
 ) -> list[Position | None]:
@@ -329,8 +343,7 @@ def position_dicts(
     top = scores.topk_logprobs[:, :k].float().tolist() if has_top else [[]] * rows
 
     def entry(token: int, logprob: float, rank: int) -> dict[str, Any]:
-        logprob = logprob if logprob > MIN_LOGPROB else MIN_LOGPROB  # -inf, NaN
-        return {"logprob": logprob, "rank": rank, "decoded_token": decoded(token)}
+        return {"logprob": wire(logprob), "rank": rank, "decoded_token": decoded(token)}
 
     for row, token in enumerate(ids[len(ids) - rows :]):
         position = {str(token): entry(token, target[row], ranks[row])}
@@ -364,15 +377,21 @@ class Choice(NamedTuple):
 
 
 async def complete(body: CompletionBody, engine: Engine) -> bytes:
-    """Validate, then draw the n choices (each as its own n = 1 request would, all at
-    once), then render the JSON off the event loop (a large top-k response is seconds of
-    Python that would stall every other client)."""
+    """Validate, then draw the n choices, then render the JSON off the event loop (a large
+    top-k response is seconds of Python that would stall every other client)."""
     body.check_model(engine.backend)
     prompts = body.tokenized(engine.backend)
     body.check(prompts, engine.backend, engine.config.limits)
-    prompt_k = body.prompt_logprobs
-    if prompt_k is None and body.echo:
-        prompt_k = body.logprobs  # vLLM: echo returns the prompt's log-probs at `logprobs`
+    draws = await draw_choices(body, prompts, engine)
+    return await asyncio.to_thread(render, body, engine, prompts, draws, body.prompt_k)
+
+
+async def draw_choices(
+    body: CompletionBody, prompts: list[Tokenized], engine: Engine
+) -> list[Choice]:
+    """The n choices of a checked body, each drawn as its own n = 1 request would be, all
+    at once (the chat dialect's too)."""
+    prompt_k = body.prompt_k
     top_k = max((k for k in (prompt_k, body.logprobs) if k is not None), default=None)
     outcomes = await asyncio.gather(
         *(draw(body, prompts, prompt_k, top_k, engine, seed) for seed in body.choice_seeds()),
@@ -381,7 +400,7 @@ async def complete(body: CompletionBody, engine: Engine) -> bytes:
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
-    return await asyncio.to_thread(render, body, engine, prompts, outcomes, prompt_k)
+    return outcomes
 
 
 async def draw(
@@ -480,20 +499,6 @@ def render(
 
 
 # --- the router ----------------------------------------------------------------------------
-
-
-def error_response(error: Exception) -> JSONResponse:
-    """OpenAI's error object; `param` is the field the error names, in this body's terms."""
-    status, message, field, kind = http_error(error)
-    error_type = ERROR_TYPES.get(kind) or (
-        "invalid_request_error" if status < 500 else "server_error"
-    )
-    if isinstance(error, ModelNotFound):  # vLLM's 404 (openai.NotFoundError in the SDK)
-        status, error_type = 404, "NotFoundError"
-    content = {"message": message, "type": error_type, "param": field, "code": status}
-    return JSONResponse(
-        status_code=status, content={"error": content}, headers=error_headers(error)
-    )
 
 
 _SCHEMA = {"application/json": {"schema": CompletionBody.model_json_schema()}}
