@@ -204,8 +204,11 @@ function setStatus(text, trouble = false) {
   status.classList.toggle("trouble", trouble);
 }
 
-function counterReset(prev, now) {
-  return now.tokens_scored < prev.tokens_scored || now.latency.count < prev.latency.count;
+// False across a restart of the service (its counters began again) or a clock step back:
+// no point is drawn from such a pair, the next one starts afresh.
+function comparable(prev, now) {
+  const counted = now.tokens_scored >= prev.tokens_scored && now.latency.count >= prev.latency.count;
+  return now.time > prev.time && counted;
 }
 
 async function poll() {
@@ -220,7 +223,7 @@ async function poll() {
     }
     if (!answer.ok) throw new Error(`status ${answer.status}`);
     const now = await answer.json();
-    if (previous !== null && !counterReset(previous, now)) addPoint(previous, now);
+    if (previous !== null && comparable(previous, now)) addPoint(previous, now);
     previous = now;
     showTotals(now);
     document.body.dataset.polls = String(Number(document.body.dataset.polls) + 1);
