@@ -9,7 +9,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 	-c bench/gpu-wheels.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: venv client-venv tgi-client-venv trl-venv kustomize system-packages demo test lint proto bench bench-trainer bench-http models \
+.PHONY: venv client-venv tgi-client-venv trl-venv kustomize system-packages uplot demo test lint proto bench bench-trainer bench-http models \
 	paper-table clean
 
 venv: $(STAMP)
@@ -103,6 +103,11 @@ test: venv client-venv tgi-client-venv trl-venv kustomize system-packages
 
 lint: venv
 	$(PY) -m ruff check .
+
+# Refresh the uPlot that GET /dashboard serves from npm, at the version and sha512 that
+# teacher_service/web/static/uplot/VENDOR.json pins (scripts/vendor_uplot.py --check compares).
+uplot:
+	$(PYTHON) scripts/vendor_uplot.py
 
 # Regenerate teacher-client/teacher_client/proto/ from protos/teacher.proto (tests fail when it is stale).
 proto: venv

@@ -6,6 +6,8 @@ errors.py  the one HTTP error handler: exception -> status (errors.STATUS), mess
 native.py  /v1/score, /v1/generate, /v1/info: the gRPC calls in JSON or msgpack
 openai.py  the vLLM/OpenAI dialect: /v1/completions (prompt_logprobs, echo + logprobs)
 tgi.py     the TGI dialect: /generate, /info (decoder_input_details prefill log-probs)
+dashboard.py  GET /dashboard: a live page of the main charts (static/), and its data
+dashboard_data.py  that data: a JSON snapshot of the metrics registry /metrics renders
 server.py  uvicorn in the service's own event loop
 
 Each dialect module is laid out as vLLM's entrypoints are: its bodies with `to_...()`

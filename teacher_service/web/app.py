@@ -17,7 +17,7 @@ from teacher_service import __version__
 from teacher_service.auth import HTTP_OPEN_PATHS, REFUSED, bearer_matches
 from teacher_service.deadlines import TIMEOUT_HEADER, set_peer, set_timeout_header
 from teacher_service.engine import Engine
-from teacher_service.web import native, openai, openai_chat, openai_errors, tgi
+from teacher_service.web import dashboard, native, openai, openai_chat, openai_errors, tgi
 
 
 def create_app(engine: Engine, *, auth_token: str = "") -> FastAPI:
@@ -32,11 +32,12 @@ def create_app(engine: Engine, *, auth_token: str = "") -> FastAPI:
     app.state.shutting_down = False
 
     if auth_token:
+        open_paths = HTTP_OPEN_PATHS | dashboard.PAGE_PATHS  # the page holds no data
 
         @app.middleware("http")
         async def authenticate(request: Request, call_next):
             """Runs before the body is read: a refused request never reaches the engine."""
-            if request.url.path in HTTP_OPEN_PATHS or bearer_matches(
+            if request.url.path in open_paths or bearer_matches(
                 request.headers.get("authorization"), auth_token
             ):
                 return await call_next(request)
@@ -79,4 +80,5 @@ def create_app(engine: Engine, *, auth_token: str = "") -> FastAPI:
     app.include_router(openai_chat.router)
     app.add_exception_handler(404, openai_errors.unknown_route)
     app.include_router(tgi.router)
+    app.include_router(dashboard.router)
     return app
