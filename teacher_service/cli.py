@@ -17,9 +17,10 @@ HELP = argparse.ArgumentDefaultsHelpFormatter  # every flag's help shows its def
 
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    config = config_from_args(parser, ServerConfig, args)  # a bad flag fails before torch loads
     from teacher_service.server import serve
 
-    serve(config_from_args(parser, ServerConfig, args))
+    serve(config)
 
 
 def _health(args: argparse.Namespace) -> None:
