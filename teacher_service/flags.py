@@ -3,10 +3,11 @@ a field declares its option once, so a field added later gets its flag without m
 
 The rule: field `name` -> `--name-in-kebab-case`, typed as the field (`int | None` as int),
 its default the field's, its help and choices from the field's metadata; a bool becomes
-`--name` / `--no-name`; a field without a default is a required flag; a field that is
-itself a dataclass contributes its own fields, as a group. Metadata bends the rule where
-a flag predates it: `flag` (another name; a bool's positive form), `to_cli` (the field's
-default as the flag shows it) and `from_cli` (the flag's value as the field takes it).
+`--name` / `--no-name`; a field without a default is a required flag; a "" default is
+shown as None (and read back as ""); a field that is itself a dataclass contributes its
+own fields, as a group. Metadata bends the rule where a flag predates it: `flag` (another
+name; a bool's positive form), `to_cli` (the field's default as the flag shows it) and
+`from_cli` (the flag's value as the field takes it).
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ def _dest(field: dataclasses.Field) -> str:
     return flag_name(field).removeprefix("--").replace("-", "_")
 
 
-def leaf_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
-    """Every field that takes a flag, with its type: nested dataclasses' fields inlined."""
+def leaf_fields(cls: type) -> list[dataclasses.Field]:
+    """Every field that takes a flag: nested dataclasses' fields inlined."""
     hints = typing.get_type_hints(cls)
     found = []
     for field in dataclasses.fields(cls):
         kind = hints[field.name]
-        found += leaf_fields(kind) if dataclasses.is_dataclass(kind) else [(field, kind)]
+        found += leaf_fields(kind) if dataclasses.is_dataclass(kind) else [field]
     return found
 
 
@@ -105,5 +106,5 @@ def config_from_args(parser: argparse.ArgumentParser, cls: type, args: argparse.
         return _build(parser, cls, args)
     except ValueError as error:
         name = str(error).split(" ", 1)[0]
-        flags = {field.name: flag_name(field) for field, _ in leaf_fields(cls)}
+        flags = {field.name: flag_name(field) for field in leaf_fields(cls)}
         parser.error(f"argument {flags[name]}: {error}" if name in flags else str(error))

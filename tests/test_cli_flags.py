@@ -210,3 +210,28 @@ def test_every_flag_has_help_and_shows_its_default(monkeypatch, name, parser):
 )
 def test_log_level_goes_before_or_after_the_command(build, argv, level):
     assert build().parse_args(argv).log_level == level
+
+
+def test_the_api_docs_table_names_every_serve_flag_with_its_default():
+    """docs/api.md's table of serve's flags: every flag is in it, and a number or `literal`
+    in its default column is the parser's default ("off", "none": unset)."""
+    rows = [r.split("|")[1:3] for r in (ROOT / "docs" / "api.md").read_text().splitlines()]
+    table = {}
+    for flags, defaults in (r for r in rows if len(r) == 2 and r[0].strip().startswith("`--")):
+        named = re.findall(r"--[a-z0-9-]+", flags)
+        parts = defaults.split(" / ") if " / " in defaults else [defaults] * len(named)
+        table.update((flag, default.strip()) for flag, default in zip(named, parts))
+    parser = serve_parser()
+    for action in parser._actions:
+        flags = [f for f in action.option_strings if f not in ("-h", "--help", "--log-level")]
+        if not flags or action.required:
+            continue
+        documented = [f for f in flags if f in table]
+        assert documented, f"{flags} is not in docs/api.md's table"
+        shown = re.match(r"`?([\w.:$]+)`?", table[documented[0]] or "off")[1]
+        if re.fullmatch(r"\d+(\.\d+)?", shown):
+            assert float(shown) == action.default, (flags, shown, action.default)
+        elif shown not in ("off", "none"):
+            assert shown in (action.default, "$TEACHER_AUTH_TOKEN"), (flags, shown)
+        else:
+            assert action.default in (None, True, False), (flags, shown)

@@ -137,9 +137,11 @@ def problem(program: str, argv: list[str]) -> str | None:
     parser = exact((PROGRAMS | MODULES)[program]())
     stderr = io.StringIO()
     try:
-        with contextlib.redirect_stderr(stderr):
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             args = parser.parse_args(argv)
-    except SystemExit:
+    except SystemExit as exited:
+        if exited.code == 0:  # --help
+            return None
         error = stderr.getvalue().strip().splitlines()[-1]
         mention = not any(word.startswith("-") for word in argv)  # `student-trainer export`
         return None if mention and "arguments are required" in error else error
