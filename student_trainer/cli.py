@@ -17,6 +17,7 @@ from student_trainer.tiny_model import TinyModelSpec
 EXIT_CONFIG = 2  # a config error, bad data, a missing file
 EXIT_TEACHER_OUTAGE = 3  # the teacher was out of reach past teacher.timeout_s (checkpointed)
 
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 EPILOG = """exit status: 0 done; 2 a config error, bad data or a missing file (one line,
 `student-trainer: ...`, naming the key, file or record); 3 the teacher service stayed
 unreachable past teacher.timeout_s (one line naming the checkpoint of the last completed
@@ -84,20 +85,33 @@ def _tiny_model(args: argparse.Namespace) -> None:
     print(f"wrote a tiny Llama model and its BPE tokenizer to {out}")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description and epilog as written; every flag's help shows its default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag with its help and default; --log-level before or after the command."""
     parser = argparse.ArgumentParser(
-        prog="student-trainer",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="student-trainer", description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter
     )
+    # WARNING: teacher_client's lines while it waits out a teacher outage show
     parser.add_argument(
-        "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level", default="WARNING", choices=LOG_LEVELS, help="logging threshold"
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, formatter_class=HelpFormatter)
+        sub.add_argument(  # after the command too; not given there: the one before it
+            "--log-level",
+            default=argparse.SUPPRESS,
+            choices=LOG_LEVELS,
+            help=f"logging threshold (default: {parser.get_default('log_level')})",
+        )
+        return sub
+
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
+        sub = command(name, help_text)
         sub.add_argument(
             "--config",
             help="YAML file (sections: student, teacher, task, "
@@ -119,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(run=_train)
     evaluate = with_config("eval", "evaluate the student: task metric and divergence to teacher")
-    evaluate.add_argument("--checkpoint", help="a checkpoint dir (default: student.model)")
+    evaluate.add_argument("--checkpoint", help="a checkpoint dir; None: student.model")
     evaluate.add_argument(
         "--split",
         default="validation",
@@ -127,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="scored on its first run.eval_size prompts (--set run.eval_size=N for more)",
     )
     evaluate.set_defaults(run=_eval)
-    export = commands.add_parser(
+    export = command(
         "export",
-        help="write a checkpoint as a plain transformers model directory: a LoRA run's "
+        "write a checkpoint as a plain transformers model directory: a LoRA run's "
         "adapters merged into its base weights (AutoModelForCausalLM loads it, no peft)",
     )
     export.add_argument("checkpoint", help="a checkpoint dir (runs/NAME/checkpoints/step-N)")
@@ -142,17 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--base",
-        help="a LoRA checkpoint's base model dir (default: the one the checkpoint names)",
+        help="a LoRA checkpoint's base model dir; None: the one the checkpoint names",
     )
     export.set_defaults(run=_export)
-    pretrain = commands.add_parser(
-        "pretrain", help="train a built-in task's teacher or student from random weights (SFT)"
+    pretrain = command(
+        "pretrain", "train a built-in task's teacher or student from random weights (SFT)"
     )
-    pretrain.add_argument("--task", required=True, help="translation, arithmetic or records")
+    pretrain.add_argument(
+        "--task",
+        required=True,
+        default=argparse.SUPPRESS,
+        help="translation, arithmetic or records",
+    )
     pretrain.add_argument(
         "--role",
         action="append",
         required=True,
+        default=argparse.SUPPRESS,
         help="which model (repeatable): teacher or student; for records teacher, "
         "student-small, student-medium, student-large; writes models/TASK/ROLE",
     )
@@ -162,21 +182,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a key of configs/pretrain/TASK-ROLE.yaml (repeatable)",
     )
-    pretrain.add_argument("--models-dir", type=Path, default=Path("models"), help="output root")
+    pretrain.add_argument("--models-dir", type=Path, default="models", help="output root")
     pretrain.add_argument(
-        "--runs-dir", type=Path, default=Path("runs/pretrain"), help="training runs go here"
+        "--runs-dir", type=Path, default="runs/pretrain", help="training runs go here"
     )
     pretrain.set_defaults(run=_pretrain)
-    tiny = commands.add_parser(
-        "tiny-model", help="write a small random-weight Llama + BPE tokenizer (tests, smoke runs)"
+    tiny = command(
+        "tiny-model", "write a small random-weight Llama + BPE tokenizer (tests, smoke runs)"
     )
-    tiny.add_argument("out_dir")
-    for f in fields(TinyModelSpec):
-        tiny.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    tiny.add_argument("out_dir", help="where the model and its tokenizer are written")
+    for f in fields(TinyModelSpec):  # a flag per field: a field added later gets one too
+        kind = type(f.default)
+        typed = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        tiny.add_argument(
+            f"--{f.name.replace('_', '-')}", default=f.default, help=f.metadata["help"], **typed
+        )
     tiny.add_argument(
         "--tokenizer-from",
         type=Path,
-        help="reuse this model directory's tokenizer (a student must share its teacher's)",
+        help="reuse this model directory's tokenizer (a student must share its teacher's); "
+        "None: train a new one",
     )
     tiny.set_defaults(run=_tiny_model)
     return parser
@@ -184,7 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    # WARNING by default: teacher_client's lines while it waits out a teacher outage show
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported where used: the CLI imports this module and must start fast
     from transformers import PreTrainedTokenizerFast
@@ -25,18 +25,35 @@ ITEMS = ("apple", "book", "coin", "marble", "pencil", "stamp", "ticket", "shell"
 VERBS = ("buys", "finds", "gives away", "sells", "loses", "counts")
 
 
+def _spec(default: Any, help: str) -> Any:
+    """A TinyModelSpec field with the help of its `tiny-model` flag (cli.py)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TinyModelSpec:
-    vocab_size: int = 512  # BPE target size, special tokens included
-    hidden_size: int = 64
-    intermediate_size: int = 176
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    max_seq_len: int = 512
-    init_std: float = 0.2  # wider than the usual 0.02, so distributions are not flat
-    seed: int = 0
-    tie_word_embeddings: bool = False  # the output layer shares the embedding (Qwen2-0.5B's)
+    """The model's shape and seed; `student-trainer tiny-model` has a flag for each field."""
+
+    vocab_size: int = _spec(
+        512,
+        "the BPE tokenizer's vocabulary size, special tokens included (the model's "
+        "embedding is padded past it)",
+    )
+    hidden_size: int = _spec(64, "width of the residual stream")
+    intermediate_size: int = _spec(176, "width of each MLP")
+    num_layers: int = _spec(2, "decoder layers")
+    num_heads: int = _spec(4, "attention heads")
+    num_kv_heads: int = _spec(2, "key/value heads (grouped-query attention; divides num_heads)")
+    max_seq_len: int = _spec(512, "longest sequence (position embeddings)")
+    init_std: float = _spec(
+        0.2,
+        "weights' initial standard deviation: wider than the usual 0.02, so the "
+        "distributions are not flat",
+    )
+    seed: int = _spec(0, "seed of the weights and the tokenizer's corpus")
+    tie_word_embeddings: bool = _spec(
+        False, "the output layer shares the embedding's weights (as Qwen2-0.5B's does)"
+    )
 
 
 def synthetic_corpus(num_sentences: int, seed: int) -> list[str]:

@@ -1,26 +1,65 @@
-"""Server configuration: one dataclass, filled from the CLI (`teacher-service serve`)."""
+"""Server configuration: dataclasses that `teacher-service serve` fills from its flags.
+
+Each field is declared once, with `option(default, help, ...)`: teacher_service/flags.py
+generates its flag from it (name, type, default, help, choices), so that the help, the
+default and the checks below cannot drift apart. A ValueError from `__post_init__` starts
+with the field's name (or names the flags of a rule over several), so the CLI can name the
+flag in its error.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("float32", "float16", "bfloat16")
+BACKENDS = ("huggingface", "openai", "tgi")
+MIB = 1024 * 1024
+
+
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A field with its one description; `cli` says how its flag differs from the default
+    rule (flags.py: flag, choices, to_cli, from_cli)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def _token_from_file(path: str | None) -> str:
+    """--auth-token-file's token, else $TEACHER_AUTH_TOKEN's (imported here: auth needs grpc)."""
+    from teacher_service.auth import read_token
+
+    return read_token(path)
 
 
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for. Larger requests get RESOURCE_EXHAUSTED, naming the limit."""
 
-    max_batch_tokens: int = 8192  # padded tokens in one forward pass (batch size x longest)
-    max_tokens_per_request: int = 65536
-    max_sequences_per_request: int = 1024
-    max_message_bytes: int = 256 * 1024 * 1024  # request and response messages
-    max_queued_tokens: int = 4 * 1024 * 1024  # a hard cap on queued tokens (429 beyond it)
-    # admission: the longest wait for a forward the queue may promise, in forwards of the
-    # batcher's budget at the measured rate (batcher.py): beyond it a request is refused at
-    # once with a retry hint (429). Relative, so that it holds from a 2M model on CPU cores
-    # (forwards of milliseconds) to a 70B one on GPUs (seconds): an admitted request waits
-    # about this many forwards plus its own
-    max_queue_forwards: float = 2.0
+    max_batch_tokens: int = option(8192, "padded tokens in one forward pass (rows x longest)")
+    max_tokens_per_request: int = option(
+        65536, "tokens one request may send, over all its sequences"
+    )
+    max_sequences_per_request: int = option(1024, "sequences one request may send")
+    max_message_bytes: int = option(
+        256 * MIB,
+        "largest request or response message, MiB",
+        flag="--max-message-mb",
+        to_cli=lambda size: size // MIB,
+        from_cli=lambda mib: mib * MIB,
+    )
+    max_queued_tokens: int = option(
+        4 * 1024 * 1024,
+        "a hard cap on the tokens waiting in the batcher, whatever the estimate says "
+        "(beyond it requests are refused like --max-queue-forwards)",
+    )
+    max_queue_forwards: float = option(
+        2.0,
+        "admission: a request is refused at once (RESOURCE_EXHAUSTED / HTTP 429, with a "
+        "retry-after hint) while the work ahead of it would take more than this many "
+        "forwards, at the model's measured speed; a forward holds the model's efficient "
+        "batch or 4 requests of the recent mean size (at most --max-batch-tokens); an "
+        "admitted request waits about this many forwards plus its own; inf: off",
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -39,62 +78,143 @@ class Limits:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model: str
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0 picks a free port
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    # a teacher larger than one GPU: accelerate places its layers across the node's devices
-    # (auto, balanced, sequential, or a JSON file of module -> device); "" off: `device`
-    device_map: str = ""
-    dtype: str = "float32"  # the model's weights: float32, float16, bfloat16
-    score_chunk_mb: int = 256  # float32 logits computed at once when scoring (memory bound)
-    share_prefixes: bool = True  # a prefix several sequences of a batch share runs once
-    pack: bool = True  # short unshared sequences share a row instead of padding
-    full_logits: bool = False  # score from model(...).logits over every position (the old path)
-    max_wait_ms: float = 20.0  # the longest the oldest queued sequence waits for company
-    # the model worker thread's nice value above the process's (Linux): the front door's
-    # threads preempt a running forward, so calls are read and refused on time under load
-    # (batcher.ModelWorker). Threads of other processes in the same cgroup compete with it
-    # at that weight too: 0 when the service shares its cores with a trainer that must not
-    # outrank it
-    worker_nice: int = 10
-    # time forwards of growing size before serving (capacity.warm_up), so that admission
-    # and forward sizing start from the model's measured speed. Off: tests that gate the
-    # model's forwards
-    warm_up: bool = True
-    # `serve` freezes what start-up built out of garbage collection: a full collection of
-    # it stops every thread for 100-250 ms on 2 CPU cores (heap.py). Off: to measure that
-    freeze_heap: bool = True
+    """How `teacher-service serve` runs: the model, its front ends and their limits."""
+
+    model: str = field(
+        metadata={
+            "help": "local model directory (config.json, weights, tokenizer); with --backend "
+            "openai / tgi, the upstream model's tokenizer directory"
+        }
+    )
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 for all)")
+    port: int = option(50051, "gRPC port (0 picks a free port)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    device_map: str = option(
+        "",
+        "a teacher larger than one GPU: accelerate places its layers across the node's "
+        "GPUs (auto, balanced, sequential) or as a JSON file of module name -> device says "
+        "(a GPU index, cuda:N, cpu, disk); one GPU computes at a time. Not with --device",
+    )
+    dtype: str = option("float32", "the model's weights", choices=DTYPES)
+    score_chunk_mb: int = option(
+        256,
+        "MiB of float32 logits computed at once: the output layer runs on the scored rows "
+        "only, this many at a time (peak memory is a few times this)",
+    )
+    share_prefixes: bool = option(
+        True, "a prefix several sequences of a batch share runs once (off: every sequence whole)"
+    )
+    pack: bool = option(
+        True,
+        "short unshared sequences share a row instead of being padded to the batch's longest",
+        flag="--packing",
+    )
+    full_logits: bool = option(
+        False,
+        "apply the output layer to every position, model(...).logits (slower; for "
+        "comparison: the default scores only the asked rows)",
+    )
+    max_wait_ms: float = option(
+        20.0, "the longest the oldest queued sequence waits for others to batch with"
+    )
+    worker_nice: int = option(
+        10,
+        "run the model worker thread this much nicer than the rest of the process (Linux, "
+        "0-19), so the front door's threads preempt a running forward and answer or refuse "
+        "calls on time under load; threads of other processes in the same cgroup compete "
+        "with it at that weight too: 0 when the service shares its cores with a process "
+        "(a trainer) that must not outrank it",
+    )
+    warm_up: bool = option(
+        True,
+        "before serving, time forwards of growing size (up to --max-batch-tokens), so that "
+        "admission and forward sizing start from the model's real speed (off: for tests "
+        "that gate the model's forwards)",
+    )
+    freeze_heap: bool = option(
+        True,
+        "freeze what start-up built out of the garbage collector's full passes (each pass "
+        "over it stops every thread for 100-250 ms on 2 CPU cores; off: to measure that)",
+    )
     limits: Limits = Limits()
-    grace_seconds: float = 5.0  # in-flight requests finish on shutdown for this long
-    # close each gRPC connection after this long (GOAWAY; in-flight calls get grace_seconds),
-    # so clients reconnect and re-resolve dns:/// names: replicas added later get traffic.
-    # 0: connections live for ever
-    max_connection_age_s: float = 0.0
-    grpc: bool = True  # serve the gRPC front end on `port`
-    # gRPC calls in progress at once; past it a call gets RESOURCE_EXHAUSTED at once, before
-    # any handler runs (grpc_api.start_grpc). A stream is one call for its whole life: a
-    # ScoreStream, a pooled client's health Watch (one per replica it talks to)
-    grpc_max_concurrent_rpcs: int = 1024
-    backend: str = "huggingface"  # or "openai" / "tgi": front an upstream server
-    upstream: str = ""  # the upstream's URL for a remote backend
-    http_port: int | None = None  # serve the HTTP front end there (None: off; 0: a free port)
-    # HTTP connection hygiene (web/server.py): a request's line and headers must arrive
-    # within this long, its body within the next; past them the client gets 408 and is
-    # closed, so slow clients cannot hold connections. Past the connection cap a request
-    # gets 503 and its connection is closed.
-    http_header_timeout_s: float = 10.0
-    http_body_timeout_s: float = 60.0
-    http_max_connections: int = 1024
-    auth_token: str = field(default="", repr=False)  # require it as a bearer token ("" off)
-    tls_cert: str = ""  # PEM certificate chain: serve TLS on both front ends ("" off)
-    tls_key: str = ""  # its private key
-    tls_client_ca: str = ""  # require client certificates signed by this CA (mutual TLS)
-    # verl's GKD teacher protocol over ZeroMQ (zmq_api.py) on this port (0: off). It has no
-    # auth and no TLS, so it listens on loopback unless zmq_host says otherwise
-    zmq_port: int = 0
-    zmq_host: str = "127.0.0.1"
-    zmq_top_k: int = 256  # top-k when a request names none (verl's teacher: --n-logprobs 256)
+    grace_seconds: float = option(
+        5.0,
+        "on SIGTERM, time in-flight requests get to finish (new ones are refused at once); "
+        "then what is left is answered UNAVAILABLE / 503 and the process exits within about "
+        "a second",
+    )
+    max_connection_age_s: float = option(
+        0.0,
+        "close each gRPC connection after this long (GOAWAY), so that clients of a dns:/// "
+        "pool re-resolve and spread onto replicas added since (in-flight calls get "
+        "--grace-seconds); 0 = never",
+    )
+    grpc: bool = option(True, "serve the gRPC front end on --port")
+    grpc_max_concurrent_rpcs: int = option(
+        1024,
+        "gRPC: calls in progress at once (a stream counts as one for its whole life, "
+        "health checks and a pooled client's health Watch too); a call past the cap gets "
+        "RESOURCE_EXHAUSTED at once, before any handler runs",
+    )
+    backend: str = option(
+        "huggingface",
+        "huggingface: the model in --model; openai / tgi: front the --upstream server "
+        "(a vLLM/SGLang or TGI endpoint; --model is then its tokenizer's directory)",
+        choices=BACKENDS,
+    )
+    upstream: str = option(
+        "", "the upstream server's URL for --backend openai / tgi, e.g. http://vllm:8000"
+    )
+    http_port: int | None = option(
+        None,
+        "also serve HTTP here (native API, vLLM/OpenAI and TGI dialects, /metrics); "
+        "None: off; 0: a free port",
+    )
+    http_header_timeout_s: float = option(
+        10.0,
+        "HTTP: a request line and headers must arrive within this long of the connection "
+        "opening (or the request's first byte), else 408 and the connection is closed",
+    )
+    http_body_timeout_s: float = option(
+        60.0,
+        "HTTP: a request body must arrive within this long of its headers, else 408 and "
+        "the connection is closed",
+    )
+    http_max_connections: int = option(
+        1024,
+        "HTTP: open connections served at once; a request on one past the cap gets 503 "
+        "and its connection is closed",
+    )
+    auth_token: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "help": "require this file's token as 'Authorization: Bearer <token>' on every "
+            "front end but ZeroMQ (health checks stay open); None: $TEACHER_AUTH_TOKEN if "
+            "set, else no auth",
+            "flag": "--auth-token-file",
+            "to_cli": lambda token: None,
+            "from_cli": _token_from_file,
+        },
+    )
+    tls_cert: str = option("", "PEM certificate chain: serve TLS on both front ends")
+    tls_key: str = option("", "the certificate's PEM private key")
+    tls_client_ca: str = option("", "mutual TLS: require client certificates signed by this CA")
+    zmq_port: int = option(
+        0,
+        "also serve verl's GKD teacher protocol (ZeroMQ ROUTER, torch.save payloads) here; "
+        "0 = off. No auth, no TLS: it listens on --zmq-host",
+    )
+    zmq_host: str = option(
+        "127.0.0.1",
+        "address the ZeroMQ front end listens on (loopback by default, whatever --host "
+        "says; must stay loopback when auth or TLS is on)",
+    )
+    zmq_top_k: int = option(
+        256,
+        "top-k log-probs per row for verl requests that name none (verl's teacher server: "
+        "--n-logprobs 256); at most the vocabulary",
+    )
 
     def __post_init__(self) -> None:
         if self.max_connection_age_s < 0:
@@ -103,8 +223,8 @@ class ServerConfig:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if not 0 <= self.worker_nice <= 19:  # a negative nice needs privileges
             raise ValueError(f"worker_nice must be in [0, 19], got {self.worker_nice}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.score_chunk_mb < 1:
             raise ValueError(f"score_chunk_mb must be >= 1, got {self.score_chunk_mb}")
         if not 0 <= self.port <= 65535:
@@ -127,8 +247,8 @@ class ServerConfig:
             )
         if self.device_map and self.backend != "huggingface":
             raise ValueError("--device-map places a local model: not with --backend openai or tgi")
-        if self.backend not in ("huggingface", "openai", "tgi"):
-            raise ValueError(f"backend must be huggingface, openai or tgi, got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if (self.backend != "huggingface") != bool(self.upstream):
             raise ValueError("--upstream URL goes with --backend openai or tgi (and only them)")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -259,7 +259,7 @@ def test_teacher_command_is_one_teacher_service_accepts(name):
     ports = {p["name"]: p["containerPort"] for p in teacher["ports"]}
     assert args.host == "0.0.0.0"  # the kubelet and the clients come in on the pod IP
     assert args.port == ports["grpc"] and args.http_port == ports["http"]
-    assert not args.no_grpc and args.backend == "huggingface"
+    assert args.grpc and args.backend == "huggingface"
     # the values survive ServerConfig's own checks (dtype, ports, ...)
     ServerConfig(
         model=args.model,

@@ -15,10 +15,19 @@ from student_trainer import paper_table
 from student_trainer.paper_table import TABLE_TASKS, init_worker, run_grid
 from student_trainer.report import write_report
 
+MODULE = "python -m student_trainer.paper_table"
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="paper-table", description=paper_table.__doc__)
-    parser.add_argument("--task", action="append", choices=TABLE_TASKS, help="default: all")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The grid's options (`make paper-table` runs it with --jobs 2)."""
+    parser = argparse.ArgumentParser(
+        prog=MODULE,
+        description=paper_table.__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--task", action="append", choices=TABLE_TASKS, help="the tasks to run; None: all"
+    )
     parser.add_argument(
         "--only",
         action="append",
@@ -28,16 +37,23 @@ def main(argv: list[str] | None = None) -> None:
         "(repeatable); the report uses all",
     )
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
-    parser.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
-    parser.add_argument("--report-only", action="store_true", help="rebuild the report only")
-    args = parser.parse_args(argv)
+    parser.add_argument("--threads", type=int, help="torch threads per run; None: cores / jobs")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rebuild the report from the runs' results"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
     started = time.perf_counter()
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     init_worker(threads)  # the parent scores the references
     if not args.report_only:
         run_grid(args.task or list(TABLE_TASKS), set(args.only), args.jobs, threads)
     elapsed = None if args.report_only else time.perf_counter() - started
-    write_report(" ".join(["make paper-table", *sys.argv[1:]]), elapsed)
+    write_report(" ".join([MODULE, *argv]), elapsed)  # as run: a command that works
 
 
 if __name__ == "__main__":
