@@ -407,7 +407,8 @@ def test_trainer_config_loads_and_points_at_the_headless_service(name, tmp_path)
     namespace = service["metadata"]["namespace"]
     name_ = service["metadata"]["name"]
     assert config.teacher.address == f"dns:///{name_}.{namespace}.svc.cluster.local:{port}"
-    assert find(docs, "ConfigMap")["metadata"]["namespace"] == namespace
+    configmap = find(docs, "ConfigMap", "student-trainer-config")
+    assert configmap["metadata"]["namespace"] == namespace
 
     # the files the config names are where the pod mounts them
     _, config_volume = mount_for(pod, trainer, args.config)
