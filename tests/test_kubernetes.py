@@ -452,6 +452,18 @@ def test_trainer_job_runs_torchrun_student_trainer_train_and_resumes(name, tmp_p
     }
 
 
+@pytest.mark.parametrize("name", sorted(RENDERS))
+def test_trainer_serves_its_metrics_where_the_pod_says(name, tmp_path):
+    docs, _, trainer, _, args = trainer_job(name)
+    config = effective_config(docs, args, tmp_path)
+    (port,) = [p["containerPort"] for p in trainer["ports"] if p["name"] == "metrics"]
+    assert config.run.metrics_port == port and config.run.metrics_host == "0.0.0.0"
+    annotations = find(docs, "Job", "student-trainer")["spec"]["template"]["metadata"]
+    annotations = annotations["annotations"]
+    assert annotations["prometheus.io/port"] == str(port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
 # -- the overlays --------------------------------------------------------------------------
 def test_gpu_overlay_renders_gpus_cuda_and_bfloat16(tmp_path):
     docs = render("gpu")
