@@ -30,4 +30,6 @@ WORKDIR /app
 COPY configs configs
 USER 10001:10001
 VOLUME ["/models", "/runs"]
-CMD ["student-trainer", "train", "--config", "/app/configs/compose.yaml", "--resume", "auto"]
+# its metrics for Prometheus on 9400 (GET /metrics; docker/prometheus.yml scrapes it)
+EXPOSE 9400
+CMD ["student-trainer", "train", "--config", "/app/configs/compose.yaml", "--resume", "auto", "--metrics-port", "9400"]

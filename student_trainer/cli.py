@@ -25,7 +25,10 @@ step that was written, and the --resume that continues from it)."""
 
 
 def _config(args: argparse.Namespace):
-    return load_config(args.config, args.set or [])
+    overrides = list(args.set or [])
+    if getattr(args, "metrics_port", None) is not None:  # train's shorthand, applied last
+        overrides.append(f"run.metrics_port={args.metrics_port}")
+    return load_config(args.config, overrides)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -130,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="auto|CHECKPOINT",
         help="continue from a checkpoint dir, or 'auto': the latest in run.out_dir",
+    )
+    train.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve the run's metrics for Prometheus on this port (GET /metrics, on "
+        "run.metrics_host, 127.0.0.1 unless set): --set run.metrics_port=PORT",
     )
     train.set_defaults(run=_train)
     evaluate = with_config("eval", "evaluate the student: task metric and divergence to teacher")

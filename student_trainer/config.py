@@ -141,6 +141,10 @@ class RunConfig:
     save_every: int = 50  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     progress: bool = True
+    # serve the run's numbers for Prometheus at http://metrics_host:metrics_port/metrics
+    # (rank 0; prometheus_export.py); 0 = off. 0.0.0.0 in a container, for its scraper
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -282,6 +286,9 @@ def validate(config: TrainConfig) -> None:
     _validate_task_files(config.task)
     _require(config.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
     _require(config.run.eval_size >= 0, "run.eval_size", "must be >= 0")
+    port = config.run.metrics_port
+    _require(0 <= port <= 65535, "run.metrics_port", f"{port} is not a TCP port (0: off)")
+    _require(bool(config.run.metrics_host), "run.metrics_host", "must name an address")
     _require(
         config.student.dtype in ("float32", "bfloat16", "float16"),
         "student.dtype",

@@ -1,4 +1,5 @@
-"""Where a run's numbers go: metrics.jsonl, and TensorBoard when it is installed."""
+"""Where a run's numbers go: metrics.jsonl, TensorBoard when it is installed, and
+Prometheus when run.metrics_port asks for it (prometheus_export.py)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from student_trainer.prometheus_export import PrometheusExport
+
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per step or evaluation), plus TensorBoard if installed."""
+    """metrics.jsonl (one JSON object per step or evaluation), plus TensorBoard if installed,
+    plus `prometheus` if given (the log closes it)."""
 
-    def __init__(self, out_dir: Path, resumed_step: int) -> None:
+    def __init__(
+        self, out_dir: Path, resumed_step: int, prometheus: PrometheusExport | None = None
+    ) -> None:
         """`resumed_step` 0 starts the log afresh; N keeps what was logged up to step N."""
+        self.prometheus = prometheus
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
         if self.path.exists():  # drop what a crashed run logged past its last checkpoint
@@ -37,8 +44,12 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(key, value, record["step"])
+        if self.prometheus is not None:
+            self.prometheus.write(record)
 
     def close(self) -> None:
         self.handle.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.prometheus is not None:
+            self.prometheus.close()

@@ -51,6 +51,7 @@ from student_trainer.objective import (
     reward_loss,
     token_logprobs,
 )
+from student_trainer.prometheus_export import PrometheusExport
 from student_trainer.rollout_queue import Rollout, RolloutQueue
 from student_trainer.run_state import RunState
 from student_trainer.student import Student, load_student
@@ -346,9 +347,7 @@ def train(
     """
     trainer = Trainer(config, resume=resume, teacher=teacher)
     run, total, main = config.run, config.optim.steps, trainer.world.is_main
-    metrics = MetricsLog(trainer.out_dir, trainer.step) if main else None
-    if main:
-        (trainer.out_dir / "config.yaml").write_text(json.dumps(to_dict(config), indent=2))
+    metrics: MetricsLog | None = None
     result = TrainResult(trainer.out_dir, trainer.step)
     last = total if stop_after is None else min(total, stop_after)
 
@@ -361,6 +360,9 @@ def train(
                 bar.write(_describe(evaluation))
 
     try:
+        if main:
+            metrics = _metrics_log(config, trainer)
+            (trainer.out_dir / "config.yaml").write_text(json.dumps(to_dict(config), indent=2))
         bar = tqdm(
             total=total,
             initial=trainer.step,
@@ -400,6 +402,13 @@ def train(
             metrics.close()
         trainer.close()
     return result
+
+
+def _metrics_log(config: TrainConfig, trainer: Trainer) -> MetricsLog:
+    """Rank 0's log: metrics.jsonl, TensorBoard, and Prometheus when run.metrics_port is set."""
+    run = config.run
+    prometheus = PrometheusExport(run.metrics_host, run.metrics_port) if run.metrics_port else None
+    return MetricsLog(trainer.out_dir, trainer.step, prometheus)
 
 
 def _prefixed(values: dict[str, float]) -> dict[str, float]:

@@ -65,6 +65,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Generic, Protocol, TypeVar
 
 from teacher_client.retry import BACKPRESSURE_JITTER
@@ -162,6 +163,14 @@ class ModelWorker:
         return self._idle.wait(timeout)
 
 
+class DropReason(Enum):
+    """Why sequences left the queue without a forward: a BatcherStats field and the
+    teacher_sequences_dropped label (metrics.py creates a series for each)."""
+
+    CANCELLED = "cancelled"  # the caller left
+    EXPIRED = "expired"  # the deadline passed, or would have before the forward ended
+
+
 @dataclass
 class BatcherStats:
     batches: int = 0
@@ -233,7 +242,7 @@ class BatchObserver(Protocol):
         self, sizes: list[int], queue_waits: list[float], forward_seconds: float, wasted: int
     ) -> None: ...
 
-    def observe_dropped(self, reason: str, count: int) -> None: ...
+    def observe_dropped(self, reason: DropReason, count: int) -> None: ...
 
     def observe_held(self) -> None: ...
 
@@ -356,7 +365,7 @@ class DynamicBatcher(Generic[Item, Result]):
             raise BatcherClosed("the service is shutting down")
         loop = asyncio.get_running_loop()
         if deadline is not None and deadline <= loop.time():
-            self._dropped("expired", len(items))
+            self._dropped(DropReason.EXPIRED, len(items))
             raise DeadlineExceeded("the caller's deadline passed before the request was queued")
         booking = None if caller is None else self._claim(*caller, deadline, loop.time())
         if booking is not None:
@@ -393,7 +402,7 @@ class DynamicBatcher(Generic[Item, Result]):
             expired = isinstance(error, (asyncio.TimeoutError, DeadlineExceeded)) or (
                 deadline is not None and loop.time() >= deadline
             )
-            self._drop_gone("expired" if expired else "cancelled")
+            self._drop_gone(DropReason.EXPIRED if expired else DropReason.CANCELLED)
             if isinstance(error, asyncio.TimeoutError):
                 raise DeadlineExceeded(
                     "the caller's deadline passed before its sequences were scored"
@@ -544,13 +553,13 @@ class DynamicBatcher(Generic[Item, Result]):
             return True
         return now >= self._run_at()
 
-    def _dropped(self, reason: str, count: int) -> None:
+    def _dropped(self, reason: DropReason, count: int) -> None:
         if count:
-            setattr(self.stats, reason, getattr(self.stats, reason) + count)
+            setattr(self.stats, reason.value, getattr(self.stats, reason.value) + count)
             if self._observer is not None:
                 self._observer.observe_dropped(reason, count)
 
-    def _drop_gone(self, reason: str = "cancelled") -> None:
+    def _drop_gone(self, reason: DropReason = DropReason.CANCELLED) -> None:
         """Take sequences whose caller left (their future is done) out of the queue."""
         kept = [p for p in self._queue if not p.future.done()]
         self._dropped(reason, len(self._queue) - len(kept))
@@ -568,7 +577,7 @@ class DynamicBatcher(Generic[Item, Result]):
                 pending.future.set_exception(
                     DeadlineExceeded("the caller's deadline would pass before its forward ended")
                 )
-        self._dropped("expired", len(batch) - len(kept))
+        self._dropped(DropReason.EXPIRED, len(batch) - len(kept))
         return kept
 
     async def _loop(self) -> None:

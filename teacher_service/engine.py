@@ -17,7 +17,13 @@ import torch
 
 from teacher_client import TeacherInfo
 from teacher_service.backend_api import Backend, Capability, ScoreItem, describe
-from teacher_service.batcher import BatcherClosed, DeadlineExceeded, DynamicBatcher, ModelWorker
+from teacher_service.batcher import (
+    BatcherClosed,
+    DeadlineExceeded,
+    DropReason,
+    DynamicBatcher,
+    ModelWorker,
+)
 from teacher_service.capacity import warm_up
 from teacher_service.config import ServerConfig
 from teacher_service.deadlines import caller_deadline, caller_peer
@@ -221,7 +227,8 @@ class Engine:
             if timed_out or isinstance(error, asyncio.CancelledError):
                 expired = timed_out or (deadline is not None and loop.time() >= deadline)
                 if unstarted:
-                    self.metrics.observe_dropped("expired" if expired else "cancelled", unstarted)
+                    reason = DropReason.EXPIRED if expired else DropReason.CANCELLED
+                    self.metrics.observe_dropped(reason, unstarted)
             if timed_out:
                 raise DeadlineExceeded(
                     f"the caller's deadline passed after {len(completions)} of {len(prompts)} "

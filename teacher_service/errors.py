@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
+from http import HTTPStatus
 
 import grpc
 import torch
@@ -71,6 +72,16 @@ STATUS: dict[ErrorKind, Status] = {
     ),
     ErrorKind.INTERNAL: Status(grpc.StatusCode.INTERNAL, 500, "anything unexpected (a bug)"),
 }
+
+# every status label a failed request's metrics can carry (metrics.FrontEndLabels): the
+# table's, plus gRPC's CANCELLED for a caller that left (grpc_api.py) and HTTP's 401 for a
+# missing or wrong bearer token (web/app.py)
+GRPC_FAILURE_CODES = tuple(
+    sorted({s.grpc.name for s in STATUS.values()} | {grpc.StatusCode.CANCELLED.name})
+)
+HTTP_FAILURE_CODES = tuple(
+    sorted({str(s.http) for s in STATUS.values()} | {str(HTTPStatus.UNAUTHORIZED.value)})
+)
 
 # the caller can fix these by changing the request; the others are the service's trouble
 CALLER_KINDS = frozenset(

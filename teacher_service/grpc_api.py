@@ -32,6 +32,7 @@ from teacher_service.config import ServerConfig
 from teacher_service.deadlines import set_peer, set_timeout
 from teacher_service.engine import Engine
 from teacher_service.errors import (
+    GRPC_FAILURE_CODES,
     ErrorKind,
     PeerWarnings,
     RequestError,
@@ -39,6 +40,7 @@ from teacher_service.errors import (
     classify,
     report,
 )
+from teacher_service.metrics import FrontEndLabels
 from teacher_service.requests import (
     GenerateRequest,
     Prompt,
@@ -49,6 +51,12 @@ from teacher_service.sampling import Completion
 from teacher_service.scoring import SequenceScores
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
+METRIC_LABELS = FrontEndLabels(
+    "grpc",
+    tuple(m.name for m in pb.DESCRIPTOR.services_by_name["Teacher"].methods),
+    grpc.StatusCode.OK.name,
+    GRPC_FAILURE_CODES,
+)
 MAX_IN_FLIGHT_PER_STREAM = 64  # ScoreStream requests being worked on at once, per stream
 
 
@@ -140,14 +148,14 @@ class TeacherServicer(pb_grpc.TeacherServicer):
 
     @contextlib.asynccontextmanager
     async def _observed(self, method: str) -> AsyncIterator[None]:
-        started, status = time.perf_counter(), "OK"
+        started, status = time.perf_counter(), grpc.StatusCode.OK.name
         try:
             yield
         except Exception as error:
             status = classify(error).status.grpc.name
             raise
         except BaseException:
-            status = "CANCELLED"
+            status = grpc.StatusCode.CANCELLED.name
             raise
         finally:
             self._engine.metrics.observe_request(
@@ -371,6 +379,7 @@ async def start_grpc(
         maximum_concurrent_rpcs=config.grpc_max_concurrent_rpcs,
     )
     pb_grpc.add_TeacherServicer_to_server(TeacherServicer(engine), server)
+    engine.metrics.expect_requests(METRIC_LABELS)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

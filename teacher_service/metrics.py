@@ -1,20 +1,38 @@
 """Prometheus metrics of one service instance (served at GET /metrics).
 
 Each ServiceMetrics has its own registry, so several services in one process (tests,
-benchmarks) never share counters.
+benchmarks) never share counters. Every labelled counter has a series at 0 for each label
+value the code can report, from the start (the front ends declare theirs: FrontEndLabels):
+`rate()` of a counter that never moved is 0 on a dashboard, not "no data".
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from teacher_service.batcher import DropReason
+from teacher_service.heap import GENERATIONS
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 FRACTION_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+SUCCESS_STATUSES = ("OK", "200")  # gRPC's and HTTP's; any other status is an error
+
+
+@dataclass(frozen=True)
+class FrontEndLabels:
+    """What one front end reports to the request counters: its methods, each answered with
+    `success` or one of `failures`."""
+
+    frontend: str
+    methods: tuple[str, ...]
+    success: str
+    failures: tuple[str, ...]
 
 
 class Queue(Protocol):
@@ -149,6 +167,18 @@ class ServiceMetrics:
             "Objects that start-up left, kept out of every garbage collection (heap.freeze)",
             registry=r,
         )
+        for reason in DropReason:
+            self.dropped.labels(reason.value)
+        for generation in GENERATIONS:
+            self.gc_pause.labels(generation)
+
+    def expect_requests(self, labels: FrontEndLabels) -> None:
+        """Create the front end's request and error series at 0 (called as it starts)."""
+        for method in labels.methods:
+            self.requests.labels(labels.frontend, method, labels.success)
+            for status in labels.failures:
+                self.requests.labels(labels.frontend, method, status)
+                self.errors.labels(labels.frontend, method, status)
 
     def track_queue(self, queue: Queue) -> None:
         self.queue_depth.set_function(lambda: queue.pending)
@@ -156,8 +186,8 @@ class ServiceMetrics:
         self.forward_budget.set_function(queue.forward_budget)
         self.queue_wait_budget.set_function(lambda: _or_inf(queue.queue_budget()))
 
-    def observe_dropped(self, reason: str, count: int) -> None:
-        self.dropped.labels(reason).inc(count)
+    def observe_dropped(self, reason: DropReason, count: int) -> None:
+        self.dropped.labels(reason.value).inc(count)
 
     def observe_held(self) -> None:
         self.held.inc()
@@ -186,7 +216,7 @@ class ServiceMetrics:
     def observe_request(self, frontend: str, method: str, status: str, seconds: float) -> None:
         self.requests.labels(frontend, method, status).inc()
         self.request_seconds.labels(frontend, method, status).observe(seconds)
-        if status not in ("OK", "200"):
+        if status not in SUCCESS_STATUSES:
             self.errors.labels(frontend, method, status).inc()
 
     def render(self) -> bytes:

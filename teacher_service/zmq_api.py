@@ -74,7 +74,15 @@ import zmq.asyncio
 from teacher_service import validation
 from teacher_service.deadlines import set_peer
 from teacher_service.engine import Engine
-from teacher_service.errors import ErrorKind, Failure, PeerWarnings, RequestError, report
+from teacher_service.errors import (
+    GRPC_FAILURE_CODES,
+    ErrorKind,
+    Failure,
+    PeerWarnings,
+    RequestError,
+    report,
+)
+from teacher_service.metrics import FrontEndLabels
 from teacher_service.requests import GenerateRequest, Names, Prompt, ScoreRequest, Sequence
 
 log = logging.getLogger(__name__)
@@ -88,6 +96,8 @@ NAMES = Names(
     candidate_ids="",
     max_new_tokens="max_tokens",
 )
+# a reply's status label: gRPC's names (the error table's), one method
+METRIC_LABELS = FrontEndLabels("zmq", ("GKD",), "OK", GRPC_FAILURE_CODES)
 SEND_LINGER_MS = 1000  # on close, queued replies get this long to leave
 
 
@@ -353,6 +363,7 @@ class ZmqServer:
             socket.close(linger=0)
             context.term()
             raise OSError(f"cannot listen on {address} for ZeroMQ: {error}") from None
+        engine.metrics.expect_requests(METRIC_LABELS)
         return cls(engine, socket, context, int(bound.rsplit(":", 1)[1]))
 
     async def _receive(self) -> None:
@@ -371,7 +382,7 @@ class ZmqServer:
 
     async def _serve(self, frames: list[bytes], previous: asyncio.Task | None) -> None:
         envelope, body = split_envelope(frames)
-        started, status = time.perf_counter(), "OK"
+        started, status = time.perf_counter(), METRIC_LABELS.success
         try:
             if len(body) != 1:
                 raise MalformedRequest(
@@ -389,11 +400,12 @@ class ZmqServer:
                 self._warnings.warn("zmq", failure.message)
             message = encode(error_reply(failure))
         except asyncio.CancelledError:  # shut down past the grace: still answer
-            status = "UNAVAILABLE"
             failure = Failure(ErrorKind.SHUTTING_DOWN, "the service is shutting down", None)
+            status = failure.status.grpc.name
             message = encode(error_reply(failure))
         finally:
-            self.engine.metrics.observe_request("zmq", "GKD", status, time.perf_counter() - started)
+            labels, seconds = METRIC_LABELS, time.perf_counter() - started
+            self.engine.metrics.observe_request(labels.frontend, labels.methods[0], status, seconds)
         if previous is not None:  # the peer's earlier request is answered first
             await asyncio.wait([previous])
         async with self._send_lock:

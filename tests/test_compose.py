@@ -380,7 +380,9 @@ def test_prometheus_scrapes_the_teachers_http_port_with_its_token():
     assert prometheus["profiles"] == ["metrics"]
     mounted = {v.split(":")[1]: REPO / v.split(":")[0] for v in prometheus["volumes"]}
     scrape = yaml.safe_load(mounted["/etc/prometheus/prometheus.yml"].read_text())
-    (job,) = scrape["scrape_configs"]
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    assert set(jobs) == {"teacher", "trainer"}
+    job = jobs["teacher"]
     assert job["static_configs"][0]["targets"] == [
         f"teacher:{flag(teacher['command'], '--http-port')}"
     ]
@@ -392,6 +394,19 @@ def test_prometheus_scrapes_the_teachers_http_port_with_its_token():
     assert with_token["configs"][config["source"]] == {"content": "secret"}
     # Compose leaves an empty `content` out, and then no file would be mounted at all
     assert load_compose(COMPOSE, env={})["configs"][config["source"]]["content"]
+
+
+def test_prometheus_scrapes_the_trainers_metrics_port():
+    compose = load_compose(COMPOSE)
+    trainer = compose["services"]["trainer"]
+    port = flag(trainer["command"], "--metrics-port")
+    assert container_ports(trainer) == {port}
+    scrape = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    (job,) = [job for job in scrape["scrape_configs"] if job["job_name"] == "trainer"]
+    assert job["static_configs"][0]["targets"] == [f"trainer:{port}"]
+    # it listens beyond the container's loopback, where Prometheus's container reaches it
+    settings = yaml.safe_load((REPO / "configs" / "compose.yaml").read_text())
+    assert settings["run"]["metrics_host"] == "0.0.0.0"
 
 
 @pytest.mark.parametrize(
@@ -450,6 +465,7 @@ def test_the_compose_trainer_runs_the_demo_with_container_paths():
         ("teacher", "address"),
         ("run", "out_dir"),
         ("run", "progress"),
+        ("run", "metrics_host"),
     }
     differ = {
         (section, key)

@@ -407,7 +407,8 @@ def test_trainer_config_loads_and_points_at_the_headless_service(name, tmp_path)
     namespace = service["metadata"]["namespace"]
     name_ = service["metadata"]["name"]
     assert config.teacher.address == f"dns:///{name_}.{namespace}.svc.cluster.local:{port}"
-    assert find(docs, "ConfigMap")["metadata"]["namespace"] == namespace
+    configmap = find(docs, "ConfigMap", "student-trainer-config")
+    assert configmap["metadata"]["namespace"] == namespace
 
     # the files the config names are where the pod mounts them
     _, config_volume = mount_for(pod, trainer, args.config)
@@ -449,6 +450,18 @@ def test_trainer_job_runs_torchrun_student_trainer_train_and_resumes(name, tmp_p
         "key": "token",
         "optional": True,
     }
+
+
+@pytest.mark.parametrize("name", sorted(RENDERS))
+def test_trainer_serves_its_metrics_where_the_pod_says(name, tmp_path):
+    docs, _, trainer, _, args = trainer_job(name)
+    config = effective_config(docs, args, tmp_path)
+    (port,) = [p["containerPort"] for p in trainer["ports"] if p["name"] == "metrics"]
+    assert config.run.metrics_port == port and config.run.metrics_host == "0.0.0.0"
+    annotations = find(docs, "Job", "student-trainer")["spec"]["template"]["metadata"]
+    annotations = annotations["annotations"]
+    assert annotations["prometheus.io/port"] == str(port)
+    assert annotations["prometheus.io/path"] == "/metrics"
 
 
 # -- the overlays --------------------------------------------------------------------------
