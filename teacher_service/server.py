@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import NoReturn
 
 import grpc
@@ -29,10 +28,8 @@ from teacher_service.backend import HFBackend
 from teacher_service.backend_api import Backend
 from teacher_service.config import ServerConfig
 from teacher_service.engine import Engine
-from teacher_service.errors import HTTP_FAILURE_CODES
 from teacher_service.grpc_api import SERVICE_NAME, start_grpc
 from teacher_service.heap import CollectionTimer, freeze
-from teacher_service.metrics import FrontEndLabels
 from teacher_service.web.server import HttpServer
 from teacher_service.zmq_api import ZmqServer
 
@@ -113,7 +110,6 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
             http = await HttpServer.start(
                 engine, config.host, config.http_port, auth_token=config.auth_token, tls=tls
             )
-            engine.metrics.expect_requests(http_metric_labels(http.app))
         if config.zmq_port:
             zmq = await ZmqServer.start(engine, config.zmq_host, config.zmq_port)
     except BaseException:
@@ -134,14 +130,6 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
         ("mutual" if config.tls_client_ca else "on") if config.tls_cert else "off",
     )
     return RunningServer(engine, grpc_server, port, health, http, zmq)
-
-
-def http_metric_labels(app) -> FrontEndLabels:
-    """The HTTP front end's methods as its request metrics name them ("POST /v1/score", in
-    web/app.py's `observe`): every operation of the app's OpenAPI schema."""
-    paths = app.openapi()["paths"]
-    methods = tuple(f"{verb.upper()} {path}" for path, verbs in paths.items() for verb in verbs)
-    return FrontEndLabels("http", methods, str(HTTPStatus.OK.value), HTTP_FAILURE_CODES)
 
 
 def load_backend(config: ServerConfig) -> Backend:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from teacher_service.batcher import DropReason
 from teacher_service.metrics import LATENCY_BUCKETS, ServiceMetrics
 from teacher_service.web.dashboard_data import summarize
 
@@ -49,7 +50,7 @@ def observed() -> ServiceMetrics:
     metrics.observe_batch([30], [0.004], 0.07, wasted=0)
     metrics.observe_forward_tokens(computed=40, padding=10)
     metrics.observe_forward_tokens(computed=30, padding=0)
-    metrics.observe_dropped("expired", 4)
+    metrics.observe_dropped(DropReason.EXPIRED, 4)
     return metrics
 
 
@@ -69,7 +70,7 @@ def test_totals_gauges_and_means_equal_the_rendered_metrics():
     assert text[("teacher_queue_wait_budget_seconds", none)] == float("inf")
     assert got["batch_sequences"] == {"sum": 4, "count": 2}  # 3 sequences, then 1
     assert got["padding_fraction"] == {"sum": 0.25, "count": 2}  # 10/40, then 0/30
-    assert got["dropped"] == {"expired": 4}
+    assert got["dropped"] == {"expired": 4}  # "cancelled" is a series at 0: not drawn
 
 
 def test_errors_by_status_and_the_requests_table():

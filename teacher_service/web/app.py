@@ -9,6 +9,7 @@ deadline exceeded (the caller's `X-Request-Timeout`), 507 out of memory.
 from __future__ import annotations
 
 import time
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -17,6 +18,8 @@ from teacher_service import __version__
 from teacher_service.auth import HTTP_OPEN_PATHS, REFUSED, bearer_matches
 from teacher_service.deadlines import TIMEOUT_HEADER, set_peer, set_timeout_header
 from teacher_service.engine import Engine
+from teacher_service.errors import HTTP_FAILURE_CODES
+from teacher_service.metrics import FrontEndLabels
 from teacher_service.web import dashboard, native, openai, openai_chat, openai_errors, tgi
 
 
@@ -81,4 +84,13 @@ def create_app(engine: Engine, *, auth_token: str = "") -> FastAPI:
     app.add_exception_handler(404, openai_errors.unknown_route)
     app.include_router(tgi.router)
     app.include_router(dashboard.router)
+    engine.metrics.expect_requests(metric_labels(app))
     return app
+
+
+def metric_labels(app: FastAPI) -> FrontEndLabels:
+    """The front end's methods as `observe` names them ("POST /v1/score"): every operation
+    of the app's OpenAPI schema, so each starts at 0 in the request metrics."""
+    paths = app.openapi()["paths"]
+    methods = tuple(f"{verb.upper()} {path}" for path, verbs in paths.items() for verb in verbs)
+    return FrontEndLabels("http", methods, str(HTTPStatus.OK.value), HTTP_FAILURE_CODES)

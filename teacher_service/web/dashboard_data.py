@@ -13,8 +13,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-# metrics.ServiceMetrics.observe_request counts every other status as an error
-ANSWERED = ("OK", "200")
+from teacher_service.metrics import SUCCESS_STATUSES
+
 # the service's own pages and probes: fast, frequent, and not what the latency chart is for
 HOUSEKEEPING = frozenset(
     {
@@ -56,7 +56,7 @@ def _answered_latency(samples: Samples) -> dict[str, Any]:
     (the last, +Inf, bucket is `count`)."""
     buckets: dict[float, float] = defaultdict(float)
     for labels, value in samples.get("teacher_request_seconds_bucket", ()):
-        if labels["status"] in ANSWERED and labels["method"] not in HOUSEKEEPING:
+        if labels["status"] in SUCCESS_STATUSES and labels["method"] not in HOUSEKEEPING:
             buckets[float(labels["le"])] += value
     bounds = sorted(le for le in buckets if math.isfinite(le))
     return {
@@ -67,15 +67,19 @@ def _answered_latency(samples: Samples) -> dict[str, Any]:
 
 
 def _by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
+    """Totals by one label, leaving out values never counted: metrics.py creates a series
+    at 0 for every known label (for Prometheus' rate()); the page draws what happened."""
     totals: dict[str, float] = defaultdict(float)
     for labels, value in samples.get(name, ()):
         totals[labels[label]] += value
-    return dict(sorted(totals.items()))
+    return {key: total for key, total in sorted(totals.items()) if total}
 
 
 def _requests(samples: Samples) -> list[dict[str, Any]]:
     rows = [
-        {**labels, "count": value} for labels, value in samples.get("teacher_requests_total", ())
+        {**labels, "count": value}
+        for labels, value in samples.get("teacher_requests_total", ())
+        if value  # the known label sets start at 0: the table lists calls that came
     ]
     return sorted(rows, key=lambda row: (-row["count"], row["frontend"], row["method"]))
 
