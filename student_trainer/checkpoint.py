@@ -1,7 +1,8 @@
 """Checkpoints that resume exactly, written atomically.
 
 A checkpoint directory holds the student in save_pretrained form (loadable on its own
-with from_pretrained) plus `trainer_state.pt`: optimizer, scheduler, every random
+with from_pretrained; its generation config suppresses the padded output rows, see
+padded_rows.py) plus `trainer_state.pt`: optimizer, scheduler, every random
 stream, the step and the data position. It is assembled under a temporary name and
 renamed into place, so a run killed mid-write never leaves a half checkpoint behind.
 """
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from student_trainer.chat_template import save_tokenizer
+from student_trainer.padded_rows import mark_padded_rows
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -58,8 +62,10 @@ def save_checkpoint(
     final = root / f"step-{step:08d}"
     partial = root / f".partial-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
+    mark_padded_rows(model, tokenizer)
     model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    model.generation_config.save_pretrained(partial)  # LoRA: the adapters' save writes none
+    save_tokenizer(tokenizer, partial)
     torch.save(state, partial / STATE_FILE)
     if final.exists():  # the same step saved again (e.g. a resumed run's last step)
         shutil.rmtree(final)

@@ -66,7 +66,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from student_trainer.student import export_student
 
-    out = export_student(args.checkpoint, args.out_dir, args.dtype, args.base)
+    out = export_student(args.checkpoint, args.out_dir, args.dtype, args.base, args.trim_vocab)
     print(f"wrote {args.checkpoint} as a plain transformers model to {out}")
 
 
@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--base",
         help="a LoRA checkpoint's base model dir; None: the one the checkpoint names",
+    )
+    export.add_argument(
+        "--trim-vocab",
+        action="store_true",
+        help="cut the embeddings and output layer to the tokenizer's size, so no padded row "
+        "exists (default: off; the rows are kept and the generation config suppresses them)",
     )
     export.set_defaults(run=_export)
     pretrain = command(

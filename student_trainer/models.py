@@ -15,6 +15,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from student_trainer.chat_template import save_tokenizer
 from student_trainer.checkpoint import latest_checkpoint
 from student_trainer.config import ConfigError, load_config
 from student_trainer.tasks import TASKS
@@ -71,7 +72,7 @@ def build_tokenizer(task: str, out_dir: Path) -> PreTrainedTokenizerFast:
     make = TASKS[task].make_example
     corpus = [e.prompt + e.answer for e in (make(rng) for _ in range(TOKENIZER_CORPUS))]
     tokenizer = train_tokenizer(TOKENIZER_VOCAB[task], seed=0, corpus=corpus)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     return tokenizer
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from student_trainer.chat_template import save_tokenizer
 from student_trainer.config import DEFAULT_LOSS_CHUNK_ROWS, ConfigError, LoraConfig
 from student_trainer.lora import (
     adapter_base,
@@ -37,6 +38,7 @@ from student_trainer.lora import (
     is_adapter_dir,
     load_adapters,
 )
+from student_trainer.padded_rows import cut_padded_rows, mark_padded_rows
 from student_trainer.rollouts import Batch
 from student_trainer.rows import StudentRows
 from teacher_service.in_process import OutputLayer, eos_token_ids
@@ -172,15 +174,24 @@ def export_student(
     out_dir: str | Path,
     dtype: str = "float32",
     base: str | Path | None = None,
+    trim_vocab: bool = False,
 ) -> Path:
     """A checkpoint as a plain transformers model directory (model + tokenizer): LoRA
     adapters merged into the weights, so AutoModelForCausalLM loads it without peft and
-    computes the adapted model's logits; a whole-model checkpoint is written as it is."""
+    computes the adapted model's logits; a whole-model checkpoint is written as it is.
+
+    Its generation config suppresses the padded output rows; `trim_vocab` cuts them off
+    instead (embeddings and output layer to the tokenizer's size), for code that reads
+    no generation config."""
     student = load_student(checkpoint, dtype, torch.device("cpu"), base=base)
     model = student.model if student.adapters is None else student.adapters.merge_and_unload()
+    if trim_vocab:
+        cut_padded_rows(model, student.tokenizer)
+    else:
+        mark_padded_rows(model, student.tokenizer)
     out = Path(out_dir)
     model.save_pretrained(out)
-    student.tokenizer.save_pretrained(out)
+    save_tokenizer(student.tokenizer, out)
     return out
 
 

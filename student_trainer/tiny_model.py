@@ -4,7 +4,8 @@
 
 The tokenizer is a byte-level BPE trained with the `tokenizers` library on a synthetic
 corpus (so any text encodes); the model's embedding is padded past the tokenizer's
-vocabulary, as real checkpoints are, so the service's cutting of padded rows is exercised.
+vocabulary, as real checkpoints are, so the service's cutting of padded rows is exercised
+(its generation config suppresses them: padded_rows.py).
 Both are written with save_pretrained and load through the ordinary from_pretrained path.
 """
 
@@ -15,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from student_trainer.chat_template import CHAT_TEMPLATE
 
 if TYPE_CHECKING:  # imported where used: the CLI imports this module and must start fast
     from transformers import PreTrainedTokenizerFast
@@ -72,7 +75,7 @@ def train_tokenizer(
     vocab_size: int, seed: int, corpus: Iterable[str] | None = None
 ) -> PreTrainedTokenizerFast:
     """Byte-level BPE on `corpus` (default: the synthetic story sentences); encoding text
-    prepends <bos>, as Llama tokenizers do."""
+    prepends <bos>, as Llama tokenizers do; chat messages render with CHAT_TEMPLATE."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -91,7 +94,11 @@ def train_tokenizer(
         single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos_id)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+        tokenizer_object=tokenizer,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -108,6 +115,9 @@ def build_tiny_model(
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from student_trainer.chat_template import save_tokenizer
+    from student_trainer.padded_rows import mark_padded_rows
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,8 +142,9 @@ def build_tiny_model(
     )
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config)
+    mark_padded_rows(model, tokenizer)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     return out
 
 

@@ -10,8 +10,9 @@ their columns; other columns are ignored):
 
 - prompt-only: `prompt`, a string or a list of chat messages;
 - prompt/completion: `prompt` + `completion`, both strings or both message lists;
-- conversational: `messages`, a list of {"role", "content"} ending in the assistant's
-  reply (the completion); everything before it is the prompt.
+- conversational: `messages`, a list of {"role", "content"}: ending in the assistant's
+  reply, that reply is the completion and everything before it the prompt; ending in any
+  other turn (the user's), the whole list is a prompt, as TRL's conversational prompts are.
 
 Conversations are rendered with the student tokenizer's chat template, the prompt with
 add_generation_prompt=True; a completion is what the template adds after that prompt.
@@ -250,12 +251,8 @@ def to_examples(records: Records, format: str, tokenizer: Any) -> list[Example]:
 def _example(row: dict[str, Any], format: str, tokenizer: Any, where: str) -> Example:
     if format == "messages":
         messages = _messages(row["messages"], "messages", where)
-        if messages[-1]["role"] != "assistant":
-            raise DataError(
-                f'{where}: "messages": the last message is the {messages[-1]["role"]}\'s, '
-                "not the assistant's reply (a conversation without a reply is a prompt: put "
-                'it in a "prompt" column)'
-            )
+        if not _ends_in_reply(messages):
+            return _render(tokenizer, messages, None, where, "messages")
         if len(messages) == 1:
             raise DataError(f'{where}: "messages": only the assistant\'s reply, no prompt')
         return _render(tokenizer, messages[:-1], messages[-1:], where, "messages")
@@ -275,6 +272,20 @@ def _example(row: dict[str, Any], format: str, tokenizer: Any, where: str) -> Ex
             )
         completion = _text(completion, "completion", where, allow_empty=True)
     return Example(prompt, completion or "")
+
+
+def _ends_in_reply(messages: list[dict[str, Any]]) -> bool:
+    """Whether a conversation's last turn is the assistant's (its completion); else it is
+    a prompt, to be completed."""
+    return messages[-1]["role"] == "assistant"
+
+
+def has_completions(records: Records, format: str) -> bool:
+    """Whether every record carries a completion: a `messages` file with one conversation
+    that ends in a prompt has not (call after to_examples has checked the records)."""
+    if format == "messages":
+        return all(_ends_in_reply(row["messages"]) for row in records.rows)
+    return format != "prompt"
 
 
 def _text(value: Any, field: str, where: str, *, allow_empty: bool = False) -> str:
@@ -366,7 +377,7 @@ def load_file(path: str, key: str, format: str, tokenizer: Any) -> UserData:
     records = read_records(path, key)
     detected = detect_format(records, format)
     examples = to_examples(records, detected, tokenizer)
-    return UserData(records.path, detected, examples, detected != "prompt")
+    return UserData(records.path, detected, examples, has_completions(records, detected))
 
 
 def held_out_count(total: int, fraction: float) -> int:
@@ -441,7 +452,8 @@ def require_completions(config: TrainConfig, splits: Splits) -> None:
     else:
         return
     raise ConfigError(
-        f'{key}: {why}, and {config.task.train_file} has prompts only (no "completion"): '
+        f"{key}: {why}, and {config.task.train_file} has prompts without completions: "
         "distil on-policy (method.name=gkd, method.lmbda=1) or by SeqKD (method.name=seqkd), "
-        'or give prompt/completion pairs ("prompt" + "completion", or "messages")'
+        'or give prompt/completion pairs ("prompt" + "completion", or "messages" ending '
+        "in the assistant's reply)"
     )

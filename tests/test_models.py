@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from student_trainer.chat_template import CHAT_TEMPLATE
 from student_trainer.config import load_config
 from student_trainer.evaluate import evaluate_split
 from student_trainer.models import architectures, build_tokenizer, model_dir, pretrain
@@ -115,3 +116,10 @@ def test_pretrain_builds_a_loadable_model_with_the_tasks_tokenizer(tmp_path, mon
     initial = AutoModelForCausalLM.from_pretrained(tmp_path / "runs/arithmetic-student/init")
     changed = [not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters())]
     assert all(changed)  # three SFT steps moved every tensor
+    # what the committed models carry: the padded rows suppressed, the chat template
+    rows = trained.get_output_embeddings().weight.shape[0]
+    suppressed = json.loads((out / "generation_config.json").read_text())["suppress_tokens"]
+    assert suppressed == list(range(len(committed), rows)) and rows > len(committed)
+    for built in (out, tmp_path / "tokenizer"):
+        config = json.loads((built / "tokenizer_config.json").read_text())
+        assert config["chat_template"] == CHAT_TEMPLATE, built

@@ -22,7 +22,12 @@ from student_trainer.config import ConfigError, load_config
 from student_trainer.data import prompt_ids, training_splits
 from student_trainer.tasks import Example
 from student_trainer.train import Trainer, train
-from student_trainer.user_data import DataError, load_user_splits, split_size
+from student_trainer.user_data import (
+    DataError,
+    load_user_splits,
+    require_completions,
+    split_size,
+)
 from tests.trainer_helpers import in_process, small_config
 
 # a tiny chat template in the style of real ones: it writes <bos> itself, each turn ends
@@ -53,6 +58,7 @@ def rows_of(format: str) -> list[dict[str, Any]]:
         "chat_prompt": [{"prompt": m} for m in chat],
         "chat_prompt_completion": [{"prompt": m, "completion": r} for m, r in zip(chat, replies)],
         "messages": [{"messages": m + r} for m, r in zip(chat, replies)],
+        "messages_prompt": [{"messages": m} for m in chat],  # no reply: prompts
     }[format]
 
 
@@ -92,17 +98,18 @@ def expected_examples(format: str, tokenizer) -> list[Example]:
         whole = tokenizer.apply_chat_template(
             [*chat, {"role": "assistant", "content": reply}], tokenize=False
         )
-        answer = "" if format == "chat_prompt" else whole[len(text) :]
+        answer = "" if format in PROMPT_ONLY else whole[len(text) :]
         examples.append(Example(text, answer, templated=True))
     return examples
 
 
+PROMPT_ONLY = ("prompt", "chat_prompt", "messages_prompt")
 FILE_TYPES = ["train.jsonl", "train.json", "train.parquet", "train.csv", "saved"]
 CASES = [(name, fmt) for name in FILE_TYPES for fmt in ("prompt", "prompt_completion")] + [
     (name, fmt)
     for name in FILE_TYPES
     if name != "train.csv"  # CSV cells hold no lists: conversations need the other types
-    for fmt in ("chat_prompt", "chat_prompt_completion", "messages")
+    for fmt in ("chat_prompt", "chat_prompt_completion", "messages", "messages_prompt")
 ]
 
 
@@ -114,7 +121,7 @@ def test_every_format_from_every_file_type_loads_into_the_expected_examples(
     splits = load_user_splits(file_task(path), chat_tokenizer)
     assert splits.train == expected_examples(format, chat_tokenizer)
     assert splits.validation == [] and splits.test == []
-    assert splits.has_completions == (format not in ("prompt", "chat_prompt"))
+    assert splits.has_completions == (format not in PROMPT_ONLY)
 
 
 def test_a_chat_prompt_is_the_tokenizers_own_rendering_with_a_single_bos(tmp_path, chat_tokenizer):
@@ -203,9 +210,9 @@ BAD_RECORDS = [
     ),
     (
         "train.jsonl",
-        chat_line("user"),
+        chat_line("user", "assistant") + chat_line("assistant"),
         "auto",
-        'train.jsonl line 1: "messages": the last message is the user\'s',
+        'train.jsonl line 2: "messages": only the assistant\'s reply, no prompt',
     ),
     (
         "train.jsonl",
@@ -233,7 +240,7 @@ BAD_RECORDS = [
         "json-array",
         "csv-empty-cell",
         "bad-role",
-        "no-reply",
+        "no-prompt",
         "missing-column",
         "format-column",
     ],
@@ -332,7 +339,9 @@ def test_a_prompt_only_file_refuses_methods_that_need_completions(
     config = small_config(
         tmp_path / "run", student_model_dir, "task.name=file", f"task.train_file={path}", *method
     )
-    with pytest.raises(ConfigError, match=rf"^{key}: .*prompts.jsonl has prompts only"):
+    with pytest.raises(
+        ConfigError, match=rf"^{key}: .*prompts.jsonl has prompts without completions"
+    ):
         Trainer(config, teacher=in_process(backend))
     # on-policy GKD and SeqKD complete the prompts themselves
     for fine in ("method.lmbda=1", "method.name=seqkd"):
@@ -340,6 +349,26 @@ def test_a_prompt_only_file_refuses_methods_that_need_completions(
             tmp_path, student_model_dir, "task.name=file", f"task.train_file={path}", fine
         )
         assert training_splits(ok, None).train
+
+
+def test_a_messages_file_with_one_unanswered_conversation_has_no_completions(
+    tmp_path, chat_tokenizer, student_model_dir
+):
+    """Answered conversations keep their replies, the unanswered one is a prompt, and
+    the file as a whole cannot train a method that needs every completion."""
+    rows = rows_of("messages")[:3] + rows_of("messages_prompt")[3:]
+    path = write(tmp_path / "chat.jsonl", rows)
+    splits = load_user_splits(file_task(path), chat_tokenizer)
+    assert splits.train == [
+        *expected_examples("messages", chat_tokenizer)[:3],
+        *expected_examples("messages_prompt", chat_tokenizer)[3:],
+    ]
+    assert not splits.has_completions
+    config = small_config(
+        tmp_path, student_model_dir, "task.name=file", f"task.train_file={path}", "method.name=sft"
+    )
+    with pytest.raises(ConfigError, match=r"^method.name: .*chat.jsonl has prompts without"):
+        require_completions(config, splits)
 
 
 METRIC_MODULE = """
