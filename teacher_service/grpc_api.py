@@ -212,9 +212,13 @@ class TeacherServicer(pb_grpc.TeacherServicer):
                     task = asyncio.create_task(answer(request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-                await asyncio.gather(*list(tasks))
             finally:
-                done.put_nowait(None)  # ends the response loop even if reading failed
+                # what was read is answered before the stream ends, also when reading failed
+                # (an undecodable message: `await reader` below raises it, in this
+                # generator's task, so it ends the call after the last write, not during it)
+                if tasks:
+                    await asyncio.wait(list(tasks))
+                done.put_nowait(None)
 
         reader = asyncio.create_task(read_all())
         try:
@@ -251,12 +255,20 @@ class Undecodable(NamedTuple):
 MALFORMED_BODY = ErrorKind.MALFORMED_BODY
 
 
+class UndecodableRequest(ServiceError):
+    """A streaming call's message that did not parse, raised where it is read."""
+
+
 class UndecodableGuard(grpc.aio.ServerInterceptor):
     """Every method's deserializer made tolerant: gRPC parses a request before any servicer
     runs, and a parse failure there is UNKNOWN with a logged traceback per call. Here it is
     MALFORMED_BODY (INVALID_ARGUMENT) naming the message type, logged through PeerWarnings.
     A streaming call ends at its first undecodable message (no request_id to answer it
-    under). Health and reflection are guarded too: it wraps whatever handler is found."""
+    under): its request iterator raises UndecodableRequest, and the handler's own task
+    aborts with it once the behavior lets it out. Aborting from the task that reads would
+    race a response being written: grpc.aio's abort then fails (TOO_MANY_OPERATIONS, a
+    logged traceback) with the call marked finished, and the client waits out its
+    deadline. Health and reflection are guarded too: it wraps whatever handler is found."""
 
     def __init__(self, warnings: PeerWarnings | None = None) -> None:
         self.warnings = warnings or PeerWarnings()
@@ -292,15 +304,22 @@ class UndecodableGuard(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    async def _check(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+    def _refuse(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        """Raise UndecodableRequest for an undecodable request (warned once per host)."""
         if isinstance(request, Undecodable):
             message = f"request: not a valid {request.message_type} protobuf ({request.reason})"
             self.warnings.warn(context.peer(), f"refused: {message}")
-            await abort(context, ServiceError(message, field="request", kind=MALFORMED_BODY))
+            raise UndecodableRequest(message, field="request", kind=MALFORMED_BODY)
+
+    async def _check(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        try:
+            self._refuse(request, context)
+        except UndecodableRequest as error:
+            await abort(context, error)
 
     async def _checked(self, requests: AsyncIterator, context) -> AsyncIterator:
         async for request in requests:
-            await self._check(request, context)
+            self._refuse(request, context)  # raises to the reader, whichever task it is
             yield request
 
     def _unary_unary(self, behavior: Callable) -> Callable:
@@ -323,7 +342,10 @@ class UndecodableGuard(grpc.aio.ServerInterceptor):
 
     def _stream_unary(self, behavior: Callable) -> Callable:
         async def call(requests, context):
-            return await behavior(self._checked(requests, context), context)
+            try:
+                return await behavior(self._checked(requests, context), context)
+            except UndecodableRequest as error:
+                await abort(context, error)
 
         return call
 
@@ -332,8 +354,12 @@ class UndecodableGuard(grpc.aio.ServerInterceptor):
             return self._stream_unary(behavior)
 
         async def call(requests, context):
-            async for response in behavior(self._checked(requests, context), context):
-                yield response
+            try:  # gRPC writes each response between steps of this generator, so an abort
+                # here never overlaps a write
+                async for response in behavior(self._checked(requests, context), context):
+                    yield response
+            except UndecodableRequest as error:
+                await abort(context, error)
 
         return call
 

@@ -66,16 +66,17 @@ class RunningServer:
     def zmq_port(self) -> int | None:
         return None if self.zmq is None else self.zmq.port
 
-    async def stop(self, grace: float) -> None:
+    async def drain(self, grace: float) -> None:
         """At once: NOT_SERVING, /health 503, new calls refused (UNAVAILABLE / 503). In-flight
         calls get `grace` seconds; what is still running then is answered SHUTTING_DOWN by
-        the engine, and the front ends close SHUTDOWN_MARGIN later: by then every call has
-        its answer, so none ends in a front end's own cancellation (an HTTP 500).
+        the engine. HTTP and ZeroMQ close SHUTDOWN_MARGIN later: by then every call has its
+        answer, so none ends in a front end's own cancellation (an HTTP 500).
 
-        The gRPC server takes calls through the grace (the draining engine refuses them:
-        UNAVAILABLE, which clients retry elsewhere) and stops once the engine is idle or the
-        grace is over: a call arriving as grpc.aio's stop() began could end CANCELLED under
-        load, and nobody retries CANCELLED."""
+        The gRPC server is left taking calls, for the closed engine to refuse (UNAVAILABLE,
+        which clients retry elsewhere): grpc.aio's stop() ends every call that reached its
+        core but no handler yet CANCELLED, which nobody retries (grpc/grpc#41785), and
+        under load there are such calls whenever it runs. `serve` ends the process instead:
+        a call then in progress sees its connection close, UNAVAILABLE."""
         self.engine.drain()
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
@@ -91,9 +92,14 @@ class RunningServer:
         with contextlib.suppress(asyncio.TimeoutError):  # else every call ended in grace
             await asyncio.wait_for(asyncio.shield(settled), grace)
         await self.engine.close()
+        await settled
+
+    async def stop(self, grace: float) -> None:
+        """drain(), then the gRPC server stops too (in-process servers: tests, notebooks;
+        a call arriving as it stops may end CANCELLED, see drain)."""
+        await self.drain(grace)
         if self.grpc_server is not None:
             await self.grpc_server.stop(SHUTDOWN_MARGIN)
-        await settled
 
 
 async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
@@ -157,7 +163,7 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> NoReturn:
     if backend is None:
         backend = load_backend(config)
 
-    async def main() -> tuple[Engine, float]:
+    async def main() -> None:
         running = await start_server(config, backend)
         metrics = running.engine.metrics
         collections = CollectionTimer(metrics.observe_gc_pause)
@@ -191,21 +197,24 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> NoReturn:
         await stop.wait()
         signalled = time.monotonic()
         log.info("shutting down (grace %.1fs)", config.grace_seconds)
-        await running.stop(config.grace_seconds)
+        await running.drain(config.grace_seconds)
+        await asyncio.sleep(SHUTDOWN_MARGIN)  # the last gRPC answers reach the wire
         collections.close()
-        return running.engine, signalled
+        await _exit_within(running.engine, signalled, config.grace_seconds)
 
-    engine, signalled = asyncio.run(main())
-    _exit_within(engine, signalled, config.grace_seconds)
+    asyncio.run(main())
+    raise AssertionError("unreachable: _exit_within ends the process")
 
 
-def _exit_within(engine: Engine, since: float, grace: float) -> NoReturn:
+async def _exit_within(engine: Engine, since: float, grace: float) -> NoReturn:
     """End the process once the model worker is idle, and at the latest grace + EXIT_MARGIN
     after the signal. Every call has its answer by now; what is left is a forward that
     nobody waits for and the interpreter's teardown (gRPC's core, torch: seconds under
-    load), neither worth overrunning the grace an orchestrator gave this process."""
+    load), neither worth overrunning the grace an orchestrator gave this process. The
+    event loop runs meanwhile, so a call arriving now is refused by the closed engine
+    (UNAVAILABLE), and one in progress at the exit sees its connection close (UNAVAILABLE)."""
     left = since + grace + EXIT_MARGIN - 0.2 - time.monotonic()
-    if not engine.worker.join(max(0.0, left)):
+    if not await asyncio.to_thread(engine.worker.join, max(0.0, left)):
         log.warning("exiting while a forward is still running (its callers were answered)")
     logging.shutdown()
     sys.stdout.flush()

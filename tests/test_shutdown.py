@@ -146,6 +146,59 @@ def test_a_call_whose_forward_outlasts_the_grace_and_a_call_during_it_get_unavai
             stopping.join(30)
 
 
+RACERS = 16  # raw callers, each calling again at once after every answer
+
+
+def test_raw_callers_racing_a_sigterm_get_ok_or_unavailable_never_cancelled(tiny_model_dir):
+    """Callers that never back off keep calls arriving through the whole shutdown: each
+    gets OK or UNAVAILABLE with a message until the process is gone. grpc.aio's stop()
+    ended about one such caller in two with CANCELLED (a call its core held for no
+    handler yet: grpc/grpc#41785); `serve` no longer calls it."""
+    port = free_port()
+    process = subprocess.Popen(serve_command(tiny_model_dir, port, "--grace-seconds", "0.5"))
+    request = pb.ScoreRequest(sequences=[pb.Sequence(token_ids=[1, 5, 9, 20], score_from=1)])
+    answers: list[tuple[grpc.StatusCode, str]] = []
+    ready = threading.Barrier(RACERS + 1)
+
+    def racer() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            score = pb_grpc.TeacherStub(channel).Score
+            score(request, timeout=60)  # connected and served once
+            ready.wait()
+            while True:
+                try:
+                    score(request, timeout=60)
+                    answers.append((grpc.StatusCode.OK, ""))
+                except grpc.RpcError as error:
+                    answers.append((error.code(), error.details() or ""))
+                    gone = process.poll() is not None
+                    if error.code() != grpc.StatusCode.UNAVAILABLE or gone:
+                        return
+
+    racers = [threading.Thread(target=racer) for _ in range(RACERS)]
+    try:
+        with TeacherClient(f"127.0.0.1:{port}", timeout=60) as client:
+            client.wait_until_serving(timeout=120)
+        for thread in racers:
+            thread.start()
+        ready.wait(timeout=60)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        for thread in racers:
+            thread.join(60)
+            assert not thread.is_alive(), "a caller hung after the server exited"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    codes = {code for code, _ in answers}
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, [
+        a for a in answers if a[0] not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE)
+    ][:5]
+    assert all(details for code, details in answers if code != grpc.StatusCode.OK)
+    assert ("UNAVAILABLE", "the service is shutting down") in {(c.name, d) for c, d in answers}
+
+
 @pytest.fixture(scope="module")
 def replica(tiny_model_dir):
     """The outage tests' only teacher: each kills it, and leaves it serving again."""
