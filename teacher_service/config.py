@@ -185,6 +185,12 @@ class ServerConfig:
         "HTTP: open connections served at once; a request on one past the cap gets 503 "
         "and its connection is closed",
     )
+    trust_request_chat_template: bool = option(
+        False,
+        "/v1/chat/completions renders a request's own `chat_template` (vLLM's flag): Jinja is "
+        "sandboxed, but a template can loop long enough to hold the CPU; off, the model's "
+        "template only",
+    )
     auth_token: str = field(
         default="",
         repr=False,

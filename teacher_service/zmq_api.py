@@ -1,7 +1,8 @@
 """verl's GKD teacher protocol over ZeroMQ: `teacher-service serve --zmq-port N`.
 
 verl's on-policy distillation recipe (volcengine/verl, `recipe/gkd/`, 2025; read at
-commit 22bd6ef for client.py and worker.py, 1eb246e for vllm_engine.py) asks its teacher
+commit 22bd6ef for client.py and worker.py, 1eb246e for vllm_engine.py; since January 2026
+in verl-project/verl-recipe, `gkd/megatron/`, unchanged on the wire) asks its teacher
 for top-k log-probs over ZeroMQ with `torch.save` payloads: its `TeacherClient`
 (`recipe/gkd/teacher/client.py`) sends from REQ sockets to a ROUTER (`proxy.py`) in front
 of vLLM workers (`worker.py`, `vllm_engine.py`). This front end stands in for proxy and

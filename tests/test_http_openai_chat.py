@@ -1,10 +1,9 @@
 """The vLLM/OpenAI chat dialect (/v1/chat/completions) with the official openai SDK, held
 against an in-process forward of the model and against /v1/completions of the same prompt.
 
-The tiny model has no chat template: a copy of it gets one in its tokenizer_config.json
-(`TEMPLATE`, from tokens its byte-level vocabulary has), served by a second server; the
-session's server (no template) answers the missing-template error and takes the template
-as the request's `chat_template`.
+The tiny model's copies are served with a chat template of their own in tokenizer_config.json
+(`TEMPLATE`, from tokens its byte-level vocabulary has, trusting request templates) and with
+none (answering the missing-template error and refusing a request's template, by default).
 """
 
 from __future__ import annotations
@@ -34,18 +33,41 @@ MESSAGES = [
 RENDERED = "system: Count.\nuser: Ada has 12 apples.\nassistant:"
 
 
-@pytest.fixture(scope="module")
-def chat_url(tiny_model_dir, tmp_path_factory):
-    """A server of the tiny model with TEMPLATE as its tokenizer's chat template."""
-    model_dir = tmp_path_factory.mktemp("tiny-chat") / "tiny-chat"
+def _copy_with_template(tiny_model_dir, tmp_path_factory, name: str, template: str | None):
+    """The tiny model under `name`, its tokenizer's chat template set (None: removed)."""
+    model_dir = tmp_path_factory.mktemp(name) / name
     shutil.copytree(tiny_model_dir, model_dir)
     config_path = model_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config | ({"chat_template": template} if template else {})))
     backend = HFBackend.load(model_dir, device="cpu", dtype="float32")
-    assert backend.tokenizer.chat_template == TEMPLATE
-    running = start_background_server(model_dir, backend, max_wait_ms=2.0, http_port=0)
+    assert getattr(backend.tokenizer, "chat_template", None) == template
+    return model_dir, backend
+
+
+@pytest.fixture(scope="module")
+def chat_url(tiny_model_dir, tmp_path_factory):
+    """A server of the tiny model with TEMPLATE as its tokenizer's chat template, trusting
+    request templates."""
+    model_dir, backend = _copy_with_template(
+        tiny_model_dir, tmp_path_factory, "tiny-chat", TEMPLATE
+    )
+    running = start_background_server(
+        model_dir, backend, max_wait_ms=2.0, http_port=0, trust_request_chat_template=True
+    )
     yield running.http_url
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def plain_sdk(tiny_model_dir, tmp_path_factory):
+    """A server of the tiny model with no chat template, with the service's defaults."""
+    model_dir, backend = _copy_with_template(tiny_model_dir, tmp_path_factory, "tiny-plain", None)
+    running = start_background_server(model_dir, backend, max_wait_ms=2.0, http_port=0)
+    base_url = f"{running.http_url}/v1"
+    with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0) as client:
+        yield client
     running.stop()
 
 
@@ -153,23 +175,23 @@ def test_choices_are_the_completions_of_the_rendered_prompt(chat_sdk, chat_url):
 
 
 def test_an_assistant_reply_is_scored_with_the_requests_chat_template(
-    http_url, client, backend, tokenizer
+    chat_sdk, client, backend, tokenizer
 ):
-    """The session's model has no template: the request brings one; the reply is scored
-    (add_generation_prompt off, nothing generated), as a distillation trainer would."""
+    """A service that trusts request templates (chat_url's) renders the request's; the reply
+    is scored (add_generation_prompt off, nothing generated), as a distillation trainer
+    would."""
     messages = [*MESSAGES, {"role": "assistant", "content": "Ada has 13."}]
-    with openai.OpenAI(base_url=f"{http_url}/v1", api_key="unused", max_retries=0) as sdk:
-        got = sdk.chat.completions.create(
-            model=client.info().model_id,
-            messages=messages,
-            max_completion_tokens=0,
-            extra_body={
-                "chat_template": TEMPLATE,
-                "add_generation_prompt": False,
-                "prompt_logprobs": 0,
-                "return_token_ids": True,
-            },
-        )
+    got = chat_sdk.chat.completions.create(
+        model="tiny-chat",
+        messages=messages,
+        max_completion_tokens=0,
+        extra_body={
+            "chat_template": TEMPLATE,
+            "add_generation_prompt": False,
+            "prompt_logprobs": 0,
+            "return_token_ids": True,
+        },
+    )
     ids = tokenizer(RENDERED + " Ada has 13.\n")["input_ids"]
     assert got.model_extra["prompt_token_ids"] == ids
     assert got.choices[0].message.content == "" and got.choices[0].logprobs is None
@@ -183,16 +205,28 @@ def test_an_assistant_reply_is_scored_with_the_requests_chat_template(
         )
 
 
-def test_a_model_without_a_chat_template_is_a_400_naming_it(http_url, client):
-    model = client.info().model_id
-    with (
-        openai.OpenAI(base_url=f"{http_url}/v1", api_key="unused", max_retries=0) as sdk,
-        pytest.raises(openai.BadRequestError) as raised,
-    ):
-        sdk.chat.completions.create(model=model, messages=MESSAGES, max_completion_tokens=1)
+def test_a_requests_chat_template_is_refused_unless_the_service_trusts_them(plain_sdk):
+    """With the default, a template in the request is a 400 that names the field and the
+    flag, and nothing is rendered."""
+    with pytest.raises(openai.BadRequestError) as raised:
+        plain_sdk.chat.completions.create(
+            model="tiny-plain",
+            messages=MESSAGES,
+            max_completion_tokens=1,
+            extra_body={"chat_template": TEMPLATE},
+        )
+    assert raised.value.param == "chat_template"
+    assert "--trust-request-chat-template" in raised.value.body["message"]
+
+
+def test_a_model_without_a_chat_template_is_a_400_naming_it(plain_sdk):
+    with pytest.raises(openai.BadRequestError) as raised:
+        plain_sdk.chat.completions.create(
+            model="tiny-plain", messages=MESSAGES, max_completion_tokens=1
+        )
     error = raised.value
     assert error.status_code == 400 and error.param == "chat_template"
-    assert f"`{model}` has no chat template" in error.body["message"]
+    assert "`tiny-plain` has no chat template" in error.body["message"]
 
 
 M = {"messages": [{"role": "user", "content": "hi"}]}

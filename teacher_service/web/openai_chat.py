@@ -159,9 +159,15 @@ class ChatBody(BaseModel):
                 field="continue_final_message",
             )
 
-    def prompt_ids(self, backend: Backend) -> list[int]:
+    def prompt_ids(self, backend: Backend, trust_request_template: bool) -> list[int]:
         """The messages through the chat template, tokenized as vLLM does."""
         tokenizer = backend.tokenizer
+        if self.chat_template is not None and not trust_request_template:
+            raise ChatTemplateError(
+                "chat_template: this service renders the model's own template only (serve "
+                "--trust-request-chat-template to take a request's); leave the field out",
+                field="chat_template",
+            )
         if self.chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ChatTemplateError(
                 f"chat_template: the model `{backend.model_id}` has no chat template; send "
@@ -314,7 +320,7 @@ async def chat(body: ChatBody, engine: Engine) -> bytes:
     """Check, render the prompt, then draw and render as /v1/completions does."""
     backend = engine.backend
     body.check(backend)
-    ids = body.prompt_ids(backend)
+    ids = body.prompt_ids(backend, engine.config.trust_request_chat_template)
     completion = body.to_completion_body(ids, body.new_tokens(len(ids), backend.max_seq_len))
     prompts = [Tokenized(ids, None, "messages")]
     completion.check(prompts, backend, engine.config.limits)
