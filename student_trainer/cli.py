@@ -95,9 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    threads = argparse.ArgumentParser(add_help=False)  # every command runs torch
+    threads.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch's and the tokenizers' threads; 0 (default): $TEACHER_THREADS, else "
+        "$OMP_NUM_THREADS, else the CPUs the affinity mask and the cgroup CPU quota allow",
+    )
 
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
+        sub = commands.add_parser(name, help=help_text, parents=[threads])
         sub.add_argument(
             "--config",
             help="YAML file (sections: student, teacher, task, "
@@ -129,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_eval)
     export = commands.add_parser(
         "export",
+        parents=[threads],
         help="write a checkpoint as a plain transformers model directory: a LoRA run's "
         "adapters merged into its base weights (AutoModelForCausalLM loads it, no peft)",
     )
@@ -146,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(run=_export)
     pretrain = commands.add_parser(
-        "pretrain", help="train a built-in task's teacher or student from random weights (SFT)"
+        "pretrain",
+        parents=[threads],
+        help="train a built-in task's teacher or student from random weights (SFT)",
     )
     pretrain.add_argument("--task", required=True, help="translation, arithmetic or records")
     pretrain.add_argument(
@@ -168,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pretrain.set_defaults(run=_pretrain)
     tiny = commands.add_parser(
-        "tiny-model", help="write a small random-weight Llama + BPE tokenizer (tests, smoke runs)"
+        "tiny-model",
+        parents=[threads],
+        help="write a small random-weight Llama + BPE tokenizer (tests, smoke runs)",
     )
     tiny.add_argument("out_dir")
     for f in fields(TinyModelSpec):
@@ -191,9 +204,14 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.utils import logging as transformers_logging
 
     from student_trainer.teacher import TeacherOutage
+    from teacher_service.in_process import configure_threads
 
     transformers_logging.disable_progress_bar()
     try:
+        try:
+            configure_threads(args.threads)
+        except ValueError as error:  # --threads -1, TEACHER_THREADS=many
+            raise ConfigError(str(error)) from None
         args.run(args)
     except ConfigError as error:
         # a bad record (user_data.DataError) names its file, line and field itself

@@ -37,6 +37,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_wait_ms=args.max_wait_ms,
         worker_nice=args.worker_nice,
         freeze_heap=not args.no_freeze_heap,
+        threads=args.threads,
         warm_up=not args.no_warm_up,
         limits=limits,
         grace_seconds=args.grace_seconds,
@@ -257,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(Linux, 0-19), so the front door's threads preempt a running forward and answer "
         "or refuse calls on time under load; 0 when the service shares its cores with a "
         "process that must not outrank it",
+    )
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=defaults.threads,
+        help="torch's and the tokenizers' threads; 0 (default): $TEACHER_THREADS, else "
+        "$OMP_NUM_THREADS, else the CPUs the affinity mask and the cgroup CPU quota allow",
     )
     serve.add_argument(
         "--no-freeze-heap",

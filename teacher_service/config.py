@@ -65,6 +65,10 @@ class ServerConfig:
     # `serve` freezes what start-up built out of garbage collection: a full collection of
     # it stops every thread for 100-250 ms on 2 CPU cores (heap.py). Off: to measure that
     freeze_heap: bool = True
+    # torch's intra-op and inter-op threads and the tokenizers' (threads.py). 0: automatic,
+    # TEACHER_THREADS or OMP_NUM_THREADS if set, else the CPUs the process's affinity mask
+    # and cgroup quota allow. `serve` applies it: the process is the service's alone
+    threads: int = 0
     limits: Limits = Limits()
     grace_seconds: float = 5.0  # in-flight requests finish on shutdown for this long
     # close each gRPC connection after this long (GOAWAY; in-flight calls get grace_seconds),
@@ -103,6 +107,8 @@ class ServerConfig:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if not 0 <= self.worker_nice <= 19:  # a negative nice needs privileges
             raise ValueError(f"worker_nice must be in [0, 19], got {self.worker_nice}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: automatic), got {self.threads}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.score_chunk_mb < 1:
