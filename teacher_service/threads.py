@@ -86,10 +86,10 @@ def available_cpus(root: Path = Path("/")) -> tuple[int, str]:
     mask = mask or 1
     quota = cgroup_cpu_quota(root)
     if quota is None or quota >= mask:
-        limit = "no cgroup CPU quota" if quota is None else f"cgroup CPU quota {quota:g}"
+        limit = "no cgroup CPU quota" if quota is None else f"cgroup CPU quota {_cpus(quota)}"
         return mask, f"{_cpus(mask)} in the affinity mask, {limit}"
     cpus = max(1, math.floor(quota))
-    return cpus, f"cgroup CPU quota {quota:g} CPUs (affinity mask: {_cpus(mask)})"
+    return cpus, f"cgroup CPU quota {_cpus(quota)} (affinity mask: {_cpus(mask)})"
 
 
 def cgroup_cpu_quota(root: Path = Path("/")) -> float | None:
@@ -104,8 +104,8 @@ def cgroup_cpu_quota(root: Path = Path("/")) -> float | None:
     return min(quotas, default=None)
 
 
-def _cpus(count: int) -> str:
-    return f"{count} CPU{'s' if count != 1 else ''}"
+def _cpus(count: float) -> str:
+    return f"{count:g} CPU{'' if count == 1 else 's'}"
 
 
 def _env_count(environ: Mapping[str, str], name: str) -> int:
