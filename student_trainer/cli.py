@@ -102,9 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="WARNING", choices=LOG_LEVELS, help="logging threshold"
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    threads = argparse.ArgumentParser(add_help=False)  # every command runs torch
+    threads.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch's and the tokenizers' threads; 0: $TEACHER_THREADS, else "
+        "$OMP_NUM_THREADS, else the CPUs the affinity mask and the cgroup CPU quota allow",
+    )
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, formatter_class=HelpFormatter)
+        sub = commands.add_parser(
+            name, help=help_text, parents=[threads], formatter_class=HelpFormatter
+        )
         sub.add_argument(  # after the command too; not given there: the one before it
             "--log-level",
             default=argparse.SUPPRESS,
@@ -231,9 +241,14 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.utils import logging as transformers_logging
 
     from student_trainer.teacher import TeacherOutage
+    from teacher_service.in_process import configure_threads
 
     transformers_logging.disable_progress_bar()
     try:
+        try:
+            configure_threads(args.threads)
+        except ValueError as error:  # --threads -1, TEACHER_THREADS=many
+            raise ConfigError(str(error)) from None
         args.run(args)
     except ConfigError as error:
         # a bad record (user_data.DataError) names its file, line and field itself

@@ -8,6 +8,11 @@ service, then trains the same student by SFT for the same steps, batch and learn
 (the baseline a user would otherwise run), and prints teacher / before / on-policy / SFT.
 This is the cell of the paper table (docs/RESULTS.md) where on-policy distillation pays
 most. The service stops with SIGTERM. Metrics land in runs/demo/{on-policy,sft}/metrics.jsonl.
+
+The teacher and the trainer share one machine: each gets half of the CPUs this process may
+use (teacher_service/threads.py; at least one thread each), not all of them, so neither's
+threads wait on CPUs the other holds (docs/benchmarks.md, "Threads"). --threads N gives
+each N instead.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from student_trainer.config import TrainConfig, load_config
 from student_trainer.evaluate import evaluate_model
 from student_trainer.train import TrainResult, train
 from teacher_client import TeacherClient
+from teacher_service.in_process import configure_threads
 
 METRIC_LABELS = {
     "exact_match": "exact match (%)",
@@ -54,11 +60,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _serve_command(teacher_dir: Path, port: int) -> list[str]:
+def _serve_command(teacher_dir: Path, port: int, threads: int) -> list[str]:
     """`teacher-service serve` with this Python, quiet, on CPU (the service is a separate
     program: the demo starts it as a user would, and imports none of it)."""
     return [sys.executable, "-m", "teacher_service", "--log-level", "WARNING", "serve",
-            "--model", str(teacher_dir), "--port", str(port), "--device", "cpu"]  # fmt: skip
+            "--model", str(teacher_dir), "--port", str(port), "--device", "cpu",
+            "--threads", str(threads)]  # fmt: skip
 
 
 def _teacher_scores(config: TrainConfig, teacher_dir: Path) -> dict[str, float]:
@@ -102,15 +109,17 @@ def _print_table(
         print(f"    {label:34s} {'':>9s} {cells}")
 
 
-def run(config_path: Path, teacher_dir: Path, steps: int | None) -> None:
+def run(config_path: Path, teacher_dir: Path, steps: int | None, threads: int = 0) -> None:
     transformers_logging.disable_progress_bar()
     started = time.perf_counter()
     config = load_config(config_path)
     _require_models(teacher_dir, Path(config.student.model))
+    share = configure_threads(threads, processes=2)  # this process: the trainer's share
+    _step(f"threads: {share.count} for the teacher, {share.count} for the trainer ({share.reason})")
     port = _free_port()
     _step(f"starting teacher-service on 127.0.0.1:{port} (model {teacher_dir})")
     server = subprocess.Popen(
-        _serve_command(teacher_dir, port),
+        _serve_command(teacher_dir, port, share.count),
         env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
     )
     try:
@@ -161,8 +170,14 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
     parser.add_argument("--teacher", type=Path, default=Path("models/records/teacher"))
     parser.add_argument("--steps", type=int, help="override optim.steps")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads of the teacher and of the trainer, each (0: half the CPUs each)",
+    )
     args = parser.parse_args()
-    run(args.config, args.teacher, args.steps)
+    run(args.config, args.teacher, args.steps, args.threads)
 
 
 if __name__ == "__main__":

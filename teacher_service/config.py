@@ -136,6 +136,12 @@ class ServerConfig:
         "freeze what start-up built out of the garbage collector's full passes (each pass "
         "over it stops every thread for 100-250 ms on 2 CPU cores; off: to measure that)",
     )
+    threads: int = option(
+        0,
+        "torch's intra-op and inter-op threads and the tokenizers' (threads.py); 0: "
+        "$TEACHER_THREADS, else $OMP_NUM_THREADS, else the CPUs the process's affinity mask "
+        "and cgroup CPU quota allow",
+    )
     limits: Limits = Limits()
     grace_seconds: float = option(
         5.0,
@@ -229,6 +235,8 @@ class ServerConfig:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if not 0 <= self.worker_nice <= 19:  # a negative nice needs privileges
             raise ValueError(f"worker_nice must be in [0, 19], got {self.worker_nice}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: automatic), got {self.threads}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.score_chunk_mb < 1:

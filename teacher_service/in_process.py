@@ -11,7 +11,8 @@ It also re-exports the KV-cache sampler the service's Generate runs (`sample`,
 `resolve_device`): a student's rollouts are then drawn by the very code that draws the
 teacher's samples, one implementation, not a copy that could drift from it. So is the
 output layer the scoring applies to a body's hidden states (`OutputLayer`): the student's
-loss applies it to its completion rows the same way.
+loss applies it to its completion rows the same way. And `configure_threads`: the trainer
+sizes torch's thread pools by the service's rule (threads.py).
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ from teacher_service.codec import torch_dtype
 from teacher_service.forward import OutputLayer
 from teacher_service.sampling import SamplingOptions, new_generator, sample
 from teacher_service.scoring import ScoreOptions
+from teacher_service.threads import configure_threads
 
 __all__ = [
     "InProcessTeacher",
     "OutputLayer",
     "SamplingOptions",
+    "configure_threads",
     "eos_token_ids",
     "new_generator",
     "resolve_device",

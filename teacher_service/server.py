@@ -30,6 +30,7 @@ from teacher_service.config import ServerConfig
 from teacher_service.engine import Engine
 from teacher_service.grpc_api import SERVICE_NAME, start_grpc
 from teacher_service.heap import CollectionTimer, freeze
+from teacher_service.threads import configure_threads
 from teacher_service.web.server import HttpServer
 from teacher_service.zmq_api import ZmqServer
 
@@ -160,6 +161,7 @@ def load_backend(config: ServerConfig) -> Backend:
 def serve(config: ServerConfig, backend: Backend | None = None) -> NoReturn:
     """Run the service in the foreground until SIGINT or SIGTERM, shut down gracefully and
     end the process (within grace_seconds + EXIT_MARGIN: see _exit_within)."""
+    configure_threads(config.threads)  # before the model loads: no pool has started yet
     if backend is None:
         backend = load_backend(config)
 

@@ -65,6 +65,7 @@ def test_serve_scores_and_shuts_down_cleanly_on_sigterm(tiny_model_dir, backend,
         (["--model", "{model}", "--backend", "openai"], "--upstream URL goes with"),
         (["--model", "{model}", "--upstream", "http://x"], "--upstream URL goes with"),
         (["--model", "{model}", "--no-grpc"], "every front end is off"),
+        (["--model", "{model}", "--threads", "-1"], "threads must be >= 0 (0: automatic)"),
     ],
 )
 def test_serve_refuses_bad_flags_with_a_clear_message(tiny_model_dir, tmp_path, flags, message):

@@ -157,6 +157,20 @@ def test_gpu_variant_reserves_a_gpu_and_runs_the_cuda_image():
     assert gpu == cpu
 
 
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, GPU_COMPOSE]], ids=["cpu", "gpu"])
+def test_teacher_and_trainer_get_cpus_of_their_own_that_their_threads_follow(files):
+    """Each container's `cpus:` is a CPU quota, which teacher_service/threads.py sizes
+    torch's pools to (rounded down: whole CPUs), so neither command may pass --threads.
+    TEACHER_CPUS and TRAINER_CPUS set them."""
+    services = load_compose(*files, env={})["services"]
+    for name in ("teacher", "trainer"):
+        cpus = float(services[name]["cpus"])
+        assert cpus >= 1 and cpus == int(cpus), name
+        assert "--threads" not in services[name]["command"], name
+    sized = load_compose(*files, env={"TEACHER_CPUS": "6", "TRAINER_CPUS": "3"})["services"]
+    assert (sized["teacher"]["cpus"], sized["trainer"]["cpus"]) == ("6", "3")
+
+
 # --- the stack, run as local processes ----------------------------------------------------
 
 

@@ -464,6 +464,23 @@ def test_trainer_serves_its_metrics_where_the_pod_says(name, tmp_path):
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
+def test_teacher_and_trainer_limit_cpus_to_whole_cores_that_their_threads_follow(name):
+    """Both size torch's pools from the container's CPU quota (teacher_service/threads.py
+    rounds a quota down: a limit of 1.5 would leave half a core unused), so each carries
+    a limit of whole CPUs, requested in full, and no --threads that would override it.
+    torchrun gives each of several processes OMP_NUM_THREADS=1, which threads.py keeps."""
+    docs = render(name)
+    _, teacher = teacher_pod(docs)
+    trainer = container(find(docs, "Job", "student-trainer")["spec"]["template"]["spec"], "trainer")
+    for pod_container in (teacher, trainer):
+        resources = pod_container["resources"]
+        limit = cpu_cores(resources["limits"]["cpu"])
+        assert limit >= 1 and limit == int(limit), pod_container["name"]
+        assert cpu_cores(resources["requests"]["cpu"]) == limit, pod_container["name"]
+    assert parse_teacher(teacher).threads == 0
+    assert parse_torchrun(trainer["args"])[1].threads == 0
+
+
 # -- the overlays --------------------------------------------------------------------------
 def test_gpu_overlay_renders_gpus_cuda_and_bfloat16(tmp_path):
     docs = render("gpu")

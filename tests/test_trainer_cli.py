@@ -4,6 +4,7 @@ and the tiny random models for tests and smoke runs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,12 +14,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from student_trainer.checkpoint import checkpoint_dirs, latest_checkpoint
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "student_trainer", *args],
         capture_output=True,
         text=True,
         timeout=240,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -73,6 +75,20 @@ def test_bad_key_exits_2_naming_it(tmp_path):
     assert "method.bta: unknown key" in done.stderr
     done = run_cli("train", "--set", "method.lmbda=2")
     assert done.returncode == 2 and "method.lmbda: 2.0 is outside [0, 1]" in done.stderr
+
+
+def test_threads_come_from_the_flag_over_the_environment_and_bad_counts_exit_2(tmp_path):
+    """Every command sizes torch's threads first (teacher_service/threads.py), and says so."""
+    threads = {"TEACHER_THREADS": "1"}
+    done = run_cli("--log-level", "INFO", "tiny-model", str(tmp_path / "a"), env=threads)
+    assert done.returncode == 0, done.stderr
+    assert "threads: 1 (torch intra-op and inter-op, tokenizers): TEACHER_THREADS=1" in done.stderr
+    flag = ("--log-level", "INFO", "tiny-model", str(tmp_path / "b"), "--threads", "2")
+    done = run_cli(*flag, env=threads)
+    assert "threads: 2 (torch intra-op and inter-op, tokenizers): --threads 2" in done.stderr
+    done = run_cli("train", env={"TEACHER_THREADS": "many"})
+    assert done.returncode == 2
+    assert "config error: TEACHER_THREADS must be a whole number" in done.stderr
 
 
 def test_missing_student_model_is_named(tmp_path):
