@@ -24,6 +24,7 @@ from student_trainer.cli import build_parser as trainer_parser
 from student_trainer.config import TrainConfig
 from student_trainer.paper_table.__main__ import build_parser as paper_table_parser
 from teacher_service.cli import build_parser as teacher_parser
+from tests.parsers import exact
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -95,16 +96,6 @@ def invocation(words: list[str]) -> tuple[str, list[str]] | None:
         if first and Path(word).name in (*PROGRAMS, "make"):
             return Path(word).name, words[i + 1 :]
     return None
-
-
-def exact(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The parser and its subcommands', refusing abbreviations: docs spell flags out."""
-    parser.allow_abbrev = False
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                exact(sub)
-    return parser
 
 
 def config_key_error(item: str) -> str | None:

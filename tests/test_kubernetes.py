@@ -11,7 +11,6 @@ and the kustomize v5 inside recent kubectl (`kubectl apply -k`) both read.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import re
@@ -32,6 +31,7 @@ from student_trainer.config import load_config
 from teacher_service.cli import build_parser as teacher_parser
 from teacher_service.config import ServerConfig
 from tests.conftest import start_background_server
+from tests.parsers import exact
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -148,17 +148,6 @@ def option(args: list[str], flag: str) -> str:
 def teacher_pod(docs: list[dict[str, Any]]) -> tuple[dict, dict]:
     pod = find(docs, "Deployment", "teacher")["spec"]["template"]
     return pod, container(pod["spec"], "teacher")
-
-
-def exact(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The parser, and its subcommands', refusing abbreviations (`--resum` for `--resume`):
-    a manifest must spell every flag out."""
-    parser.allow_abbrev = False
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                exact(sub)
-    return parser
 
 
 def parse_teacher(teacher: dict[str, Any]):
@@ -464,6 +453,7 @@ def test_trainer_serves_its_metrics_where_the_pod_says(name, tmp_path):
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
+@pytest.mark.parametrize("name", sorted(RENDERS))
 def test_teacher_and_trainer_limit_cpus_to_whole_cores_that_their_threads_follow(name):
     """Both size torch's pools from the container's CPU quota (teacher_service/threads.py
     rounds a quota down: a limit of 1.5 would leave half a core unused), so each carries

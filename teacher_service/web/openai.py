@@ -100,18 +100,17 @@ class Tokenized(NamedTuple):
     path: str
 
 
-class CompletionBody(BaseModel):
+class SamplingFields(BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share, with vLLM's meaning: a
+    chat request reaches the engine as a completions request of these (openai_chat.py)."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = None
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    max_tokens: Count | None = 16
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
     n: int = 1
-    logprobs: Count | None = None
     prompt_logprobs: Count | None = None
-    echo: bool | None = False
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     stream: bool | None = False
@@ -123,9 +122,16 @@ class CompletionBody(BaseModel):
     repetition_penalty: float | None = None
     top_k: int | None = None
     min_p: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionBody(SamplingFields):
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: Count | None = 16
+    logprobs: Count | None = None
+    echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
     # what the engine's errors call the fields: the chat dialect's body names them its way
     _names: Names = PrivateAttr(default=NAMES)
 

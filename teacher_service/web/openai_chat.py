@@ -49,6 +49,7 @@ from teacher_service.web.openai import (
     Choice,
     CompletionBody,
     Count,
+    SamplingFields,
     Tokenized,
     check_model,
     draw_choices,
@@ -59,12 +60,6 @@ from teacher_service.web.openai import (
 from teacher_service.web.openai_errors import ChatTemplateError, error_response
 
 router = APIRouter(tags=["openai"])
-# the fields /v1/completions takes under the same name and meaning
-SHARED = (
-    *("model", "temperature", "top_p", "seed", "n", "prompt_logprobs", "stop", "ignore_eos"),
-    *("stream", "return_token_ids", "return_tokens_as_token_ids", "user", "logit_bias"),
-    *("frequency_penalty", "presence_penalty", "repetition_penalty", "top_k", "min_p"),
-)
 # chat's own fields, accepted only at the value that changes nothing
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "tools": ([],),
@@ -98,36 +93,17 @@ class Message(BaseModel):
     content: Annotated[str | None, BeforeValidator(_text)] = None
 
 
-class ChatBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class ChatBody(SamplingFields):
     messages: list[Message]
-    model: str | None = None
     max_completion_tokens: Count | None = None
     max_tokens: Count | None = None  # OpenAI's older name
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    n: int = 1
     logprobs: bool | None = False
     top_logprobs: Count | None = None
-    prompt_logprobs: Count | None = None
-    stop: str | list[str] | None = None
-    ignore_eos: bool = False
-    stream: bool | None = False
-    return_token_ids: bool | None = None
-    return_tokens_as_token_ids: bool | None = None
-    user: str | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool | None = None  # true unless continue_final_message
     continue_final_message: bool = False
     add_special_tokens: bool = False
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    logit_bias: dict[str, float] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -223,7 +199,7 @@ class ChatBody(BaseModel):
 
     def to_completion_body(self, ids: list[int], new_tokens: int) -> CompletionBody:
         """The /v1/completions request for this prompt, its errors naming chat's fields."""
-        shared = {name: getattr(self, name) for name in SHARED}
+        shared = {name: getattr(self, name) for name in SamplingFields.model_fields}
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         body = CompletionBody(prompt=ids, max_tokens=new_tokens, logprobs=logprobs, **shared)
         names = Names(
