@@ -84,12 +84,14 @@ result = {
     "student_rows": student.get_output_embeddings().weight.shape[0],
 }
 
-# The control: sampled as TRL would without the adapter, the student emits padded ids.
+# The control: sampled as TRL would without the adapter, from a model whose generation config
+# does not suppress its padded rows (the project's own models now do; a user's may not), the
+# student emits padded ids.
 torch.manual_seed(0)
 batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
 with torch.no_grad():
     raw = student.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           do_sample=True, max_new_tokens=8, top_k=0,
+                           do_sample=True, max_new_tokens=8, top_k=0, suppress_tokens=[],
                            pad_token_id=tokenizer.pad_token_id)
 result["unsuppressed_max_id"] = int(raw[:, batch["input_ids"].shape[1]:].max())
 
