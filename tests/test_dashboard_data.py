@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from teacher_service.batcher import DropReason
@@ -51,6 +52,8 @@ def observed() -> ServiceMetrics:
     metrics.observe_forward_tokens(computed=40, padding=10)
     metrics.observe_forward_tokens(computed=30, padding=0)
     metrics.observe_dropped(DropReason.EXPIRED, 4)
+    metrics.observe_gc_pause("2", 0.125)
+    metrics.observe_gc_pause("0", 0.001)
     return metrics
 
 
@@ -70,6 +73,7 @@ def test_totals_gauges_and_means_equal_the_rendered_metrics():
     assert text[("teacher_queue_wait_budget_seconds", none)] == float("inf")
     assert got["batch_sequences"] == {"sum": 4, "count": 2}  # 3 sequences, then 1
     assert got["padding_fraction"] == {"sum": 0.25, "count": 2}  # 10/40, then 0/30
+    assert got["gc_pause"] == {"sum": pytest.approx(0.126), "count": 2}  # both generations
     assert got["dropped"] == {"expired": 4}  # "cancelled" is a series at 0: not drawn
 
 

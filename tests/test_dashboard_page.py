@@ -22,6 +22,7 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
 from teacher_service.backend import HFBackend
+from teacher_service.heap import CollectionTimer
 from teacher_service.metrics import LATENCY_BUCKETS, ServiceMetrics
 from teacher_service.web.dashboard import ASSETS, STATIC
 from teacher_service.web.dashboard_data import summarize
@@ -33,7 +34,7 @@ CHROMIUM = "/usr/bin/chromium"
 TOKEN = "dashboard-test-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 TEXTS = ["Ada has 12 apples.", "12+7=19", "Ben gives 3 of 40 coins away, so 37 are left."]
-CHARTS = ("tokens", "queue", "batching", "latency", "errors")
+CHARTS = ("tokens", "queue", "batching", "latency", "errors", "gc")
 CALLERS = 3  # at once, so forwards batch several calls' sequences and some wait
 LOADED = 180_000  # ms Playwright waits for the page's data: far above a loaded machine's
 
@@ -42,7 +43,10 @@ LOADED = 180_000  # ms Playwright waits for the page's data: far above a loaded 
 def service() -> Iterator:
     backend = HFBackend.load(MODEL, device="cpu", dtype="float32")
     running = start_background_server(MODEL, backend, http_port=0, auth_token=TOKEN)
+    # the garbage collector's pauses reach the metrics as `serve` has them (its own process)
+    collections = CollectionTimer(running.running.engine.metrics.observe_gc_pause)
     yield running, backend
+    collections.close()
     running.stop()
 
 
@@ -199,6 +203,7 @@ def test_live_charts_agree_with_metrics(service, browser, tmp_path):
     assert shown["tokens_scored"] >= sum(c.positions for c in callers)
     assert shown["sequences_computed"] == total(scraped, "teacher_sequences_computed_total")
     assert shown["forwards"] == total(scraped, "teacher_batch_sequences_count")
+    assert total(scraped, "teacher_gc_pause_seconds_count") > 0  # the GC chart drew real pauses
     assert all(n > 100 for n in pixels.values()), pixels
     origin = f"{url}/"
     assert all(r.startswith(origin) or r.startswith("data:") for r in requested), requested

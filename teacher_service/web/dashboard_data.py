@@ -104,6 +104,7 @@ def summarize(registry: CollectorRegistry, now: float) -> dict[str, Any]:
         "forward_budget_tokens": gauge("teacher_forward_budget_tokens"),
         "batch_sequences": _mean_parts(samples, "teacher_batch_sequences"),
         "padding_fraction": _mean_parts(samples, "teacher_batch_padding_fraction"),
+        "gc_pause": _mean_parts(samples, "teacher_gc_pause_seconds"),  # every generation
         "latency": _answered_latency(samples),
         "errors": _by_label(samples, "teacher_request_errors_total", "status"),
         "dropped": _by_label(samples, "teacher_sequences_dropped_total", "reason"),

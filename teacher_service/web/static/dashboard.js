@@ -131,6 +131,14 @@ const charts = {
     ["ms"],
   ),
   errors: new Chart("chart-errors", [], ["per second"]),
+  gc: new Chart(
+    "chart-gc",
+    [
+      { key: "paused", label: "time paused (ms per s)" },
+      { key: "collections", label: "collections per second", scale: "y2" },
+    ],
+    ["ms per s", "per second"],
+  ),
 };
 
 const times = [];
@@ -166,6 +174,10 @@ function addPoint(prev, now) {
     padding: padding === null ? null : padding * 100,
   });
   charts.latency.push(times, { p50: ms(0.5), p90: ms(0.9), p99: ms(0.99) });
+  charts.gc.push(times, {
+    paused: ((now.gc_pause.sum - prev.gc_pause.sum) / dt) * 1000,
+    collections: (now.gc_pause.count - prev.gc_pause.count) / dt,
+  });
   charts.errors.push(times, {
     ...perSecondBetween(prev.errors, now.errors, dt),
     ...Object.fromEntries(Object.entries(dropped).map(([k, v]) => [`dropped: ${k}`, v])),
