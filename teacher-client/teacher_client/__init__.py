@@ -22,6 +22,7 @@ from teacher_client.codec import CodecError, decode_numpy, encode_numpy
 from teacher_client.fingerprint import tokenizer_fingerprint
 from teacher_client.messages import (
     GenerateResult,
+    ScoreOptions,
     ScoreResult,
     TeacherInfo,
     TokenizerMismatchError,
@@ -40,6 +41,7 @@ __all__ = [
     "GenerateResult",
     "LocalTokenizer",
     "RetryPolicy",
+    "ScoreOptions",
     "ScoreResult",
     "TeacherClient",
     "TeacherInfo",

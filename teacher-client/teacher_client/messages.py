@@ -41,6 +41,19 @@ class TeacherInfo:
     server_version: str
 
 
+@dataclass(frozen=True)
+class ScoreOptions:
+    """What a Score call asks for at every scored position (docs/design.md, "Scoring
+    semantics"): the one place these options are spelled out, for the client, the request
+    builder, the in-process teacher and the trainer's Teacher interface alike. The
+    student's own candidate ids are not an option but data, one list per sequence."""
+
+    top_k: int = 64  # the teacher's k most likely tokens per position (0: none)
+    full: bool = False  # the whole log-softmax row per position
+    temperature: float = 1.0  # the teacher's logits are divided by it before log_softmax
+    dtype: str = "float32"  # wire dtype of the log-probs: float32 | bfloat16 | float16
+
+
 @dataclass
 class ScoreResult:
     """One sequence's teacher signal; row j is position score_from + j."""
