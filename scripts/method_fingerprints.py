@@ -109,13 +109,14 @@ def _digest(value: Any, hasher: Any) -> None:
 
 def checkpoint_hash(directory: Path) -> dict[str, str]:
     """sha256 of each file of the checkpoint; trainer_state.pt by its contents (pickle
-    bytes may differ for equal values), config.yaml left out (it lists the new keys)."""
+    bytes may differ for equal values); the config it holds, and config.yaml, left out."""
     hashes = {}
     for path in sorted(directory.iterdir()):
         if path.name in ("config.yaml", "trainer_state.pt"):
             continue
         hashes[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     state = torch.load(directory / "trainer_state.pt", weights_only=False)
+    state.pop("config")  # the run's config, with its temporary out_dir and the new keys
     hasher = hashlib.sha256()
     _digest(state, hasher)
     hashes["trainer_state.pt"] = hasher.hexdigest()[:16]
