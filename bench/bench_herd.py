@@ -41,7 +41,7 @@ from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.batcher import BatcherOverloaded
 from teacher_service.cli import free_port
 from teacher_service.config import ServerConfig
-from teacher_service.grpc_api import start_grpc
+from teacher_service.frontends.grpc_api import start_grpc
 from teacher_service.heap import CollectionTimer, freeze
 from teacher_service.metrics import ServiceMetrics
 

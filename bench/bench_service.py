@@ -102,10 +102,11 @@ import grpc
 import torch
 from transformers.utils import logging as hf_logging
 
-from student_trainer.tiny_model import TinyModelSpec, build_tiny_model
+from causal_lm.placement import resolve_device
+from experiments.tiny_model import TinyModelSpec, build_tiny_model
 from teacher_client import TeacherClient, TeacherServiceError, build_score_request
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
-from teacher_service.backend import HFBackend, ScoreItem, resolve_device
+from teacher_service.backend import HFBackend, ScoreItem
 from teacher_service.cli import free_port
 from teacher_service.scoring import HALF_DTYPES, ScoreOptions, score_chunked
 

@@ -68,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_service import ROOT, ServerProcess, resolve_model, server_memory
 from trl_reference import trl_step_seconds
 
+from experiments.tiny_model import TinyModelSpec, build_tiny_model
 from student_trainer.config import DEFAULT_LOSS_CHUNK_ROWS, MethodConfig, load_config
 from student_trainer.data import encode_prompt
 from student_trainer.losses import token_level_loss
@@ -76,7 +77,6 @@ from student_trainer.rollouts import build_batch
 from student_trainer.student import Student
 from student_trainer.tasks import TASKS
 from student_trainer.teacher import LocalTeacher
-from student_trainer.tiny_model import TinyModelSpec, build_tiny_model
 from student_trainer.train import Trainer
 from teacher_service.cli import free_port, serve_command
 

@@ -1,4 +1,5 @@
-"""Vendor uPlot (MIT) from npm into teacher_service/web/static/uplot/, for GET /dashboard.
+"""Vendor uPlot (MIT) from npm into teacher_service/frontends/http/static/uplot/, for GET
+/dashboard.
 
 `make uplot` runs this: `npm pack` of the version VENDOR.json pins, the tarball checked
 against the pinned sha512 (npm's `integrity`), then its minified script, stylesheet and
@@ -22,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEST = ROOT / "teacher_service/web/static/uplot"
+DEST = ROOT / "teacher_service/frontends/http/static/uplot"
 RECORD = DEST / "VENDOR.json"
 FILES = {  # file in the npm package -> name under DEST
     "package/dist/uPlot.iife.min.js": "uPlot.iife.min.js",

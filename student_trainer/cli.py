@@ -11,8 +11,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from experiments.tiny_model import TinyModelSpec
 from student_trainer.config import FILE_TASK, ConfigError, load_config
-from student_trainer.tiny_model import TinyModelSpec
 
 EXIT_CONFIG = 2  # a config error, bad data, a missing file
 EXIT_TEACHER_OUTAGE = 3  # the teacher was out of reach past teacher.timeout_s (checkpointed)
@@ -71,7 +71,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from student_trainer.models import pretrain
+    from experiments.models import pretrain
 
     for role in args.role:
         out = pretrain(
@@ -81,7 +81,7 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _tiny_model(args: argparse.Namespace) -> None:
-    from student_trainer.tiny_model import build_tiny_model
+    from experiments.tiny_model import build_tiny_model
 
     spec = TinyModelSpec(**{f.name: getattr(args, f.name) for f in fields(TinyModelSpec)})
     out = build_tiny_model(args.out_dir, spec, tokenizer_from=args.tokenizer_from)
@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     from transformers.utils import logging as transformers_logging
 
+    from causal_lm.threads import configure_threads
     from student_trainer.teacher import TeacherOutage
-    from teacher_service.in_process import configure_threads
 
     transformers_logging.disable_progress_bar()
     try:

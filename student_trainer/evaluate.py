@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from causal_lm.placement import resolve_device
+from causal_lm.sampling import SamplingOptions
 from student_trainer.config import FILE_TASK, TaskConfig, TrainConfig
 from student_trainer.data import decode_completion, prompt_ids, reference_text, task_splits
 from student_trainer.losses import sparse_generalized_jsd
@@ -27,7 +29,6 @@ from student_trainer.student import load_student
 from student_trainer.tasks import TASKS, Example
 from student_trainer.teacher import Teacher, connect, handshake
 from student_trainer.user_metric import load_metric, metric_scores
-from teacher_service.in_process import SamplingOptions, resolve_device
 
 EVAL_SEED_OFFSET = 7919  # evaluation draws never share a stream with training rollouts
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
+from causal_lm.sampling import SamplingOptions
 from student_trainer.config import TrainConfig
 from student_trainer.data import decode_completion, encode_answer, prompt_ids
 from student_trainer.rollouts import Batch, build_batch, sample_completions
 from student_trainer.student import Student
 from student_trainer.tasks import REWARDS, Example
 from student_trainer.teacher import ScoreFuture, Teacher
-from teacher_service.in_process import SamplingOptions
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from teacher_service.in_process import SamplingOptions, sample
+from causal_lm.sampling import SamplingOptions, sample
 
 
 def truncate_after_eos(completion: Sequence[int], eos_ids: Collection[int]) -> list[int]:

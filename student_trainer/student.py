@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from causal_lm.output_layer import OutputLayer
+from causal_lm.sampling import eos_token_ids
 from student_trainer.chat_template import save_tokenizer
 from student_trainer.config import DEFAULT_LOSS_CHUNK_ROWS, ConfigError, LoraConfig
 from student_trainer.lora import (
@@ -41,7 +43,6 @@ from student_trainer.lora import (
 from student_trainer.padded_rows import cut_padded_rows, mark_padded_rows
 from student_trainer.rollouts import Batch
 from student_trainer.rows import StudentRows
-from teacher_service.in_process import OutputLayer, eos_token_ids
 
 log = logging.getLogger(__name__)
 

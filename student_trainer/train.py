@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from causal_lm.placement import resolve_device
 from student_trainer.checkpoint import resume_checkpoint
 from student_trainer.config import ConfigError, TrainConfig, to_dict
 from student_trainer.data import ExampleStream, training_splits
@@ -57,7 +58,6 @@ from student_trainer.run_state import RunState
 from student_trainer.student import Student, load_student
 from student_trainer.teacher import Teacher, TeacherOutage, connect, handshake, is_outage
 from teacher_client import TeacherServiceError
-from teacher_service.in_process import resolve_device
 
 
 @dataclass

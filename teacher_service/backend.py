@@ -9,7 +9,7 @@ only, in chunks of a memory budget, and computes every sequence's rows together,
 by what their requests ask for; the results reach the host in one copy per group (pinned
 and non-blocking on CUDA) and are split per sequence there.
 
-A model larger than one GPU is loaded with a device map (placement.py): its inputs go to
+A model larger than one GPU is loaded with a device map (causal_lm/placement.py): its inputs go to
 the embedding's device (`body.device`), and the logits, the scoring math and the sampling
 generators live on the output layer's (`device`).
 """
@@ -23,19 +23,24 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from causal_lm.output_layer import OutputLayer
+from causal_lm.placement import (
+    describe_placement,
+    device_map_argument,
+    module_device,
+    resolve_device,
+)
+from causal_lm.sampling import Completion, SamplingOptions, eos_token_ids, next_token, sample
 from teacher_client.fingerprint import tokenizer_fingerprint
 from teacher_service.backend_api import Capability, ForwardTokens, ScoreItem
 from teacher_service.codec import torch_dtype
 from teacher_service.forward import (
     MIN_SHARED_TOKENS,
     Body,
-    OutputLayer,
     ScoredRows,
     item_rows,
     padded,
 )
-from teacher_service.placement import describe_placement, device_map_argument, module_device
-from teacher_service.sampling import Completion, SamplingOptions, next_token, sample
 from teacher_service.scoring import (
     TENSOR_FIELDS,
     ScoreOptions,
@@ -47,15 +52,6 @@ from teacher_service.scoring import (
 log = logging.getLogger(__name__)
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_SCORE_CHUNK_MB = 256  # float32 logits computed at once; the math adds a few times that
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    return resolved
 
 
 class HFBackend:
@@ -308,18 +304,6 @@ class HFBackend:
 
 def _id_or_minus_one(token_id: int | None) -> int:
     return -1 if token_id is None else int(token_id)
-
-
-def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
-    """The tokenizer's eos plus any eos ids in the model's generation config."""
-    ids = set() if tokenizer.eos_token_id is None else {int(tokenizer.eos_token_id)}
-    generation_config = getattr(model, "generation_config", None)
-    extra = getattr(generation_config, "eos_token_id", None)
-    if isinstance(extra, int):
-        ids.add(extra)
-    elif extra:
-        ids.update(int(i) for i in extra)
-    return ids
 
 
 def _max_seq_len(config, tokenizer) -> int:

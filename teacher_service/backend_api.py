@@ -13,10 +13,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from causal_lm.sampling import Completion, SamplingOptions
 from teacher_client import TeacherInfo
 from teacher_service import __version__
 from teacher_service.config import Limits
-from teacher_service.sampling import Completion, SamplingOptions
 from teacher_service.scoring import ScoreOptions, SequenceScores
 
 

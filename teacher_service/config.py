@@ -138,7 +138,7 @@ class ServerConfig:
     )
     threads: int = option(
         0,
-        "torch's intra-op and inter-op threads and the tokenizers' (threads.py); 0: "
+        "torch's intra-op and inter-op threads and the tokenizers' (causal_lm/threads.py); 0: "
         "$TEACHER_THREADS, else $OMP_NUM_THREADS, else the CPUs the process's affinity mask "
         "and cgroup CPU quota allow",
     )

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
+from causal_lm.sampling import Completion, SamplingOptions, chunk_prompts, new_generator
 from teacher_client import TeacherInfo
 from teacher_service.backend_api import Backend, Capability, ScoreItem, describe
 from teacher_service.batcher import (
@@ -30,7 +31,6 @@ from teacher_service.deadlines import caller_deadline, caller_peer
 from teacher_service.errors import Unsupported
 from teacher_service.metrics import ServiceMetrics
 from teacher_service.requests import GenerateRequest, ScoreRequest
-from teacher_service.sampling import Completion, SamplingOptions, chunk_prompts, new_generator
 from teacher_service.scoring import ScoreOptions, SequenceScores
 from teacher_service.validation import ModelLimits, parse_generate_request, parse_score_request
 

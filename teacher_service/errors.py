@@ -4,7 +4,7 @@ Every failure a front end can report has a kind (ErrorKind), a message naming th
 and the limit, and the field's path in the caller's own terms (`sequences[3]` over gRPC,
 `prompt[1]` in the vLLM dialect: the front end told validation what it calls things).
 STATUS is the only place where kinds meet gRPC codes and HTTP statuses; each front end
-has one handler that applies it (grpc_api.py, web/errors.py).
+has one handler that applies it (frontends/grpc_api.py, frontends/http/errors.py).
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ STATUS: dict[ErrorKind, Status] = {
 }
 
 # every status label a failed request's metrics can carry (metrics.FrontEndLabels): the
-# table's, plus gRPC's CANCELLED for a caller that left (grpc_api.py) and HTTP's 401 for a
-# missing or wrong bearer token (web/app.py)
+# table's, plus gRPC's CANCELLED for a caller that left (frontends/grpc_api.py) and HTTP's 401 for a
+# missing or wrong bearer token (frontends/http/app.py)
 GRPC_FAILURE_CODES = tuple(
     sorted({s.grpc.name for s in STATUS.values()} | {grpc.StatusCode.CANCELLED.name})
 )

@@ -25,55 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from causal_lm.placement import execution_devices, module_device
+from causal_lm.sampling import cache_argument
 from teacher_service.backend_api import ScoreItem
-from teacher_service.placement import execution_devices, module_device
-from teacher_service.sampling import cache_argument
 
 MIN_SHARED_TOKENS = 16  # a shorter common prefix is not worth a forward of its own
-
-
-class OutputLayer:
-    """The model's output layer and what its forward does to the logits after it: Gemma 2's
-    soft-capping, Cohere's `logit_scale`, Granite's `logits_scaling`. backend.py checks
-    the result against `model(...).logits` when it loads a model.
-
-    With `vocab_size`, a plain torch.nn.Linear computes the first vocab_size logits only
-    (its weight's first rows, a view): padded embedding rows (152064 for 151936 tokens) are
-    never computed, and the logits come out as whole rows, so the scoring math reads them
-    without a strided copy. Another layer (quantised, or offloaded behind accelerate's hooks)
-    runs as it is, and its logits are cut afterwards (a view)."""
-
-    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None) -> None:
-        self.linear = model.get_output_embeddings()
-        config = model.config
-        self.scale = getattr(config, "logit_scale", None)
-        self.divide = getattr(config, "logits_scaling", None)
-        self.softcap = getattr(config, "final_logit_softcapping", None)
-        self.vocab_size = vocab_size
-        self.cut_weight = (
-            vocab_size is not None
-            and type(self.linear) is torch.nn.Linear
-            and not hasattr(self.linear, "_hf_hook")
-            and vocab_size < self.linear.weight.shape[0]
-        )
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, H] hidden states -> [T, V'] logits in the model's dtype (V' = vocab_size
-        when given, else the output layer's rows)."""
-        if self.cut_weight:
-            weight, bias = self.linear.weight[: self.vocab_size], self.linear.bias
-            logits = F.linear(hidden, weight, None if bias is None else bias[: self.vocab_size])
-        else:
-            logits = self.linear(hidden)[..., : self.vocab_size]
-        if self.scale is not None:
-            logits = logits * self.scale
-        if self.divide is not None:
-            logits = logits / self.divide
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
 
 
 @dataclass
@@ -136,7 +93,8 @@ def padded(ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Body:
     """The model without its output layer, run over batches of ScoreItems. Its inputs go to
-    the embedding's device; its hidden states come out on the last layer's (placement.py)."""
+    the embedding's device; its hidden states come out on the last layer's
+    (causal_lm/placement.py)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model.get_decoder()

@@ -6,13 +6,8 @@ teacher, exact network-free tests) imports this module and nothing else of the s
 docs/design.md, and returns the client's own result types, so a trainer handles its
 answers exactly as it handles the service's.
 
-It also re-exports the KV-cache sampler the service's Generate runs (`sample`,
-`SamplingOptions`, `new_generator`) and the helpers it depends on (`eos_token_ids`,
-`resolve_device`): a student's rollouts are then drawn by the very code that draws the
-teacher's samples, one implementation, not a copy that could drift from it. So is the
-output layer the scoring applies to a body's hidden states (`OutputLayer`): the student's
-loss applies it to its completion rows the same way. And `configure_threads`: the trainer
-sizes torch's thread pools by the service's rule (threads.py).
+The model kernels a trainer shares with the service (sampling, the output layer, eos ids,
+devices, threads) are not here: they live in `causal_lm`, which neither owns.
 """
 
 from __future__ import annotations
@@ -25,25 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from causal_lm.sampling import SamplingOptions, new_generator
 from teacher_client import GenerateResult, ScoreResult, TeacherInfo, compare_tokenizer
-from teacher_service.backend import HFBackend, eos_token_ids, resolve_device
+from teacher_service.backend import HFBackend
 from teacher_service.backend_api import ScoreItem, describe
 from teacher_service.codec import torch_dtype
-from teacher_service.forward import OutputLayer
-from teacher_service.sampling import SamplingOptions, new_generator, sample
 from teacher_service.scoring import ScoreOptions
-from teacher_service.threads import configure_threads
 
-__all__ = [
-    "InProcessTeacher",
-    "OutputLayer",
-    "SamplingOptions",
-    "configure_threads",
-    "eos_token_ids",
-    "new_generator",
-    "resolve_device",
-    "sample",
-]
+__all__ = ["InProcessTeacher"]
 
 
 class InProcessTeacher:

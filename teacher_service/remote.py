@@ -26,10 +26,10 @@ import httpx
 import torch
 from transformers import AutoTokenizer
 
+from causal_lm.sampling import Completion, SamplingOptions
 from teacher_client.fingerprint import tokenizer_fingerprint
 from teacher_service.backend_api import Capability, ScoreItem
 from teacher_service.errors import ErrorKind, RequestError, ServiceError
-from teacher_service.sampling import Completion, SamplingOptions
 from teacher_service.scoring import SequenceScores
 
 log = logging.getLogger(__name__)

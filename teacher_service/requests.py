@@ -1,7 +1,8 @@
 """The engine's requests: plain data, built by each front end from its own request.
 
-gRPC (grpc_api.py), the native HTTP API, the vLLM and TGI dialects (web/) each turn
-what they received into these; the engine validates them (validation.py) and answers in
+gRPC (frontends/grpc_api.py), the native HTTP API, the vLLM and TGI dialects
+(frontends/http/) each turn what they received into these; the engine validates them
+(validation.py) and answers in
 SequenceScores / Completion, which each front end turns into its own response. `Names`
 says what the caller calls each field, so a refusal names `prompt[1]` to a vLLM client
 and `sequences[3].token_ids` to a gRPC one.
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from teacher_service.sampling import SamplingOptions
+from causal_lm.sampling import SamplingOptions
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """The service's lifecycle: the engine plus the front ends the config asks for.
 
-`start_server` wires the backend, the engine (model worker and dynamic batcher), the
-gRPC front end (grpc_api.py), the HTTP one (web/) and verl's ZeroMQ one (zmq_api.py) into
-one event loop; `serve` runs it until SIGINT/SIGTERM, with start-up's heap frozen out of
-garbage collection (heap.py); `BackgroundServer` runs it on a thread of its own (tests,
-benchmarks, notebooks). No request handling lives here.
+`start_server` wires the backend, the engine (model worker and dynamic batcher) and the
+front ends (frontends/: gRPC, HTTP and verl's ZeroMQ) into one event loop; `serve` runs
+it until SIGINT/SIGTERM, with start-up's heap frozen out of garbage collection (heap.py);
+`BackgroundServer` runs it on a thread of its own (tests, benchmarks, notebooks). No
+request handling lives here.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from typing import NoReturn
 import grpc
 from grpc_health.v1.health import aio as health_aio
 
+from causal_lm.threads import configure_threads
 from teacher_service.auth import uvicorn_tls_options
 from teacher_service.backend import HFBackend
 from teacher_service.backend_api import Backend
 from teacher_service.config import ServerConfig
 from teacher_service.engine import Engine
-from teacher_service.grpc_api import SERVICE_NAME, start_grpc
+from teacher_service.frontends.grpc_api import SERVICE_NAME, start_grpc
+from teacher_service.frontends.http.server import HttpServer
+from teacher_service.frontends.zmq_api import ZmqServer
 from teacher_service.heap import CollectionTimer, freeze
-from teacher_service.threads import configure_threads
-from teacher_service.web.server import HttpServer
-from teacher_service.zmq_api import ZmqServer
 
 __all__ = [
     "SERVICE_NAME",

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from causal_lm.sampling import SamplingOptions
 from teacher_client.codec import LOGPROB_DTYPES
 from teacher_service.backend_api import ScoreItem
 from teacher_service.codec import torch_dtype
 from teacher_service.config import Limits
 from teacher_service.errors import ErrorKind, RequestError
 from teacher_service.requests import GenerateRequest, ScoreRequest
-from teacher_service.sampling import SamplingOptions
 from teacher_service.scoring import ScoreOptions
 
 TOO_LARGE = ErrorKind.TOO_LARGE

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from causal_lm.sampling import SamplingOptions
 from student_trainer.checkpoint import latest_checkpoint
 from student_trainer.cli import main as cli_main
 from student_trainer.config import ConfigError, LoraConfig, load_config
@@ -24,7 +25,6 @@ from student_trainer.rollouts import build_batch, sample_completions
 from student_trainer.student import Student, load_student
 from student_trainer.tasks import Example
 from student_trainer.train import Trainer, train
-from teacher_service.in_process import SamplingOptions
 from tests.trainer_helpers import in_process, small_config
 
 pytest.importorskip("peft")  # the lora extra (part of dev: make venv installs it)

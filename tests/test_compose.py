@@ -159,7 +159,7 @@ def test_gpu_variant_reserves_a_gpu_and_runs_the_cuda_image():
 
 @pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, GPU_COMPOSE]], ids=["cpu", "gpu"])
 def test_teacher_and_trainer_get_cpus_of_their_own_that_their_threads_follow(files):
-    """Each container's `cpus:` is a CPU quota, which teacher_service/threads.py sizes
+    """Each container's `cpus:` is a CPU quota, which causal_lm/threads.py sizes
     torch's pools to (rounded down: whole CPUs), so neither command may pass --threads.
     TEACHER_CPUS and TRAINER_CPUS set them."""
     services = load_compose(*files, env={})["services"]

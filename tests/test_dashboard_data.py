@@ -6,8 +6,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from teacher_service.batcher import DropReason
+from teacher_service.frontends.http.dashboard_data import summarize
 from teacher_service.metrics import LATENCY_BUCKETS, ServiceMetrics
-from teacher_service.web.dashboard_data import summarize
 
 
 class FixedQueue:

@@ -22,10 +22,10 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
 from teacher_service.backend import HFBackend
+from teacher_service.frontends.http.dashboard import ASSETS, STATIC
+from teacher_service.frontends.http.dashboard_data import summarize
 from teacher_service.heap import CollectionTimer
 from teacher_service.metrics import LATENCY_BUCKETS, ServiceMetrics
-from teacher_service.web.dashboard import ASSETS, STATIC
-from teacher_service.web.dashboard_data import summarize
 from tests.conftest import start_background_server
 
 ROOT = Path(__file__).resolve().parent.parent

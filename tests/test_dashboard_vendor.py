@@ -8,7 +8,7 @@ from pathlib import Path
 
 from setuptools.config.pyprojecttoml import read_configuration
 
-from teacher_service.web.dashboard import ASSETS, STATIC
+from teacher_service.frontends.http.dashboard import ASSETS, STATIC
 
 ROOT = Path(__file__).resolve().parent.parent
 UPLOT = STATIC / "uplot"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from experiments.paper_table import chosen_lr
 from student_trainer.config import load_config
-from student_trainer.paper_table import chosen_lr
 from student_trainer.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]

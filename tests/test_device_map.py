@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from causal_lm.sampling import SamplingOptions, new_generator
 from teacher_client import TeacherClient
 from teacher_service import cli
 from teacher_service.backend import HFBackend
 from teacher_service.config import ServerConfig
-from teacher_service.sampling import SamplingOptions, new_generator
 from teacher_service.server import BackgroundServer, load_backend
 from tests.test_scored_rows import ATOL, check_against_whole_forwards, mixed_items, variant
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from teacher_service.sampling import SamplingOptions, chunk_prompts, next_token, sample
+from causal_lm.sampling import SamplingOptions, chunk_prompts, next_token, sample
 
 
 def _greedy_without_cache(backend, prompt: list[int], steps: int) -> list[int]:

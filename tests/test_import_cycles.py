@@ -1,5 +1,6 @@
-"""No import cycles: in the client, the service and the trainer, no module imports one that
-(transitively) imports it back, not even from inside a function.
+"""No import cycles: in the client, the service, the trainer, the shared model kernels and
+the experiments, no module imports one that (transitively) imports it back, not even from
+inside a function; and the packages import each other in one direction only.
 
 The graph is read from the source with `ast` (every import statement, wherever it sits),
 so a lazy import that hides a cycle from the interpreter does not hide it from this test.
@@ -18,11 +19,21 @@ PACKAGES = {
     "teacher_client": ROOT / "teacher-client" / "teacher_client",
     "teacher_service": ROOT / "teacher_service",
     "student_trainer": ROOT / "student_trainer",
+    "causal_lm": ROOT / "causal_lm",
+    "experiments": ROOT / "experiments",
+}
+# package -> the packages it may import (the layering of docs/design.md, "Module map")
+MAY_IMPORT = {
+    "teacher_client": set(),
+    "causal_lm": set(),
+    "teacher_service": {"teacher_client", "causal_lm"},
+    "student_trainer": {"teacher_client", "causal_lm", "teacher_service", "experiments"},
+    "experiments": {"teacher_client", "causal_lm", "teacher_service", "student_trainer"},
 }
 
 
 def module_files() -> dict[str, Path]:
-    """Dotted module name -> file, for every module of the three packages."""
+    """Dotted module name -> file, for every module of the packages."""
     modules = {}
     for package, folder in PACKAGES.items():
         for path in folder.rglob("*.py"):
@@ -67,16 +78,27 @@ def test_no_module_imports_itself_back(package):
         pytest.fail(f"import cycle: {' -> '.join(error.args[1])}")
 
 
-def test_the_three_packages_import_each_other_in_one_direction_only():
-    """client <- service, client <- trainer; the trainer may reach the service only through
-    its in-process entry point, and nothing imports the trainer from outside it."""
+def test_the_packages_import_each_other_in_one_direction_only():
+    """client and causal_lm import no other package; the service imports those two; the
+    trainer reaches the service only through its in-process entry point and the
+    experiments only from its command line (which fronts two of their tools); nothing but
+    the experiments imports the trainer."""
     graph = import_graph()
-    edges = {
-        (source.split(".")[0], target.split(".")[0])
+    crossing = {
+        (source, target)
         for source, targets in graph.items()
         for target in targets
+        if source.split(".")[0] != target.split(".")[0]
     }
-    crossing = {(a, b) for a, b in edges if a != b}
-    assert ("teacher_client", "teacher_service") not in crossing
-    assert ("teacher_client", "student_trainer") not in crossing
-    assert ("teacher_service", "student_trainer") not in crossing
+    assert {(a.split(".")[0], b.split(".")[0]) for a, b in crossing if a.startswith("experiments")}
+    refused = [
+        f"{source} -> {target}"
+        for source, target in sorted(crossing)
+        if target.split(".")[0] not in MAY_IMPORT[source.split(".")[0]]
+    ]
+    assert refused == []
+    trainer_to_service = {t for s, t in crossing if s.startswith("student_trainer.")}
+    assert {t for t in trainer_to_service if t.startswith("teacher_service")} == {
+        "teacher_service.in_process"
+    }
+    assert {s for s, t in crossing if t.startswith("experiments")} == {"student_trainer.cli"}

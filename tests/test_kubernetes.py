@@ -455,7 +455,7 @@ def test_trainer_serves_its_metrics_where_the_pod_says(name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(RENDERS))
 def test_teacher_and_trainer_limit_cpus_to_whole_cores_that_their_threads_follow(name):
-    """Both size torch's pools from the container's CPU quota (teacher_service/threads.py
+    """Both size torch's pools from the container's CPU quota (causal_lm/threads.py
     rounds a quota down: a limit of 1.5 would leave half a core unused), so each carries
     a limit of whole CPUs, requested in full, and no --threads that would override it.
     torchrun gives each of several processes OMP_NUM_THREADS=1, which threads.py keeps."""

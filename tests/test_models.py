@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from experiments.models import architectures, build_tokenizer, model_dir, pretrain
 from student_trainer.chat_template import CHAT_TEMPLATE
 from student_trainer.config import load_config
 from student_trainer.evaluate import evaluate_split
-from student_trainer.models import architectures, build_tokenizer, model_dir, pretrain
 from teacher_service.backend import HFBackend, ScoreItem
 from teacher_service.scoring import ScoreOptions
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from experiments.tiny_model import TINY_STUDENT_SPEC, TinyModelSpec, build_tiny_model
 from student_trainer.checkpoint import latest_checkpoint
 from student_trainer.cli import main as cli_main
 from student_trainer.student import export_student, load_student
-from student_trainer.tiny_model import TINY_STUDENT_SPEC, TinyModelSpec, build_tiny_model
 from student_trainer.train import train
 from tests.conftest import TEXTS
 from tests.trainer_helpers import in_process, small_config

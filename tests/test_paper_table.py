@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from student_trainer import paper_table, report
-from student_trainer.paper_table import (
+from experiments.paper_table import (
     LR_SWEEP,
     SEEDS,
     STUDENTS,
@@ -22,6 +21,7 @@ from student_trainer.paper_table import (
     grid,
     run_dir,
 )
+from student_trainer import paper_table, report
 from student_trainer.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent

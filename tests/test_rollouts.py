@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from causal_lm.sampling import SamplingOptions
 from student_trainer.rollouts import build_batch, sample_completions, truncate_after_eos
-from teacher_service.in_process import SamplingOptions
 
 EOS = 2
 

@@ -19,10 +19,10 @@ from transformers import (
     masking_utils,
 )
 
+from causal_lm.output_layer import OutputLayer
+from causal_lm.sampling import SamplingOptions
 from teacher_service.backend import HFBackend
 from teacher_service.backend_api import ScoreItem
-from teacher_service.forward import OutputLayer
-from teacher_service.sampling import SamplingOptions
 from teacher_service.scoring import ScoreOptions
 from tests.conftest import reference_logprobs, soft_capped_gemma2
 
@@ -213,7 +213,7 @@ from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from teacher_service.backend import HFBackend
 from teacher_service.backend_api import ScoreItem
-from teacher_service.forward import OutputLayer
+from causal_lm.output_layer import OutputLayer
 from teacher_service.scoring import ScoreOptions
 
 vocab, rows, length, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

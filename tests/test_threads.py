@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from teacher_service.threads import available_cpus, cgroup_cpu_quota, choose_threads
+from causal_lm.threads import available_cpus, cgroup_cpu_quota, choose_threads
 
 V2_MOUNTS = "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime 0 0\n"
 V1_MOUNTS = (

@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import student_trainer.microbatch as microbatch_module
+from experiments.tiny_model import TinyModelSpec, build_tiny_model
 from student_trainer.checkpoint import latest_checkpoint
 from student_trainer.config import ConfigError
-from student_trainer.tiny_model import TinyModelSpec, build_tiny_model
 from student_trainer.train import Trainer, train
 from tests.trainer_helpers import SpyTeacher, in_process, small_config
 

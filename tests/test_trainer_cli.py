@@ -78,7 +78,7 @@ def test_bad_key_exits_2_naming_it(tmp_path):
 
 
 def test_threads_come_from_the_flag_over_the_environment_and_bad_counts_exit_2(tmp_path):
-    """Every command sizes torch's threads first (teacher_service/threads.py), and says so."""
+    """Every command sizes torch's threads first (causal_lm/threads.py), and says so."""
     threads = {"TEACHER_THREADS": "1"}
     done = run_cli("--log-level", "INFO", "tiny-model", str(tmp_path / "a"), env=threads)
     assert done.returncode == 0, done.stderr

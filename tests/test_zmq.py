@@ -1,5 +1,5 @@
-"""verl's GKD teacher protocol over ZeroMQ (teacher_service/zmq_api.py), spoken by a client
-written as verl's is (recipe/gkd/teacher/client.py: a REQ socket, torch.save payloads) and
+"""verl's GKD teacher protocol over ZeroMQ (teacher_service/frontends/zmq_api.py), spoken by a
+client written as verl's is (recipe/gkd/teacher/client.py: a REQ socket, torch.save payloads) and
 held against gRPC Score / Generate on the same engine."""
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from teacher_service.placement import module_device
+from causal_lm.placement import module_device
 
 
 @dataclass(frozen=True)
@@ -147,3 +147,15 @@ def sample(
         else:
             completions.append(Completion(row[: stop + 1], "eos"))
     return completions
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    """The tokenizer's eos plus any eos ids in the model's generation config."""
+    ids = set() if tokenizer.eos_token_id is None else {int(tokenizer.eos_token_id)}
+    generation_config = getattr(model, "generation_config", None)
+    extra = getattr(generation_config, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(int(i) for i in extra)
+    return ids

@@ -38,9 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from teacher_service import __version__
 from teacher_service.engine import Engine
 from teacher_service.errors import ErrorKind, RequestError
+from teacher_service.frontends.http.body import read_body
+from teacher_service.frontends.http.errors import error_headers, http_error
 from teacher_service.requests import GenerateRequest, Names, Prompt, ScoreRequest, Sequence
-from teacher_service.web.body import read_body
-from teacher_service.web.errors import error_headers, http_error
 
 router = APIRouter(tags=["tgi"])
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from experiments.tiny_model import TinyModelSpec, build_tiny_model, train_tokenizer
 from student_trainer.chat_template import save_tokenizer
 from student_trainer.checkpoint import latest_checkpoint
 from student_trainer.config import ConfigError, load_config
 from student_trainer.tasks import TASKS
-from student_trainer.tiny_model import TinyModelSpec, build_tiny_model, train_tokenizer
 
 MODELS_DIR = Path("models")
 CONFIGS_DIR = Path("configs/pretrain")

@@ -17,7 +17,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from teacher_service.web.dashboard_data import summarize
+from teacher_service.frontends.http.dashboard_data import summarize
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = {  # name in the URL -> (file under static/, media type)

@@ -70,3 +70,12 @@ def describe_placement(model: torch.nn.Module) -> str:
         name = f"cuda:{device}" if isinstance(device, int) else str(device)
         counts[name] = counts.get(name, 0) + 1
     return ", ".join(f"{name} ({n} modules)" for name, n in counts.items()) or "one device"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return resolved

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from causal_lm.sampling import Completion
 from teacher_client.codec import CodecError, dtype_name
 from teacher_client.messages import info_to_proto
 from teacher_client.proto import teacher_pb2 as pb
@@ -47,7 +48,6 @@ from teacher_service.requests import (
     ScoreRequest,
     Sequence,
 )
-from teacher_service.sampling import Completion
 from teacher_service.scoring import SequenceScores
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Teacher"].full_name

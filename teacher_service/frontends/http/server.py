@@ -17,7 +17,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from teacher_service.engine import Engine
 from teacher_service.errors import PeerWarnings
-from teacher_service.web.app import create_app
+from teacher_service.frontends.http.app import create_app
 
 log = logging.getLogger(__name__)
 

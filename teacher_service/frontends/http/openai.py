@@ -59,16 +59,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from causal_lm.sampling import Completion, SamplingOptions
 from teacher_service import validation
 from teacher_service.backend_api import Backend
 from teacher_service.config import Limits
 from teacher_service.engine import Engine
 from teacher_service.errors import ErrorKind, RequestError
+from teacher_service.frontends.http.body import read_body
+from teacher_service.frontends.http.openai_errors import ModelNotFound, error_response
 from teacher_service.requests import GenerateRequest, Names, Prompt, ScoreRequest, Sequence
-from teacher_service.sampling import Completion, SamplingOptions
 from teacher_service.scoring import SequenceScores
-from teacher_service.web.body import read_body
-from teacher_service.web.openai_errors import ModelNotFound, error_response
 
 router = APIRouter(tags=["openai"])
 STARTED = int(time.time())

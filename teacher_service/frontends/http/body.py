@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from teacher_service.errors import ErrorKind, RequestError, ServiceError
-from teacher_service.web.errors import printable
+from teacher_service.frontends.http.errors import printable
 
 Body = TypeVar("Body", bound=BaseModel)
 # JSON can spell a lone surrogate, as "\ud800" or as its bytes (ED A0..BF): no Unicode

@@ -26,10 +26,10 @@ from teacher_client.proto import teacher_pb2 as pb
 from teacher_service.codec import decode_ids, encode_torch
 from teacher_service.engine import Engine
 from teacher_service.errors import RequestError
+from teacher_service.frontends.http.body import BodyError, SchemaError, read_body
+from teacher_service.frontends.http.errors import error_headers, http_error
 from teacher_service.requests import GenerateRequest, Prompt, ScoreRequest, Sequence
 from teacher_service.scoring import SequenceScores
-from teacher_service.web.body import BodyError, SchemaError, read_body
-from teacher_service.web.errors import error_headers, http_error
 
 MSGPACK = "application/msgpack"
 router = APIRouter(prefix="/v1", tags=["native"])

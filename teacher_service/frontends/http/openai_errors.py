@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from teacher_service.errors import ErrorKind, RequestError
-from teacher_service.web.errors import error_headers, http_error, printable
+from teacher_service.frontends.http.errors import error_headers, http_error, printable
 
 ERROR_TYPES = {
     ErrorKind.OVERLOADED: "rate_limit_error",

@@ -19,8 +19,15 @@ from teacher_service.auth import HTTP_OPEN_PATHS, REFUSED, bearer_matches
 from teacher_service.deadlines import TIMEOUT_HEADER, set_peer, set_timeout_header
 from teacher_service.engine import Engine
 from teacher_service.errors import HTTP_FAILURE_CODES
+from teacher_service.frontends.http import (
+    dashboard,
+    native,
+    openai,
+    openai_chat,
+    openai_errors,
+    tgi,
+)
 from teacher_service.metrics import FrontEndLabels
-from teacher_service.web import dashboard, native, openai, openai_chat, openai_errors, tgi
 
 
 def create_app(engine: Engine, *, auth_token: str = "") -> FastAPI:

@@ -10,7 +10,7 @@ This is the cell of the paper table (docs/RESULTS.md) where on-policy distillati
 most. The service stops with SIGTERM. Metrics land in runs/demo/{on-policy,sft}/metrics.jsonl.
 
 The teacher and the trainer share one machine: each gets half of the CPUs this process may
-use (teacher_service/threads.py; at least one thread each), not all of them, so neither's
+use (causal_lm/threads.py; at least one thread each), not all of them, so neither's
 threads wait on CPUs the other holds (docs/benchmarks.md, "Threads"). --threads N gives
 each N instead.
 """
@@ -31,11 +31,11 @@ from pathlib import Path
 
 from transformers.utils import logging as transformers_logging
 
+from causal_lm.threads import configure_threads
 from student_trainer.config import TrainConfig, load_config
 from student_trainer.evaluate import evaluate_model
 from student_trainer.train import TrainResult, train
 from teacher_client import TeacherClient
-from teacher_service.in_process import configure_threads
 
 METRIC_LABELS = {
     "exact_match": "exact match (%)",

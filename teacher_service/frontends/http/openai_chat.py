@@ -42,10 +42,8 @@ from teacher_service import validation
 from teacher_service.backend_api import Backend
 from teacher_service.engine import Engine
 from teacher_service.errors import RequestError
-from teacher_service.requests import Names
-from teacher_service.scoring import SequenceScores
-from teacher_service.web.body import read_body
-from teacher_service.web.openai import (
+from teacher_service.frontends.http.body import read_body
+from teacher_service.frontends.http.openai import (
     Choice,
     CompletionBody,
     Count,
@@ -57,7 +55,9 @@ from teacher_service.web.openai import (
     refuse_non_neutral,
     wire,
 )
-from teacher_service.web.openai_errors import ChatTemplateError, error_response
+from teacher_service.frontends.http.openai_errors import ChatTemplateError, error_response
+from teacher_service.requests import Names
+from teacher_service.scoring import SequenceScores
 
 router = APIRouter(tags=["openai"])
 # chat's own fields, accepted only at the value that changes nothing

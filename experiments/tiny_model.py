@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from student_trainer.chat_template import CHAT_TEMPLATE
+from student_trainer.tasks import ITEMS, NAMES
 
 if TYPE_CHECKING:  # imported where used: the CLI imports this module and must start fast
     from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
-NAMES = ("Ada", "Ben", "Cleo", "Dara", "Emil", "Fay", "Gus", "Hana", "Ivo", "Juno")
-ITEMS = ("apple", "book", "coin", "marble", "pencil", "stamp", "ticket", "shell")
 VERBS = ("buys", "finds", "gives away", "sells", "loses", "counts")
 
 

@@ -1,6 +1,6 @@
-"""`python -m student_trainer.paper_table` (`make paper-table`): run the grid, then the report.
+"""`python -m experiments.paper_table` (`make paper-table`): run the grid, then the report.
 
-The entry point lives apart from the grid (student_trainer/paper_table/__init__.py) because
+The entry point lives apart from the grid (experiments/paper_table/__init__.py) because
 the report imports the grid: the grid must not import the report back.
 """
 
@@ -11,11 +11,11 @@ import os
 import sys
 import time
 
+from experiments.paper_table import TABLE_TASKS, init_worker, run_grid
+from experiments.paper_table.report import write_report
 from student_trainer import paper_table
-from student_trainer.paper_table import TABLE_TASKS, init_worker, run_grid
-from student_trainer.report import write_report
 
-MODULE = "python -m student_trainer.paper_table"
+MODULE = "python -m experiments.paper_table"
 
 
 def build_parser() -> argparse.ArgumentParser:
