@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from experiments import paper_table
 from experiments.paper_table import (
     LR_SWEEP,
     SEEDS,
@@ -19,9 +20,9 @@ from experiments.paper_table import (
     SWEEP_STUDENT,
     Method,
     grid,
+    report,
     run_dir,
 )
-from student_trainer import paper_table, report
 from student_trainer.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,5 +1,8 @@
 """`make paper-table`: the GKD paper's comparison reproduced on the built-in tasks.
 
+This module is the grid; __main__.py runs it, and report.py writes its tables, plots and
+the results page.
+
 The grid is declared here, before any result is seen (docs/RESULTS.md states the
 protocol). Within a task every method gets the same student initialisation
 (models/TASK/STUDENT, an SFT student), the same teacher, the same optimizer steps, prompts

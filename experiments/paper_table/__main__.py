@@ -11,9 +11,9 @@ import os
 import sys
 import time
 
+from experiments import paper_table
 from experiments.paper_table import TABLE_TASKS, init_worker, run_grid
 from experiments.paper_table.report import write_report
-from student_trainer import paper_table
 
 MODULE = "python -m experiments.paper_table"
 

@@ -10,6 +10,19 @@
 
 Depends on grpcio, gRPC's health-checking stubs, protobuf and numpy only. The scoring
 semantics and the wire format are in docs/design.md of the teacher-service repository.
+
+Modules:
+  client.py       TeacherClient / AsyncTeacherClient: deadlines, retries, streams, health
+  pipeline.py     a ScoreStream's window, order and resends after back-pressure
+  messages.py     plain Python <-> proto: ScoreOptions, requests, results, the handshake
+  codec.py        tensors on the wire <-> numpy
+  pool.py         one replica or a pool, round robin over the healthy ones
+  retry.py        RetryPolicy: UNAVAILABLE only, backoff with jitter, within the deadline
+  auth.py         bearer metadata, TLS channel credentials
+  fingerprint.py  the tokenizer fingerprint; tokenizer.py: the handshake without transformers
+  losses.py       the divergence core (needs torch; not imported here)
+  trl.py          the TRL adapter (the `trl` extra; not imported here)
+  proto/          generated from protos/teacher.proto
 """
 
 from teacher_client.client import (

@@ -5,6 +5,8 @@ body.py    reading a body: size limit, JSON or msgpack, schema (each dialect wor
 errors.py  the one HTTP error handler: exception -> status (errors.STATUS), message, field
 native.py  /v1/score, /v1/generate, /v1/info: the gRPC calls in JSON or msgpack
 openai.py  the vLLM/OpenAI dialect: /v1/completions (prompt_logprobs, echo + logprobs)
+openai_chat.py  its chat form: /v1/chat/completions, the teacher's chat template
+openai_errors.py  the dialect's OpenAI-shaped errors, and the 404 of an unknown /v1/ route
 tgi.py     the TGI dialect: /generate, /info (decoder_input_details prefill log-probs)
 dashboard.py  GET /dashboard: a live page of the main charts (static/), and its data
 dashboard_data.py  that data: a JSON snapshot of the metrics registry /metrics renders
