@@ -19,6 +19,8 @@ COPY pyproject.toml README.md ./
 COPY teacher-client teacher-client
 COPY teacher_service teacher_service
 COPY student_trainer student_trainer
+COPY causal_lm causal_lm
+COPY experiments experiments
 RUN pip install -c /tmp/torch.txt ./teacher-client .
 
 FROM ${BASE_IMAGE} AS runtime

@@ -18,6 +18,8 @@ COPY constraints.txt pyproject.toml README.md ./
 COPY teacher-client teacher-client
 COPY teacher_service teacher_service
 COPY student_trainer student_trainer
+COPY causal_lm causal_lm
+COPY experiments experiments
 RUN pip install -c constraints.txt ./teacher-client . && pip check
 
 FROM ${PYTHON_IMAGE} AS runtime
