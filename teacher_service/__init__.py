@@ -14,7 +14,7 @@ backend, and back):
   validation.py   requests -> checked work items, or errors naming the caller's field
   errors.py       error kinds and the one table of their gRPC codes and HTTP statuses
   batcher.py      dynamic batching of sequences on the one model worker thread
-  backend_api.py  the Backend protocol, Capability, ScoreItem
+  backend_api.py  the Backend protocol, Capability, ScoreItem, ScoredBatch
   backend.py      HFBackend: a local transformers model
   remote.py       OpenAIBackend / TGIBackend: an upstream server as the model
   scoring.py      the log-prob math;  sampling.py: KV-cache sampling
