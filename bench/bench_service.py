@@ -50,7 +50,7 @@ trainer batch; `--group-request group` sends one request per group instead). The
 with prompt sharing (each prompt's forward runs once, the completions against its KV
 cache) against the same sequences with `serve --no-share-prefixes`. Target: >= 2.5x. The
 section also reports the tokens each variant's forwards computed (padding included) over
-the tokens the sequences hold, from the backend's `forward_tokens` in process and from the
+the tokens the sequences hold, from score_batch's `forward_tokens` in process and from the
 server's /metrics. The model is the base section's (`--group-model`, default base): sharing
 saves the prompt's body forward, not the output layer over the completions, so the gain
 is bounded by the body's share of the cost, as in real teachers (a 7B model with a 152k
@@ -107,6 +107,7 @@ from experiments.tiny_model import TinyModelSpec, build_tiny_model
 from teacher_client import TeacherClient, TeacherServiceError, build_score_request
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.backend import HFBackend, ScoreItem
+from teacher_service.backend_api import ForwardTokens
 from teacher_service.cli import free_port
 from teacher_service.scoring import HALF_DTYPES, ScoreOptions, score_chunked
 
@@ -487,17 +488,20 @@ def in_process_batches(
 ) -> Callable:
     """The backend's score_batch (what the server's model worker runs) over the sequences,
     batch_size at a time: what batching buys inside the model, with no service around it.
-    switches: the backend's attributes set for these calls (share_prefixes, pack)."""
+    switches: the backend's attributes set for these calls (share_prefixes, pack). A call
+    returns what each batch's forwards ran."""
     options = ScoreOptions(top_k=top_k, dtype=torch.float16)
     items = [ScoreItem(torch.tensor(s), score_from, options) for s in sequences]
     switches = switches or {}
 
-    def run() -> None:
+    def run() -> list[ForwardTokens]:
         saved = {name: getattr(backend, name) for name in switches}
         vars(backend).update(switches)
         try:
-            for start in range(0, len(items), batch_size):
-                backend.score_batch(items[start : start + batch_size])
+            return [
+                backend.score_batch(items[start : start + batch_size]).forward_tokens
+                for start in range(0, len(items), batch_size)
+            ]
         finally:
             vars(backend).update(saved)
 
@@ -587,14 +591,12 @@ def run_rounds(
     return runs
 
 
-def computed_tokens(backend: HFBackend, items_run: Callable, sequences: list[list[int]]) -> dict:
-    """What one score_batch over `sequences` ran, from the backend's counters
-    (backend_api.ForwardTokens: padding included, a shared prefix once)."""
+def computed_tokens(items_run: Callable, sequences: list[list[int]]) -> dict:
+    """What one run of in_process_batches over `sequences` ran, as its score_batch calls
+    returned it (backend_api.ForwardTokens: padding included, a shared prefix once)."""
     real = sum(len(s) - 1 for s in sequences)  # forward_len: the last token is only a target
-    tokens = backend.forward_tokens
-    computed, padding = tokens.computed, tokens.padding
-    items_run()
-    computed, padding = tokens.computed - computed, tokens.padding - padding
+    ran = items_run()
+    computed, padding = sum(t.computed for t in ran), sum(t.padding for t in ran)
     return {
         "real_tokens": real,
         "computed_tokens": computed,
@@ -1072,7 +1074,6 @@ def run_groups(ctx: Context) -> Section:
         # what one batch's forwards computed, in process (also the in-process warm-up)
         computed = {
             name: computed_tokens(
-                backend,
                 in_process_batches(
                     backend, sequences, len(sequences), args.top_k, score_from,
                     {"share_prefixes": share},
@@ -1227,7 +1228,7 @@ def run_mixed(ctx: Context) -> Section:
                 lambda one=one: [one() for _ in range(args.shape_reps)],
                 scored,
             )
-        computed = {name: computed_tokens(backend, batches(name == "packed"), sequences)
+        computed = {name: computed_tokens(batches(name == "packed"), sequences)
                     for name in ("padded", "packed")}  # fmt: skip
         runs = run_rounds(timed, args.rounds, "mixed")
     finally:

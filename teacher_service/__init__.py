@@ -17,7 +17,7 @@ backend, and back; docs/design.md, "Module map and request path"):
   batcher.py      dynamic batching of sequences on the one model worker thread
   capacity.py     the model's measured speed by forward size: every bound's unit
   heap.py         start-up's objects frozen out of garbage collection; collections timed
-  backend_api.py  the Backend protocol, Capability, ScoreItem
+  backend_api.py  the Backend protocol, Capability, ScoreItem, ScoredBatch
   backend.py      HFBackend: a local transformers model; forward.py: its forwards
   remote.py       OpenAIBackend / TGIBackend: an upstream server as the model
   scoring.py      the log-prob math, a chunk of rows at a time

@@ -32,7 +32,7 @@ from causal_lm.placement import (
 )
 from causal_lm.sampling import Completion, SamplingOptions, eos_token_ids, next_token, sample
 from teacher_client.fingerprint import tokenizer_fingerprint
-from teacher_service.backend_api import Capability, ForwardTokens, ScoreItem
+from teacher_service.backend_api import Capability, ForwardTokens, ScoredBatch, ScoreItem
 from teacher_service.codec import torch_dtype
 from teacher_service.forward import (
     MIN_SHARED_TOKENS,
@@ -94,11 +94,10 @@ class HFBackend:
         self.body = Body(model)
         self.output_layer = OutputLayer(model, self.vocab_size)  # logits [T, V]: padding cut
         self.chunk_rows = max(1, score_chunk_mb * 2**20 // (4 * logits_rows))
-        # run a prefix that several sequences of a batch share once (checked below)
-        self.forward_tokens = ForwardTokens()
         # False: model(...).logits over every position, for models whose forward changes the
         # logits in a way OutputLayer does not know (and to compare against in benchmarks)
         self.rows_only = self._rows_reproduce_the_logits()
+        # run a prefix that several sequences of a batch share once (checked below)
         self.share_prefixes = share_prefixes and self.rows_only and self._sharing_is_exact()
         # several short unshared sequences in one row instead of padding (checked below)
         self.pack = pack and self.rows_only and self._packing_is_exact()
@@ -210,8 +209,9 @@ class HFBackend:
         return False
 
     @torch.inference_mode()
-    def score_batch(self, items: list[ScoreItem]) -> list[SequenceScores]:
-        """Every item's rows, scored together with the rows of items that ask the same."""
+    def score_batch(self, items: list[ScoreItem]) -> ScoredBatch:
+        """Every item's rows, scored together with the rows of items that ask the same, and
+        the tokens the forwards ran."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for n, item in enumerate(items):
             width = None if item.candidate_ids is None else item.candidate_ids.shape[-1]
@@ -225,8 +225,6 @@ class HFBackend:
             project = self.output_layer
         else:
             found, project = self._all_logits(items), None
-        self.forward_tokens.computed += found.computed_tokens
-        self.forward_tokens.padding += found.padding_tokens
         results: list[SequenceScores | None] = [None] * len(items)
         for (options, width), members in groups.items():
             sizes = [found.rows[n].shape[0] for n in members]
@@ -252,7 +250,8 @@ class HFBackend:
                     last[:, : self.vocab_size], options.temperature, options.top_p, generator
                 )
                 results[n].next_token_id = int(token)
-        return results  # type: ignore[return-value]
+        ran = ForwardTokens(found.computed_tokens, found.padding_tokens)
+        return ScoredBatch(results, ran)  # type: ignore[arg-type]
 
     def _group_inputs(
         self, items: list[ScoreItem], members: list[int], width: int | None

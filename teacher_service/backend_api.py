@@ -52,12 +52,22 @@ class ScoreItem:
         return int(self.token_ids.numel()) - (0 if self.sample_next else 1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ForwardTokens:
-    """Counters of the tokens a backend's forwards ran, for /metrics and benchmarks."""
+    """What one batch's forwards ran, for /metrics and benchmarks."""
 
-    computed: int = 0  # every position the body ran: padding included, a shared prefix once
-    padding: int = 0  # of those, positions that were only padding
+    computed: int  # every position the body ran: padding included, a shared prefix once
+    padding: int  # of those, positions that were only padding
+
+
+@dataclass
+class ScoredBatch:
+    """What Backend.score_batch returns: the scores and what the forwards that computed
+    them ran, together (as vLLM's engine returns a step's outputs with its stats), so no
+    caller has to read it off counters another call may have moved meanwhile."""
+
+    scores: list[SequenceScores]  # one per item, in order
+    forward_tokens: ForwardTokens | None  # None: an upstream ran the forwards, unseen
 
 
 @runtime_checkable
@@ -82,10 +92,10 @@ class Backend(Protocol):
     # draws from the torch generators the engine makes on `device`; False: an upstream
     # samples, seeded by SamplingOptions.seed
     samples_while_scoring: bool
-    forward_tokens: ForwardTokens | None  # None: an upstream runs the forwards, unseen
 
-    def score_batch(self, items: list[ScoreItem]) -> list[SequenceScores]:
-        """One result per item, in order; runs on the model worker thread."""
+    def score_batch(self, items: list[ScoreItem]) -> ScoredBatch:
+        """One result per item, in order, and what the forwards ran; runs on the model
+        worker thread."""
         ...
 
     def generate(

@@ -61,14 +61,13 @@ class Engine:
         self._idle.set()
 
     def _score_batch(self, items: list[ScoreItem]) -> list[SequenceScores]:
-        """The backend's score_batch (on the model worker), and what its forwards ran."""
-        tokens = self.backend.forward_tokens
-        if tokens is None:
-            return self.backend.score_batch(items)
-        computed, padding = tokens.computed, tokens.padding
-        results = self.backend.score_batch(items)
-        self.metrics.observe_forward_tokens(tokens.computed - computed, tokens.padding - padding)
-        return results
+        """The backend's score_batch (on the model worker); what its forwards ran goes to
+        /metrics (nothing for an upstream's, which it does not see)."""
+        scored = self.backend.score_batch(items)
+        ran = scored.forward_tokens
+        if ran is not None:
+            self.metrics.observe_forward_tokens(ran.computed, ran.padding)
+        return scored.scores
 
     def start(self) -> None:
         """Start the batcher's loop (call from the event loop that will serve requests)."""

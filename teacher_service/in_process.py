@@ -72,7 +72,7 @@ class InProcessTeacher:
                 candidate_logprobs=_numpy(s.candidate_logprobs),
                 full_logprobs=_numpy(s.full_logprobs),
             )
-            for s in self.backend.score_batch(items)
+            for s in self.backend.score_batch(items).scores
         ]
 
     def generate(

@@ -204,7 +204,7 @@ class ServiceMetrics:
             self.queue_wait.observe(wait)
 
     def observe_forward_tokens(self, computed: int, padding: int) -> None:
-        """Called on the model worker after every local forward pass (backend_api.ForwardTokens:
+        """Called on the model worker after every local batch (its forwards together) (backend_api.ForwardTokens:
         padding included, a shared prefix once), so packing and sharing show here."""
         self.tokens_computed.inc(computed)
         if computed:

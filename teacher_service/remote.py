@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 
 from causal_lm.sampling import Completion, SamplingOptions
 from teacher_client.fingerprint import tokenizer_fingerprint
-from teacher_service.backend_api import Capability, ScoreItem
+from teacher_service.backend_api import Capability, ScoredBatch, ScoreItem
 from teacher_service.errors import ErrorKind, RequestError, ServiceError
 from teacher_service.scoring import SequenceScores
 
@@ -47,7 +47,6 @@ class RemoteBackend(ABC):
     name = "remote"
     capabilities: tuple[Capability, ...] = ()
     samples_while_scoring = False  # the upstream samples on its own, in its own forward
-    forward_tokens = None  # the upstream's forwards: their padding is not ours to see
     device = "remote"
     model_dtype = "unknown"
 
@@ -107,8 +106,9 @@ class OpenAIBackend(RemoteBackend):
         model = self._get("/v1/models")["data"][0]
         return model["id"], int(model.get("max_model_len") or self.tokenizer.model_max_length)
 
-    def score_batch(self, items: list[ScoreItem]) -> list[SequenceScores]:
-        """One upstream request for the whole batch (the upstream batches it again)."""
+    def score_batch(self, items: list[ScoreItem]) -> ScoredBatch:
+        """One upstream request for the whole batch (the upstream batches it again; what
+        its forwards ran, padding included, is not ours to see)."""
         top_k = max(item.options.top_k for item in items)
         answer = self._post(
             "/v1/completions",
@@ -121,10 +121,11 @@ class OpenAIBackend(RemoteBackend):
             },
         )
         choices = sorted(answer["choices"], key=lambda c: c["index"])
-        return [
+        scores = [
             _scores_from_prompt_logprobs(item, choice["prompt_logprobs"])
             for item, choice in zip(items, choices)
         ]
+        return ScoredBatch(scores, forward_tokens=None)
 
     def generate(
         self, prompts: list[list[int]], options: SamplingOptions, generator: torch.Generator | None
@@ -175,7 +176,8 @@ class TGIBackend(RemoteBackend):
             )
         return text
 
-    def score_batch(self, items: list[ScoreItem]) -> list[SequenceScores]:
+    def score_batch(self, items: list[ScoreItem]) -> ScoredBatch:
+        """One upstream request per sequence (what its forwards ran is not ours to see)."""
         results = []
         for item in items:
             ids = item.token_ids.tolist()
@@ -195,7 +197,7 @@ class TGIBackend(RemoteBackend):
                 raise UpstreamError("the upstream tokenized the sequence differently")
             target = torch.tensor([token["logprob"] for token in prefill[item.score_from :]])
             results.append(_finish(item, target, None, None, None))
-        return results
+        return ScoredBatch(results, forward_tokens=None)
 
     def generate(
         self, prompts: list[list[int]], options: SamplingOptions, generator: torch.Generator | None

@@ -29,7 +29,7 @@ def test_half_precision_weights_score_close_to_float32(tiny_model_dir, backend, 
     half = HFBackend.load(tiny_model_dir, device="cpu", dtype=dtype)
     assert half.model_dtype == dtype and half.vocab_size == backend.vocab_size
     items = [ScoreItem(torch.tensor(ids), 1, ScoreOptions(full=True)) for ids in sequences]
-    for ids, scores in zip(sequences, half.score_batch(items)):
+    for ids, scores in zip(sequences, half.score_batch(items).scores):
         assert (
             scores.full_logprobs.dtype == torch.float32
         )  # computed in float32 whatever the weights
@@ -48,9 +48,9 @@ def test_half_precision_weights_score_close_to_float32(tiny_model_dir, backend, 
 def test_batched_forward_equals_each_sequence_alone(backend, sequences):
     options = ScoreOptions(top_k=5, full=True)
     items = [ScoreItem(torch.tensor(ids), 1 + n % 3, options) for n, ids in enumerate(sequences)]
-    batched = backend.score_batch(items)
-    for item, together in zip(items, backend.score_batch(items[::-1])[::-1]):
-        (alone,) = backend.score_batch([item])
+    batched = backend.score_batch(items).scores
+    for item, together in zip(items, backend.score_batch(items[::-1]).scores[::-1]):
+        (alone,) = backend.score_batch([item]).scores
         torch.testing.assert_close(together.full_logprobs, alone.full_logprobs, atol=1e-5, rtol=0)
     for item, scores in zip(items, batched):
         expected = reference_logprobs(backend, item.token_ids.tolist())[item.score_from - 1 : -1]

@@ -72,15 +72,15 @@ def test_a_split_model_scores_what_a_single_device_load_scores(backend, split, f
     on_one, across = variant(backend, **flags), variant(split, **flags)
     items = mixed_items(backend.vocab_size, seed=7)
     expected, got = on_one.score_batch(items), across.score_batch(items)
-    for a, b in zip(got, expected):
+    for a, b in zip(got.scores, expected.scores):
         for name in ("target_logprobs", "topk_logprobs", "candidate_logprobs", "full_logprobs"):
             if getattr(b, name) is not None:
                 torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=ATOL, rtol=0)
         assert torch.equal(a.topk_ids, b.topk_ids)
         assert torch.equal(a.target_ranks, b.target_ranks)
     # the same path ran (prefixes shared, rows packed), and it is right on its own terms
-    assert across.forward_tokens == on_one.forward_tokens
-    check_against_whole_forwards(backend, items, got)
+    assert got.forward_tokens == expected.forward_tokens
+    check_against_whole_forwards(backend, items, got.scores)
 
 
 def test_a_split_model_samples_what_a_single_device_load_samples(backend, split):
@@ -98,7 +98,7 @@ def test_a_split_model_samples_what_a_single_device_load_samples(backend, split)
     for scorer in (split, backend):
         for item in items:
             item.sample_next = (options, new_generator(options, scorer.device))
-        nexts.append([s.next_token_id for s in scorer.score_batch(items)])
+        nexts.append([s.next_token_id for s in scorer.score_batch(items).scores])
     assert nexts[0] == nexts[1]
 
 

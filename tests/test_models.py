@@ -61,7 +61,7 @@ def test_service_backend_scores_the_committed_teacher_like_a_plain_forward():
     ids = tokenizer("Number: 42105\nGerman: zweiundvierzigtausendeinhundertfünf")["input_ids"]
     sequence = torch.tensor(ids)
     options = ScoreOptions(top_k=5, full=True, temperature=1.0, dtype=torch.float32)
-    (scores,) = backend.score_batch([ScoreItem(sequence, 1, options, None)])
+    (scores,) = backend.score_batch([ScoreItem(sequence, 1, options, None)]).scores
     with torch.no_grad():
         logits = model(input_ids=sequence[None]).logits[0, :-1, : len(tokenizer)]
     expected = torch.log_softmax(logits.double(), dim=-1)

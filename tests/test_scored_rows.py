@@ -101,7 +101,7 @@ def test_every_path_scores_what_a_whole_forward_of_each_sequence_gives(backend, 
     scorer = variant(backend, **flags)
     assert scorer.vocab_size < scorer.model.get_output_embeddings().weight.shape[0]  # padded
     items = mixed_items(scorer.vocab_size)
-    check_against_whole_forwards(scorer, items, scorer.score_batch(items))
+    check_against_whole_forwards(scorer, items, scorer.score_batch(items).scores)
 
 
 def test_a_shared_prefix_runs_once_and_changes_no_result(backend):
@@ -110,12 +110,13 @@ def test_a_shared_prefix_runs_once_and_changes_no_result(backend):
     # a second request with other options in the same batch shares the prompt too
     other = ScoreOptions(top_k=2)
     items += [ScoreItem(item.token_ids, PROMPT_LEN, other) for item in items[:2]]
-    for a, b in zip(shared.score_batch(items), alone.score_batch(items)):
+    with_sharing, without = shared.score_batch(items), alone.score_batch(items)
+    for a, b in zip(with_sharing.scores, without.scores):
         torch.testing.assert_close(a.target_logprobs, b.target_logprobs, atol=ATOL, rtol=0)
         if a.full_logprobs is not None:
             torch.testing.assert_close(a.full_logprobs, b.full_logprobs, atol=ATOL, rtol=0)
     # 7 samples of a 40-token prompt: the prompt's tokens are computed once, not 7 times
-    saved = alone.forward_tokens.computed - shared.forward_tokens.computed
+    saved = without.forward_tokens.computed - with_sharing.forward_tokens.computed
     assert saved >= 5 * (PROMPT_LEN - 1)
 
 
@@ -123,12 +124,13 @@ def test_packing_short_sequences_into_shared_rows_computes_less_and_changes_no_r
     packed, padded = (variant(backend, share_prefixes=False, pack=p) for p in (True, False))
     assert packed.pack and not padded.pack  # the load-time check passed
     items = mixed_items(backend.vocab_size, seed=4)
-    for a, b in zip(packed.score_batch(items), padded.score_batch(items)):
+    in_rows, in_padding = packed.score_batch(items), padded.score_batch(items)
+    for a, b in zip(in_rows.scores, in_padding.scores):
         torch.testing.assert_close(a.full_logprobs, b.full_logprobs, atol=ATOL, rtol=0)
     real = sum(item.forward_len for item in items)
-    assert real <= packed.forward_tokens.computed < padded.forward_tokens.computed
-    for scorer in (packed, padded):  # the counters: what ran = the sequences + padding
-        tokens = scorer.forward_tokens
+    assert real <= in_rows.forward_tokens.computed < in_padding.forward_tokens.computed
+    for scored in (in_rows, in_padding):  # the counts: what ran = the sequences + padding
+        tokens = scored.forward_tokens
         assert tokens.computed - tokens.padding == real
 
 
@@ -142,7 +144,7 @@ def test_an_attention_that_lets_packed_sequences_meet_is_padded_instead(
     assert not scorer.pack
     assert "packed sequences attend to each other" in caplog.text
     items = mixed_items(backend.vocab_size, seed=6)
-    check_against_whole_forwards(scorer, items, scorer.score_batch(items))
+    check_against_whole_forwards(scorer, items, scorer.score_batch(items).scores)
 
 
 @pytest.mark.parametrize("share_prefixes", [True, False], ids=["shared", "packed"])
@@ -154,7 +156,7 @@ def test_the_token_sampled_after_a_shared_prefix_or_in_a_packed_row_is_the_one_s
     for item in items:
         item.sample_next = (SamplingOptions(1, temperature=0.0), None)
         item.options = ScoreOptions(top_k=1)
-    scored = variant(backend, share_prefixes=share_prefixes).score_batch(items)
+    scored = variant(backend, share_prefixes=share_prefixes).score_batch(items).scores
     for item, scores in zip(items, scored):
         with torch.inference_mode():
             logits = backend.model(item.token_ids.unsqueeze(0)).logits[0, -1]
@@ -166,7 +168,7 @@ def test_a_soft_capped_architecture_gemma2_scores_its_own_logits(backend):
     gemma = HFBackend(model, backend.tokenizer, model_id="tiny-gemma2")
     assert gemma.rows_only  # OutputLayer reproduces its soft-capping
     items = mixed_items(gemma.vocab_size)
-    check_against_whole_forwards(gemma, items, gemma.score_batch(items))
+    check_against_whole_forwards(gemma, items, gemma.score_batch(items).scores)
 
 
 def test_the_output_layer_computes_the_real_vocabularys_logits_only(backend):
@@ -203,7 +205,7 @@ def test_a_forward_that_rescales_its_logits_unknown_way_is_scored_from_its_logit
     assert "scoring from model(...).logits over every position" in caplog.text
     items = mixed_items(odd.vocab_size)
     # logits twice as large: float32 rounds them twice as coarsely
-    check_against_whole_forwards(odd, items, odd.score_batch(items), atol=2 * ATOL)
+    check_against_whole_forwards(odd, items, odd.score_batch(items).scores, atol=2 * ATOL)
 
 
 MEMORY_SCRIPT = """
@@ -230,11 +232,11 @@ def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 out = {"rows_only": backend.rows_only}
 before = peak_mb()  # the model loaded: what the scoring adds to the process's peak
-(rows,) = backend.score_batch([item])
+(rows,) = backend.score_batch([item]).scores
 out["rows_mb"] = peak_mb() - before
 backend.rows_only = False
 before = peak_mb()
-(logits,) = backend.score_batch([item])
+(logits,) = backend.score_batch([item]).scores
 out["logits_mb"] = peak_mb() - before
 out["agree"] = float((rows.target_logprobs - logits.target_logprobs).abs().max())
 print(json.dumps(out))
@@ -284,4 +286,4 @@ def test_a_model_whose_cache_cannot_be_shared_is_scored_unshared(backend, monkey
     assert unshareable.rows_only and not unshareable.share_prefixes
     assert "prefixes are not shared" in caplog.text
     items = mixed_items(unshareable.vocab_size)
-    check_against_whole_forwards(unshareable, items, unshareable.score_batch(items))
+    check_against_whole_forwards(unshareable, items, unshareable.score_batch(items).scores)

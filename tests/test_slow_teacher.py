@@ -76,7 +76,7 @@ def test_a_lone_stream_caller_and_a_lone_unary_caller_are_never_refused(slow_ser
     assert len(streamed) == 6 and all(len(results) == SEQUENCES for results in streamed)
     # the scores are the model's: the first sequence against a forward in this process
     ids = torch.tensor(calls[0]["sequences"][0])
-    (expected,) = slow_backend.score_batch([ScoreItem(ids, 1, ScoreOptions(top_k=8))])
+    (expected,) = slow_backend.score_batch([ScoreItem(ids, 1, ScoreOptions(top_k=8))]).scores
     for results in (streamed[0], unary[0]):
         assert results[0].topk_ids.tolist() == expected.topk_ids.tolist()
         np.testing.assert_allclose(
