@@ -204,8 +204,9 @@ class ServiceMetrics:
             self.queue_wait.observe(wait)
 
     def observe_forward_tokens(self, computed: int, padding: int) -> None:
-        """Called on the model worker after every local batch (its forwards together) (backend_api.ForwardTokens:
-        padding included, a shared prefix once), so packing and sharing show here."""
+        """Called on the model worker after every local batch, its forwards together
+        (backend_api.ForwardTokens: padding included, a shared prefix once), so packing and
+        sharing show here."""
         self.tokens_computed.inc(computed)
         if computed:
             self.padding_waste.observe(padding / computed)
