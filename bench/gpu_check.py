@@ -25,10 +25,16 @@ from pathlib import Path
 from gpu_wheels import pins
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("teacher_service", "student_trainer", "teacher-client/teacher_client")
+PACKAGES = (
+    "teacher_service",
+    "student_trainer",
+    "causal_lm",
+    "experiments",
+    "teacher-client/teacher_client",
+)
 BENCHES = ("bench/bench_service.py", "bench/bench_trainer.py", "bench/trl_reference.py")
 BENCHES += ("bench/gpu_check.py", "bench/gpu_wheels.py")
-FIRST_PARTY = {"teacher_service", "student_trainer", "teacher_client"}
+FIRST_PARTY = {package.split("/")[-1] for package in PACKAGES}
 FIRST_PARTY |= {path.stem for path in (ROOT / "bench").glob("*.py")}  # on the benches' path
 OPTIONAL = {  # imported only by features gpu.sh does not use
     "trl": "teacher_client.trl and bench/trl_reference.py: TRL, the client's trl extra",

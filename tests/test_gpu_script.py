@@ -33,9 +33,11 @@ WHEELS_LIST = BENCH / "gpu-wheels.txt"
 PACKAGES = [
     ROOT / "teacher_service",
     ROOT / "student_trainer",
+    ROOT / "causal_lm",
+    ROOT / "experiments",
     ROOT / "teacher-client" / "teacher_client",
 ]
-FIRST_PARTY = {"teacher_service", "student_trainer", "teacher_client"}
+FIRST_PARTY = {package.name for package in PACKAGES}
 OURS = {"teacher-service", "teacher-client"}  # their requirements are walked, never carried
 OPTIONAL = {"trl"}  # teacher_client.trl and bench/trl_reference.py: not installed here
 
