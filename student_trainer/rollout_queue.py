@@ -136,7 +136,7 @@ class RolloutQueue:
             self._next = max(self._next, rollout.step + 1)
 
     def _micro_batch(self, saved: dict[str, Any]) -> MicroBatch:
-        student, config = self.builder.student, self.builder.config
+        builder, student = self.builder, self.builder.student
         sequences, lens = saved["sequences"], saved["prompt_lens"]
         batch = build_batch(
             [s[:n] for s, n in zip(sequences, lens)],
@@ -150,6 +150,8 @@ class RolloutQueue:
             saved["candidates"],
             rewards=saved["rewards"],
         )
-        if config.method.name == "gkd":
-            item.scores = submit_scores(self.builder.teacher, batch, item.candidates, config)
+        if builder.method.name == "gkd":
+            item.scores = submit_scores(
+                builder.teacher, batch, item.candidates, builder.method, builder.teacher_dtype
+            )
         return item

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from student_trainer.checkpoint import resume_checkpoint
-from student_trainer.config import ConfigError, TrainConfig, to_dict
+from student_trainer.config import ConfigError, RunConfig, StudentConfig, TrainConfig, to_dict
 from student_trainer.data import ExampleStream, training_splits
 from student_trainer.distributed import (
     World,
@@ -95,22 +95,37 @@ class Trainer:
         device = device_for(self.world, resolve_device(config.student.device))
         init_process_group(self.world, device)
         checkpoint = resume_checkpoint(resume, self.out_dir)
-        self.student = _load_student(config, checkpoint, device)
+        self.student = _load_student(config.student, checkpoint, device, seed=config.run.seed)
         self.trained = data_parallel(self.student.completion_forward, self.world)
         if teacher is None:
             # a thread for every micro-batch of a step: all of them are in flight at once
-            teacher = connect(config, workers=max(2, config.optim.grad_accum))
+            workers = max(2, config.optim.grad_accum)
+            teacher = connect(config.teacher, required=config.uses_teacher, workers=workers)
         if teacher is not None:
-            handshake(teacher, self.student.tokenizer, config)
+            handshake(teacher, self.student.tokenizer, config.teacher, config.method)
         self.teacher = teacher
-        self.splits = training_splits(config, self.student.tokenizer)
+        self.splits = training_splits(config.task, config.method, self.student.tokenizer)
         stream = ExampleStream(self.splits.train, seed=config.run.seed)
-        self.state = RunState.start(config, self.student.model, stream, self.world, device)
+        self.state = RunState.start(
+            config.optim,
+            self.student.model,
+            stream,
+            self.world,
+            device,
+            seed=config.run.seed,
+            autocast=config.student.autocast,
+        )
         self.precision = self.state.precision
         if checkpoint:
             self.state.load(checkpoint, self.world)
         self.builder = MicroBatchBuilder(
-            self.student, teacher, config, self.state.rollout_generator
+            self.student,
+            teacher,
+            config.method,
+            config.rollout,
+            teacher_dtype=config.teacher.dtype,
+            seed=config.run.seed,
+            generator=self.state.rollout_generator,
         )
         self.rollouts = RolloutQueue(self.builder, self._build_step, config.rollout.max_staleness)
         self.rollouts.restore(self.state.pending_rollouts)
@@ -166,7 +181,7 @@ class Trainer:
         except TeacherServiceError as error:  # SeqKD's teacher.generate
             if not is_outage(error):
                 raise
-            outage = TeacherOutage(self.config, str(error))
+            outage = TeacherOutage(self.config.teacher, str(error))
         tokens = sum(mb.batch.num_tokens for mb in rollout.micro_batches) if rollout else 0
         # the whole world's completion tokens: every rank's loss is a share of one mean
         total, build_failed = self.world.sum([tokens, outage is not None], device)
@@ -174,7 +189,7 @@ class Trainer:
             if rollout is not None:
                 self.rollouts.undo_take(rollout)
             state.rewind(before)
-            raise outage or TeacherOutage(self.config, "another rank's teacher call failed")
+            raise outage or TeacherOutage(self.config.teacher, "another rank's teacher call failed")
         assert rollout is not None
         built = state.draws()  # the forwards below may draw (dropout): rewound on an outage
         on_policy, micro_batches = rollout.on_policy, rollout.micro_batches
@@ -198,7 +213,9 @@ class Trainer:
                         except TeacherServiceError as error:
                             if not is_outage(error):
                                 raise
-                            outage = TeacherOutage(self.config, str(error), mb.scores.latency_s)
+                            outage = TeacherOutage(
+                                self.config.teacher, str(error), mb.scores.latency_s
+                            )
                         wait += time.perf_counter() - waited
                         latency += mb.scores.latency_s
                     if mb.scores is None:  # sft / seqkd: next-token NLL on the given outputs
@@ -227,7 +244,7 @@ class Trainer:
             state.optimizer.zero_grad(set_to_none=True)
             self.rollouts.put_back(rollout)
             state.rewind(built)
-            raise outage or TeacherOutage(self.config, "another rank's teacher call failed")
+            raise outage or TeacherOutage(self.config.teacher, "another rank's teacher call failed")
         self.precision.unscale(state.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             trainable_parameters(self.student.model),
@@ -282,7 +299,7 @@ class Trainer:
                 raise
             # under torchrun rank 0 evaluates alone: the others cannot join a checkpoint now
             every_rank = not self.world.distributed
-            raise TeacherOutage(self.config, str(error), every_rank=every_rank) from None
+            raise TeacherOutage(self.config.teacher, str(error), every_rank=every_rank) from None
         finally:
             student.model.train(was_training)
 
@@ -292,12 +309,13 @@ class Trainer:
         destroy_process_group(self.world)
 
 
-def _load_student(config: TrainConfig, checkpoint: Path | None, device: torch.device) -> Student:
+def _load_student(
+    s: StudentConfig, checkpoint: Path | None, device: torch.device, *, seed: int
+) -> Student:
     """The student to train: student.model, or the checkpoint resumed, with its adapters
-    (student.lora) and gradient checkpointing. A checkpoint must be of the run's kind: a
-    LoRA run's holds adapters, a full run's a whole model (the optimizer state of one does
-    not fit the other)."""
-    s = config.student
+    (student.lora; new ones drawn from run.seed, `seed`) and gradient checkpointing. A
+    checkpoint must be of the run's kind: a LoRA run's holds adapters, a full run's a
+    whole model (the optimizer state of one does not fit the other)."""
     lora = s.lora if s.lora.r > 0 else None
     if checkpoint is not None and is_adapter_dir(checkpoint) != (lora is not None):
         held = "LoRA adapters" if is_adapter_dir(checkpoint) else "a whole model"
@@ -313,7 +331,7 @@ def _load_student(config: TrainConfig, checkpoint: Path | None, device: torch.de
         lora=lora,
         base=s.model,
         gradient_checkpointing=s.gradient_checkpointing,
-        seed=config.run.seed,
+        seed=seed,
     )
 
 
@@ -361,7 +379,7 @@ def train(
 
     try:
         if main:
-            metrics = _metrics_log(config, trainer)
+            metrics = _metrics_log(run, trainer)
             (trainer.out_dir / "config.yaml").write_text(json.dumps(to_dict(config), indent=2))
         bar = tqdm(
             total=total,
@@ -404,9 +422,8 @@ def train(
     return result
 
 
-def _metrics_log(config: TrainConfig, trainer: Trainer) -> MetricsLog:
+def _metrics_log(run: RunConfig, trainer: Trainer) -> MetricsLog:
     """Rank 0's log: metrics.jsonl, TensorBoard, and Prometheus when run.metrics_port is set."""
-    run = config.run
     prometheus = PrometheusExport(run.metrics_host, run.metrics_port) if run.metrics_port else None
     return MetricsLog(trainer.out_dir, trainer.step, prometheus)
 
