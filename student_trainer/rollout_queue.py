@@ -21,11 +21,11 @@ stores the sequences of the steps built ahead; a resumed run trains those same s
 (the teacher scores them again) and builds on from the stored streams, exactly as the
 uninterrupted run does.
 
-A step whose teacher fails (train.py: an outage past teacher.timeout_s) is given back:
-`put_back` makes its rollout pending again, so the checkpoint written then keeps its
+A step whose teacher fails (an outage past teacher.timeout_s: step_guard.py) is given
+back: `put_back` makes its rollout pending again, so the checkpoint written then keeps its
 sequences and the resumed run trains them, with k = 0 too. A build that fails (SeqKD's
-teacher.generate) leaves the queue as it found it (`take` drops what it built; the
-trainer rewinds the streams it drew from).
+teacher.generate) leaves the queue as it found it (`take` drops what it built; the step
+guard rewinds the streams it drew from).
 """
 
 from __future__ import annotations

@@ -206,8 +206,7 @@ class Trainer:
                 with self.precision.autocast():  # student.autocast: forward and loss only
                     rows, targets = self.student.completion_rows(mb.batch, self.trained)
                     results = self._teacher_scores(mb, sums)
-                    if self.guard.failed:  # no step: the rest of it runs with a zero loss
-                        # only to keep DDP's collectives in step
+                    if self.guard.failed:  # not to be stepped: a zero loss keeps DDP in step
                         per_token = -token_logprobs(rows, targets) * 0.0
                     else:
                         per_token = self._micro_batch_loss(rows, targets, mb, results, sums)
