@@ -4,6 +4,7 @@ It imports teacher_client, its own modules, and of the service only its in-proce
 point (teacher_service.in_process; tests/test_imports.py holds it to that).
 
 train.py       the loop (Algorithm 1): mixing, micro-batches, overlap with the teacher
+step_guard.py  a step whose teacher fails is taken on no rank (rewind, put back, tell all)
 teacher.py     the Teacher interface (submit_score -> future): the service or in-process
 student.py     the student model and tokenizer, loaded from a directory or checkpoint
 microbatch.py  what a micro-batch trains on: student samples, teacher outputs or answers

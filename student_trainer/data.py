@@ -7,7 +7,7 @@ import random
 from collections.abc import Collection
 from typing import Any
 
-from student_trainer.config import FILE_TASK, TaskConfig, TrainConfig
+from student_trainer.config import FILE_TASK, MethodConfig, TaskConfig
 from student_trainer.tasks import TASKS, Example, Splits
 from student_trainer.user_data import load_user_splits, require_completions
 
@@ -21,10 +21,10 @@ def task_splits(task: TaskConfig, tokenizer: Any = None) -> Splits:
     return TASKS[task.name].splits(task.train_size, task.validation_size, task.test_size, task.seed)
 
 
-def training_splits(config: TrainConfig, tokenizer: Any) -> Splits:
+def training_splits(task: TaskConfig, method: MethodConfig, tokenizer: Any) -> Splits:
     """`task_splits`, refused when the method needs completions the data does not have."""
-    splits = task_splits(config.task, tokenizer)
-    require_completions(config, splits)
+    splits = task_splits(task, tokenizer)
+    require_completions(method, task, splits)
     return splits
 
 

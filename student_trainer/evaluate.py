@@ -132,7 +132,7 @@ def evaluate_model(
     is given, after the tokenizer handshake."""
     student = load_student(model_dir, config.student.dtype, resolve_device(config.student.device))
     if teacher is not None:
-        handshake(teacher, student.tokenizer, config)
+        handshake(teacher, student.tokenizer, config.teacher, config.method)
     examples = getattr(task_splits(config.task, student.tokenizer), split)[:size]
     return evaluate(
         student.model.eval(),
@@ -154,7 +154,7 @@ def evaluate_split(
 ) -> dict[str, float]:
     """`evaluate_model` of student.model or a run's checkpoint, with divergences when the
     config names a teacher."""
-    teacher = connect(config)
+    teacher = connect(config.teacher, required=config.uses_teacher)
     try:
         model_dir = config.student.model if checkpoint is None else checkpoint
         return evaluate_model(model_dir, config, split, size=size, teacher=teacher)

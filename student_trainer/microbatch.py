@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from causal_lm.sampling import SamplingOptions
-from student_trainer.config import TrainConfig
+from student_trainer.config import MethodConfig, RolloutConfig
 from student_trainer.data import decode_completion, encode_answer, prompt_ids
 from student_trainer.rollouts import Batch, build_batch, sample_completions
 from student_trainer.student import Student
@@ -34,18 +34,22 @@ class MicroBatch:
 @dataclass
 class MicroBatchBuilder:
     """What a micro-batch is built from; one per run (the generator is this rank's stream,
-    restored in place on resume)."""
+    restored in place on resume). It reads the method and rollout sections, teacher.dtype
+    and run.seed, given one by one."""
 
     student: Student
     teacher: Teacher | None
-    config: TrainConfig
+    method: MethodConfig
+    rollout: RolloutConfig
+    teacher_dtype: str  # teacher.dtype: the wire dtype of the scores asked for
+    seed: int  # run.seed: SeqKD's teacher outputs are seeded by it, the step and the index
     generator: torch.Generator
 
     def build(
         self, examples: list[Example], *, on_policy: bool, step: int, index: int
     ) -> MicroBatch:
         """Micro-batch `index` of `step`: sequences built, scoring submitted, rewards set."""
-        m, tokenizer = self.config.method, self.student.tokenizer
+        m, tokenizer = self.method, self.student.tokenizer
         distill = m.name == "gkd"
         prompts = [prompt_ids(tokenizer, e) for e in examples]
         completed = self.completions(prompts, examples, on_policy=on_policy, step=step, index=index)
@@ -56,7 +60,7 @@ class MicroBatchBuilder:
         if distill and m.student_candidates > 0 and m.support == "topk":
             item.candidates = student_candidates(self.student, batch, m.student_candidates)
         if distill:
-            item.scores = submit_scores(self.teacher, batch, item.candidates, self.config)
+            item.scores = submit_scores(self.teacher, batch, item.candidates, m, self.teacher_dtype)
         if m.alpha < 1.0:
             reward = REWARDS[m.reward]
             item.rewards = [
@@ -76,7 +80,7 @@ class MicroBatchBuilder:
     ) -> list[list[int]]:
         """What each prompt is completed with: student samples, the teacher's outputs (SeqKD,
         seeded by run, step and micro-batch) or the dataset's answers."""
-        m, r, student = self.config.method, self.config.rollout, self.student
+        m, r, student = self.method, self.rollout, self.student
         if on_policy:
             options = SamplingOptions(r.max_new_tokens, r.temperature, r.top_p)
             return sample_completions(
@@ -89,7 +93,7 @@ class MicroBatchBuilder:
                 generator=self.generator,
             )
         if m.name == "seqkd":
-            seed = (self.config.run.seed * 1_000_003 + step) * 1_009 + index
+            seed = (self.seed * 1_000_003 + step) * 1_009 + index
             outputs = self.teacher.generate(
                 prompts, max_new_tokens=r.max_new_tokens, temperature=m.seqkd_temperature, seed=seed
             )
@@ -107,16 +111,20 @@ def student_candidates(student: Student, batch: Batch, count: int) -> list[torch
 
 
 def submit_scores(
-    teacher: Teacher, batch: Batch, candidates: list[torch.Tensor] | None, config: TrainConfig
+    teacher: Teacher,
+    batch: Batch,
+    candidates: list[torch.Tensor] | None,
+    method: MethodConfig,
+    dtype: str,
 ) -> ScoreFuture:
-    """Ask the teacher for what method.support needs at every completion position."""
-    m = config.method
+    """Ask the teacher for what method.support needs at every completion position, its
+    log-probs in `dtype` (teacher.dtype) on the wire."""
     return teacher.submit_score(
         batch.sequences,
         batch.prompt_lens,
-        top_k=m.top_k if m.support == "topk" else 0,
+        top_k=method.top_k if method.support == "topk" else 0,
         candidates=None if candidates is None else [c.numpy() for c in candidates],
-        full=m.support == "full",
-        temperature=m.temperature,
-        dtype=config.teacher.dtype,
+        full=method.support == "full",
+        temperature=method.temperature,
+        dtype=dtype,
     )

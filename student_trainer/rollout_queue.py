@@ -21,11 +21,11 @@ stores the sequences of the steps built ahead; a resumed run trains those same s
 (the teacher scores them again) and builds on from the stored streams, exactly as the
 uninterrupted run does.
 
-A step whose teacher fails (train.py: an outage past teacher.timeout_s) is given back:
-`put_back` makes its rollout pending again, so the checkpoint written then keeps its
+A step whose teacher fails (an outage past teacher.timeout_s: step_guard.py) is given
+back: `put_back` makes its rollout pending again, so the checkpoint written then keeps its
 sequences and the resumed run trains them, with k = 0 too. A build that fails (SeqKD's
-teacher.generate) leaves the queue as it found it (`take` drops what it built; the
-trainer rewinds the streams it drew from).
+teacher.generate) leaves the queue as it found it (`take` drops what it built; the step
+guard rewinds the streams it drew from).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class RolloutQueue:
             self._next = max(self._next, rollout.step + 1)
 
     def _micro_batch(self, saved: dict[str, Any]) -> MicroBatch:
-        student, config = self.builder.student, self.builder.config
+        builder, student = self.builder, self.builder.student
         sequences, lens = saved["sequences"], saved["prompt_lens"]
         batch = build_batch(
             [s[:n] for s, n in zip(sequences, lens)],
@@ -150,6 +150,8 @@ class RolloutQueue:
             saved["candidates"],
             rewards=saved["rewards"],
         )
-        if config.method.name == "gkd":
-            item.scores = submit_scores(self.builder.teacher, batch, item.candidates, config)
+        if builder.method.name == "gkd":
+            item.scores = submit_scores(
+                builder.teacher, batch, item.candidates, builder.method, builder.teacher_dtype
+            )
         return item

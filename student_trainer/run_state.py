@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from student_trainer.checkpoint import load_state, save_checkpoint
-from student_trainer.config import TrainConfig, to_dict
+from student_trainer.config import OptimConfig, TrainConfig, to_dict
 from student_trainer.data import ExampleStream
 from student_trainer.distributed import World
 from student_trainer.lora import trainable_parameters
@@ -88,26 +88,27 @@ class RunState:
     @classmethod
     def start(
         cls,
-        config: TrainConfig,
+        optim: OptimConfig,
         model: torch.nn.Module,
         stream: ExampleStream,
         world: World,
         device: torch.device,
+        *,
+        seed: int,
+        autocast: str,
     ) -> RunState:
-        """Step 0 of a run (torch's global generator is seeded here, as a fresh run's is)."""
-        torch.manual_seed(config.run.seed)
-        o = config.optim
+        """Step 0 of a run, from the optim section, run.seed and student.autocast (torch's
+        global generator is seeded here, as a fresh run's is)."""
+        torch.manual_seed(seed)
         optimizer = torch.optim.AdamW(
-            trainable_parameters(model), lr=o.lr, weight_decay=o.weight_decay
+            trainable_parameters(model), lr=optim.lr, weight_decay=optim.weight_decay
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, o.warmup_steps, o.steps, o.schedule)
+            optimizer, lambda s: lr_factor(s, optim.warmup_steps, optim.steps, optim.schedule)
         )
-        generator = torch.Generator(device=device).manual_seed(
-            config.run.seed + RANK_SEED_STRIDE * world.rank
-        )
-        precision = Precision.create(config.student.autocast, device)
-        mixing = random.Random(config.run.seed)
+        generator = torch.Generator(device=device).manual_seed(seed + RANK_SEED_STRIDE * world.rank)
+        precision = Precision.create(autocast, device)
+        mixing = random.Random(seed)
         return cls(0, optimizer, scheduler, generator, mixing, stream, precision=precision)
 
     def save(

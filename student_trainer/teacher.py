@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from student_trainer.config import ConfigError, TrainConfig
+from student_trainer.config import ConfigError, MethodConfig, TeacherConfig
 from teacher_client import (
     GenerateResult,
     RetryPolicy,
@@ -66,15 +66,15 @@ class TeacherOutage(RuntimeError):
 
     def __init__(
         self,
-        config: TrainConfig,
+        config: TeacherConfig,
         cause: str,
         waited_s: float | None = None,
         *,
         every_rank: bool = True,
     ) -> None:
         super().__init__(cause)
-        self.address = config.teacher.address or config.teacher.in_process
-        self.timeout_s = config.teacher.timeout_s
+        self.address = config.address or config.in_process
+        self.timeout_s = config.timeout_s
         self.cause = " ".join(cause.split())  # gRPC details may span lines
         self.waited_s = waited_s  # how long the failing call tried, when this rank made it
         # raised by every rank together (so they can all write the checkpoint), not by
@@ -230,43 +230,47 @@ class LocalTeacher:
         """Nothing to release: the model goes with this object."""
 
 
-def connect(config: TrainConfig, *, workers: int = 2) -> Teacher | None:
-    """The config's teacher: in-process when teacher.in_process names a model directory,
-    else the service at teacher.address, once it reports SERVING (up to
-    teacher.connect_timeout_s). None when the method needs none and none is named."""
-    t = config.teacher
-    if t.in_process:
-        return LocalTeacher.load(t.in_process)
-    if not (config.uses_teacher or t.address):
+def connect(config: TeacherConfig, *, required: bool, workers: int = 2) -> Teacher | None:
+    """The teacher section's teacher: in-process when teacher.in_process names a model
+    directory, else the service at teacher.address, once it reports SERVING (up to
+    teacher.connect_timeout_s). None when not `required` (the method needs none: sft)
+    and none is named."""
+    if config.in_process:
+        return LocalTeacher.load(config.in_process)
+    if not (required or config.address):
         return None
-    tls = dict(tls=t.tls, tls_ca=t.tls_ca, tls_cert=t.tls_cert, tls_key=t.tls_key)
+    tls = dict(
+        tls=config.tls, tls_ca=config.tls_ca, tls_cert=config.tls_cert, tls_key=config.tls_key
+    )
     # retried within teacher.timeout_s, however many tries that takes: a trainer waits out
     # a teacher's restart or overload (the same request, the same answer) rather than die
     retry = RetryPolicy(max_retries=None)
-    client = TeacherClient(t.address, timeout=t.timeout_s, retry=retry, **tls)
-    log.info("waiting for the teacher service at %s", t.address)
+    client = TeacherClient(config.address, timeout=config.timeout_s, retry=retry, **tls)
+    log.info("waiting for the teacher service at %s", config.address)
     try:
-        client.wait_until_serving(timeout=t.connect_timeout_s)
+        client.wait_until_serving(timeout=config.connect_timeout_s)
     except (TeacherServiceError, TimeoutError) as error:
         client.close()
         raise ConfigError(
-            f"teacher.address: no teacher service serving at {t.address} within "
-            f"{t.connect_timeout_s:g} s (teacher.connect_timeout_s): {error}"
+            f"teacher.address: no teacher service serving at {config.address} within "
+            f"{config.connect_timeout_s:g} s (teacher.connect_timeout_s): {error}"
         ) from None
     return RemoteTeacher(client, workers)
 
 
-def handshake(teacher: Teacher, tokenizer: Any, config: TrainConfig) -> None:
+def handshake(
+    teacher: Teacher, tokenizer: Any, config: TeacherConfig, method: MethodConfig
+) -> None:
     """Refuse (and close) a teacher whose vocabulary differs from the student's: its
     log-probs would mean other tokens. Also refuse a top_k beyond its vocabulary."""
     try:
         info = teacher.check_tokenizer(tokenizer)
     except TokenizerMismatchError as error:
         teacher.close()
-        key = "teacher.in_process" if config.teacher.in_process else "teacher.address"
+        key = "teacher.in_process" if config.in_process else "teacher.address"
         raise ConfigError(f"{key}: {error}") from None
-    top_k = config.method.top_k
-    if config.method.support == "topk" and top_k > info.vocab_size:
+    top_k = method.top_k
+    if method.support == "topk" and top_k > info.vocab_size:
         teacher.close()
         raise ConfigError(
             f"method.top_k: {top_k} exceeds the teacher's vocabulary ({info.vocab_size} tokens)"

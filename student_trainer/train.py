@@ -11,6 +11,11 @@ Each optimizer step:
   3. each micro-batch's token losses are summed and divided by the completion-token count
      of the whole step (all micro-batches), then backward; clip, AdamW, schedule.
 
+`Trainer.train_step` reads in that order: take the step's rollout, ask the teacher (wait
+for its scores), take the loss per micro-batch, step, record. A step whose teacher stays
+out of reach past teacher.timeout_s is taken on no rank: the failure protocol (rewind the
+streams, put the rollout back, tell every rank) is step_guard.py's, beside the loop.
+
 What it orchestrates lives elsewhere: the student (student.py), the teacher, remote or
 in-process (teacher.py), the losses (objective.py), the optimizer, schedule, random
 streams and checkpoints (run_state.py), and torchrun's world (distributed.py).
@@ -30,7 +35,7 @@ from tqdm import tqdm
 
 from causal_lm.placement import resolve_device
 from student_trainer.checkpoint import resume_checkpoint
-from student_trainer.config import ConfigError, TrainConfig, to_dict
+from student_trainer.config import ConfigError, RunConfig, StudentConfig, TrainConfig, to_dict
 from student_trainer.data import ExampleStream, training_splits
 from student_trainer.distributed import (
     World,
@@ -54,10 +59,28 @@ from student_trainer.objective import (
 )
 from student_trainer.prometheus_export import PrometheusExport
 from student_trainer.rollout_queue import Rollout, RolloutQueue
+from student_trainer.rows import StudentRows
 from student_trainer.run_state import RunState
+from student_trainer.step_guard import StepGuard
 from student_trainer.student import Student, load_student
 from student_trainer.teacher import Teacher, TeacherOutage, connect, handshake, is_outage
-from teacher_client import TeacherServiceError
+from teacher_client import ScoreResult, TeacherServiceError
+
+
+@dataclass
+class _StepSums:
+    """What a step adds up over its micro-batches, on this rank."""
+
+    loss: float = 0.0
+    divergence: float = 0.0
+    rewards: list[float] = field(default_factory=list)
+    teacher_latency_s: float = 0.0  # the teacher's calls' own time
+    teacher_wait_s: float = 0.0  # the time the step waited for them
+
+    def shared(self) -> list[float]:
+        """What the record reports summed over the world: the loss, the divergence, the
+        rewards' sum and count."""
+        return [self.loss, self.divergence, sum(self.rewards), len(self.rewards)]
 
 
 @dataclass
@@ -95,25 +118,43 @@ class Trainer:
         device = device_for(self.world, resolve_device(config.student.device))
         init_process_group(self.world, device)
         checkpoint = resume_checkpoint(resume, self.out_dir)
-        self.student = _load_student(config, checkpoint, device)
+        self.student = _load_student(config.student, checkpoint, device, seed=config.run.seed)
         self.trained = data_parallel(self.student.completion_forward, self.world)
         if teacher is None:
             # a thread for every micro-batch of a step: all of them are in flight at once
-            teacher = connect(config, workers=max(2, config.optim.grad_accum))
+            workers = max(2, config.optim.grad_accum)
+            teacher = connect(config.teacher, required=config.uses_teacher, workers=workers)
         if teacher is not None:
-            handshake(teacher, self.student.tokenizer, config)
+            handshake(teacher, self.student.tokenizer, config.teacher, config.method)
         self.teacher = teacher
-        self.splits = training_splits(config, self.student.tokenizer)
+        self.splits = training_splits(config.task, config.method, self.student.tokenizer)
         stream = ExampleStream(self.splits.train, seed=config.run.seed)
-        self.state = RunState.start(config, self.student.model, stream, self.world, device)
+        self.state = RunState.start(
+            config.optim,
+            self.student.model,
+            stream,
+            self.world,
+            device,
+            seed=config.run.seed,
+            autocast=config.student.autocast,
+        )
         self.precision = self.state.precision
         if checkpoint:
             self.state.load(checkpoint, self.world)
         self.builder = MicroBatchBuilder(
-            self.student, teacher, config, self.state.rollout_generator
+            self.student,
+            teacher,
+            config.method,
+            config.rollout,
+            teacher_dtype=config.teacher.dtype,
+            seed=config.run.seed,
+            generator=self.state.rollout_generator,
         )
         self.rollouts = RolloutQueue(self.builder, self._build_step, config.rollout.max_staleness)
         self.rollouts.restore(self.state.pending_rollouts)
+        self.guard = StepGuard(
+            config.teacher, self.state, self.rollouts, self.world, self.student.device
+        )
 
     @property
     def step(self) -> int:
@@ -143,114 +184,118 @@ class Trainer:
         return Rollout(step, version, on_policy, micro_batches)
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step. If a teacher call fails with an outage (teacher.is_outage)
-        it raises TeacherOutage with nothing stepped, on every rank: no optimizer or
-        schedule step, the step counter and every stream a checkpoint keeps as the step
-        found them, and the step's rollout pending again (RolloutQueue.put_back), so that
-        a checkpoint written then resumes exactly (train() writes one).
+        """One optimizer step of Algorithm 1: take the step's rollout, ask the teacher for
+        its scores, take the loss micro-batch by micro-batch, step, record.
 
-        Under torchrun every rank learns of any rank's outage at a collective that all
-        of them reach anyway (the token count for a failed build, the step's closing sum
-        for a failed score; a rank whose score failed runs its remaining micro-batches
-        with a zero loss, for DDP's all-reduce), so they all raise it together and can
-        all write the checkpoint: no rank is left waiting in a collective."""
-        m, o, state = self.config.method, self.config.optim, self.state
+        A teacher call that fails with an outage (teacher.is_outage) fails the step on
+        every rank with nothing stepped: the guard (step_guard.py) undoes it and raises
+        TeacherOutage, and train() writes a checkpoint that resumes exactly."""
         started = time.perf_counter()
         self.student.model.train()
-        device = self.student.device
-        before = state.draws()  # rewound if the teacher fails while the step is built
-        outage: TeacherOutage | None = None
-        rollout: Rollout | None = None
-        try:
-            rollout = self.rollouts.take(state.step)
-        except TeacherServiceError as error:  # SeqKD's teacher.generate
-            if not is_outage(error):
-                raise
-            outage = TeacherOutage(self.config, str(error))
-        tokens = sum(mb.batch.num_tokens for mb in rollout.micro_batches) if rollout else 0
-        # the whole world's completion tokens: every rank's loss is a share of one mean
-        total, build_failed = self.world.sum([tokens, outage is not None], device)
-        if build_failed:
-            if rollout is not None:
-                self.rollouts.undo_take(rollout)
-            state.rewind(before)
-            raise outage or TeacherOutage(self.config, "another rank's teacher call failed")
-        assert rollout is not None
-        built = state.draws()  # the forwards below may draw (dropout): rewound on an outage
-        on_policy, micro_batches = rollout.on_policy, rollout.micro_batches
-        total_tokens = int(total)
-        loss_sum = divergence_sum = 0.0
-        latency = wait = 0.0
-        rewards: list[float] = []
-        for index, mb in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
+        # the student's samples with probability lambda, else the dataset's outputs (or the
+        # teacher's: SeqKD), as the step was built (_build_step); and the whole world's
+        # completion tokens: every rank's loss is a share of one token mean
+        rollout, total_tokens = self.guard.take(self.state.step)
+        sums = _StepSums()
+        for index, mb in enumerate(rollout.micro_batches):
+            last = index == len(rollout.micro_batches) - 1
             # DDP all-reduces during the last micro-batch's backward only (it averages:
             # hence the world size factor, which turns the average back into the sum)
             accumulate = self.world.distributed and not last
             with self.trained.no_sync() if accumulate else contextlib.nullcontext():
                 with self.precision.autocast():  # student.autocast: forward and loss only
                     rows, targets = self.student.completion_rows(mb.batch, self.trained)
-                    results = None
-                    if mb.scores is not None and outage is None:
-                        waited = time.perf_counter()
-                        try:
-                            results = mb.scores.result()
-                        except TeacherServiceError as error:
-                            if not is_outage(error):
-                                raise
-                            outage = TeacherOutage(self.config, str(error), mb.scores.latency_s)
-                        wait += time.perf_counter() - waited
-                        latency += mb.scores.latency_s
-                    if mb.scores is None:  # sft / seqkd: next-token NLL on the given outputs
-                        per_token = -token_logprobs(rows, targets)
-                    elif results is None:  # an outage: the step is not taken, and the rest
-                        # of it runs with a zero loss only to keep DDP's collectives in step
+                    results = self._teacher_scores(mb, sums)
+                    if self.guard.failed:  # not to be stepped: a zero loss keeps DDP in step
                         per_token = -token_logprobs(rows, targets) * 0.0
                     else:
-                        teacher = TeacherRows.from_results(results, mb.candidates).to(device)
-                        per_token, div = divergence(rows, targets, teacher, m)
-                        divergence_sum += float(div.sum())
-                        if mb.rewards is not None:
-                            advantages = group_advantages(mb.rewards, m.samples_per_prompt)
-                            per_token = m.alpha * per_token + (1 - m.alpha) * reward_loss(
-                                rows, targets, mb.batch, advantages.to(device)
-                            )
-                            rewards.extend(mb.rewards)
+                        per_token = self._micro_batch_loss(rows, targets, mb, results, sums)
                     mask = torch.ones_like(per_token, dtype=torch.bool)
                     loss = token_level_loss(per_token, mask, total_tokens)
                 self.precision.backward(loss * self.world.size)
-            loss_sum += float(loss.detach())
-        loss_sum, divergence_sum, reward_sum, reward_count, score_failed = self.world.sum(
-            [loss_sum, divergence_sum, sum(rewards), len(rewards), outage is not None], device
-        )
-        if score_failed:  # no step: the gradients go, and the rollout waits for the resume
-            state.optimizer.zero_grad(set_to_none=True)
-            self.rollouts.put_back(rollout)
-            state.rewind(built)
-            raise outage or TeacherOutage(self.config, "another rank's teacher call failed")
+            sums.loss += float(loss.detach())
+        totals = self.guard.settle(rollout, sums.shared())
+        grad_norm, lr = self._optimizer_step()
+        elapsed = time.perf_counter() - started
+        return self._record(rollout, total_tokens, sums, totals, grad_norm, lr, elapsed)
+
+    def _teacher_scores(self, mb: MicroBatch, sums: _StepSums) -> list[ScoreResult] | None:
+        """The teacher's scores of a micro-batch, waited for (the wait and the call's own
+        time go to `sums`); None for sft / seqkd's, or once this rank's teacher failed."""
+        if mb.scores is None or self.guard.failed:
+            return None
+        waited = time.perf_counter()
+        results = self.guard.scores(mb.scores)
+        sums.teacher_wait_s += time.perf_counter() - waited
+        sums.teacher_latency_s += mb.scores.latency_s
+        return results
+
+    def _micro_batch_loss(
+        self,
+        rows: StudentRows,
+        targets: torch.Tensor,
+        mb: MicroBatch,
+        results: list[ScoreResult] | None,
+        sums: _StepSums,
+    ) -> torch.Tensor:
+        """The micro-batch's per-token loss: next-token NLL on the given outputs (sft,
+        seqkd), else the method's divergence to the teacher (RL + GKD: and the reward
+        term); the divergence and the rewards go to `sums`, for the record."""
+        m, device = self.config.method, self.student.device
+        if mb.scores is None:  # sft / seqkd: next-token NLL on the given outputs
+            return -token_logprobs(rows, targets)
+        teacher = TeacherRows.from_results(results, mb.candidates).to(device)
+        per_token, div = divergence(rows, targets, teacher, m)
+        sums.divergence += float(div.sum())
+        if mb.rewards is not None:
+            advantages = group_advantages(mb.rewards, m.samples_per_prompt)
+            per_token = m.alpha * per_token + (1 - m.alpha) * reward_loss(
+                rows, targets, mb.batch, advantages.to(device)
+            )
+            sums.rewards.extend(mb.rewards)
+        return per_token
+
+    def _optimizer_step(self) -> tuple[float, float]:
+        """Clip, AdamW, schedule; the step counted. (The gradient norm, the learning rate.)"""
+        state, max_norm = self.state, self.config.optim.max_grad_norm
         self.precision.unscale(state.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             trainable_parameters(self.student.model),
-            o.max_grad_norm if o.max_grad_norm > 0 else float("inf"),
+            max_norm if max_norm > 0 else float("inf"),
         )
         lr = state.scheduler.get_last_lr()[0]
         self.precision.step(state.optimizer)
         state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        elapsed = time.perf_counter() - started
+        return float(grad_norm), lr
+
+    def _record(
+        self,
+        rollout: Rollout,
+        total_tokens: int,
+        sums: _StepSums,
+        totals: list[float],
+        grad_norm: float,
+        lr: float,
+        elapsed: float,
+    ) -> dict[str, Any]:
+        """The step's metrics: `totals` are the world's sums of `sums.shared()`; the
+        teacher's times are this rank's."""
+        loss_sum, divergence_sum, reward_sum, reward_count = totals
         record: dict[str, Any] = {
-            "step": state.step,
+            "step": self.state.step,
             "loss": loss_sum,
-            "on_policy": on_policy,
+            "on_policy": rollout.on_policy,
             "staleness": rollout.staleness,
             "tokens": total_tokens,
             "lr": lr,
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "step_s": elapsed,
             "tokens_per_s": total_tokens / elapsed,
         }
-        if m.name == "gkd":
+        if self.config.method.name == "gkd":
+            latency, wait = sums.teacher_latency_s, sums.teacher_wait_s
             record.update(
                 divergence=divergence_sum / total_tokens,
                 teacher_latency_s=latency,
@@ -282,7 +327,7 @@ class Trainer:
                 raise
             # under torchrun rank 0 evaluates alone: the others cannot join a checkpoint now
             every_rank = not self.world.distributed
-            raise TeacherOutage(self.config, str(error), every_rank=every_rank) from None
+            raise TeacherOutage(self.config.teacher, str(error), every_rank=every_rank) from None
         finally:
             student.model.train(was_training)
 
@@ -292,12 +337,13 @@ class Trainer:
         destroy_process_group(self.world)
 
 
-def _load_student(config: TrainConfig, checkpoint: Path | None, device: torch.device) -> Student:
+def _load_student(
+    s: StudentConfig, checkpoint: Path | None, device: torch.device, *, seed: int
+) -> Student:
     """The student to train: student.model, or the checkpoint resumed, with its adapters
-    (student.lora) and gradient checkpointing. A checkpoint must be of the run's kind: a
-    LoRA run's holds adapters, a full run's a whole model (the optimizer state of one does
-    not fit the other)."""
-    s = config.student
+    (student.lora; new ones drawn from run.seed, `seed`) and gradient checkpointing. A
+    checkpoint must be of the run's kind: a LoRA run's holds adapters, a full run's a
+    whole model (the optimizer state of one does not fit the other)."""
     lora = s.lora if s.lora.r > 0 else None
     if checkpoint is not None and is_adapter_dir(checkpoint) != (lora is not None):
         held = "LoRA adapters" if is_adapter_dir(checkpoint) else "a whole model"
@@ -313,7 +359,7 @@ def _load_student(config: TrainConfig, checkpoint: Path | None, device: torch.de
         lora=lora,
         base=s.model,
         gradient_checkpointing=s.gradient_checkpointing,
-        seed=config.run.seed,
+        seed=seed,
     )
 
 
@@ -361,7 +407,7 @@ def train(
 
     try:
         if main:
-            metrics = _metrics_log(config, trainer)
+            metrics = _metrics_log(run, trainer)
             (trainer.out_dir / "config.yaml").write_text(json.dumps(to_dict(config), indent=2))
         bar = tqdm(
             total=total,
@@ -404,9 +450,8 @@ def train(
     return result
 
 
-def _metrics_log(config: TrainConfig, trainer: Trainer) -> MetricsLog:
+def _metrics_log(run: RunConfig, trainer: Trainer) -> MetricsLog:
     """Rank 0's log: metrics.jsonl, TensorBoard, and Prometheus when run.metrics_port is set."""
-    run = config.run
     prometheus = PrometheusExport(run.metrics_host, run.metrics_port) if run.metrics_port else None
     return MetricsLog(trainer.out_dir, trainer.step, prometheus)
 

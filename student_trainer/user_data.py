@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from student_trainer.config import FILE_TASK, ConfigError, TaskConfig, TrainConfig
+from student_trainer.config import FILE_TASK, ConfigError, MethodConfig, TaskConfig
 from student_trainer.tasks import Example, Splits
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -438,21 +438,23 @@ def split_size(task: TaskConfig, split: str) -> int:
     return held_out_count(total, task.validation_fraction)
 
 
-def require_completions(config: TrainConfig, splits: Splits) -> None:
+def require_completions(method: MethodConfig, task: TaskConfig, splits: Splits) -> None:
     """Refuse a method that trains on the dataset's completions when there are none."""
     if splits.has_completions:
         return
-    m = config.method
-    if m.name == "sft":
+    if method.name == "sft":
         key, why = "method.name", "sft trains on the dataset's completions"
-    elif m.name == "gkd" and m.lmbda < 1:
-        key, why = "method.lmbda", f"{m.lmbda} < 1 trains some steps on the dataset's completions"
-    elif m.alpha < 1:
+    elif method.name == "gkd" and method.lmbda < 1:
+        key, why = (
+            "method.lmbda",
+            f"{method.lmbda} < 1 trains some steps on the dataset's completions",
+        )
+    elif method.alpha < 1:
         key, why = "method.alpha", "RL + GKD rewards completions against the dataset's"
     else:
         return
     raise ConfigError(
-        f"{key}: {why}, and {config.task.train_file} has prompts without completions: "
+        f"{key}: {why}, and {task.train_file} has prompts without completions: "
         "distil on-policy (method.name=gkd, method.lmbda=1) or by SeqKD (method.name=seqkd), "
         'or give prompt/completion pairs ("prompt" + "completion", or "messages" ending '
         "in the assistant's reply)"

@@ -16,7 +16,13 @@ from transformers import AutoModelForCausalLM
 from causal_lm.sampling import SamplingOptions
 from student_trainer.checkpoint import latest_checkpoint
 from student_trainer.cli import main as cli_main
-from student_trainer.config import ConfigError, LoraConfig, load_config
+from student_trainer.config import (
+    ConfigError,
+    LoraConfig,
+    MethodConfig,
+    RolloutConfig,
+    load_config,
+)
 from student_trainer.lora import ADAPTER_CONFIG, require_peft
 from student_trainer.microbatch import MicroBatchBuilder
 from student_trainer.objective import token_logprobs
@@ -233,7 +239,7 @@ def test_gradient_checkpointing_leaves_sampling_alone(student_model_dir):
     assert samples[0] == samples[1]
 
 
-def test_padded_output_rows_are_never_sampled(tmp_path, student_model_dir):
+def test_padded_output_rows_are_never_sampled(student_model_dir):
     """Output rows past the tokenizer scaled x1000 dominate every logit, yet on-policy
     sampling (the trainer's path) never draws an id >= len(tokenizer)."""
     student = load_student(student_model_dir, "float32", CPU)
@@ -244,8 +250,15 @@ def test_padded_output_rows_are_never_sampled(tmp_path, student_model_dir):
         weight[vocab:] *= 1000
         logits = student.model(input_ids=torch.tensor(prompt_ids(student)[:1])).logits
     assert int(logits[0, -1].argmax()) >= vocab  # unmasked, a padded row would win
-    config = small_config(tmp_path, student_model_dir, "rollout.max_new_tokens=12")
-    builder = MicroBatchBuilder(student, None, config, torch.Generator().manual_seed(0))
+    builder = MicroBatchBuilder(
+        student,
+        None,
+        MethodConfig(),
+        RolloutConfig(max_new_tokens=12),
+        teacher_dtype="float32",
+        seed=0,
+        generator=torch.Generator().manual_seed(0),
+    )
     examples = [Example(text, "") for text in PROMPTS] * 4
     prompts = prompt_ids(student) * 4
     for step in range(3):

@@ -448,7 +448,9 @@ def test_the_cli_says_a_teacher_outage_in_one_line_and_exits_3(
 ):
     def outage(config, resume=None):
         error = TeacherOutage(
-            config, "Score failed with UNAVAILABLE: failed to connect\nto all addresses", 2.9
+            config.teacher,
+            "Score failed with UNAVAILABLE: failed to connect\nto all addresses",
+            2.9,
         )
         error.step, error.checkpoint = 7, tmp_path / "checkpoints" / "step-00000007"
         raise error

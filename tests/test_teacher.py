@@ -8,7 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from student_trainer.teacher import RemoteTeacher
+from student_trainer.config import TeacherConfig
+from student_trainer.teacher import RemoteTeacher, TeacherOutage
 from student_trainer.train import Trainer
 from tests.trainer_helpers import in_process, small_config
 
@@ -75,3 +76,17 @@ def test_in_process_scoring_counts_as_not_hidden(tmp_path, student_model_dir, ba
     trainer.close()
     assert record["teacher_latency_s"] > 0 and record["hidden_fraction"] == 0.0
     assert record["teacher_wait_s"] >= record["teacher_latency_s"]
+
+
+def test_an_outage_names_the_teacher_sections_address_or_model_and_its_timeout(tmp_path):
+    remote = TeacherConfig(address="teacher:50051", timeout_s=45)
+    cause = "Score failed with UNAVAILABLE:\n  failed to connect"  # gRPC's details: 2 lines
+    said = str(TeacherOutage(remote, cause, 44.5))
+    assert said.startswith(
+        f"the teacher service at {remote.address} did not answer within teacher.timeout_s "
+        f"({remote.timeout_s:g} s; the call gave up after 44.5 s): "
+        f"{' '.join(cause.split())}; no checkpoint was written"
+    )
+    local = TeacherConfig(in_process=str(tmp_path))
+    said = str(TeacherOutage(local, "Score failed"))
+    assert f"at {tmp_path} did not answer within teacher.timeout_s ({local.timeout_s:g} s)" in said

@@ -18,7 +18,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from student_trainer.cli import main
-from student_trainer.config import ConfigError, load_config
+from student_trainer.config import ConfigError, MethodConfig, load_config
 from student_trainer.data import prompt_ids, training_splits
 from student_trainer.tasks import Example
 from student_trainer.train import Trainer, train
@@ -348,14 +348,15 @@ def test_a_prompt_only_file_refuses_methods_that_need_completions(
         ok = small_config(
             tmp_path, student_model_dir, "task.name=file", f"task.train_file={path}", fine
         )
-        assert training_splits(ok, None).train
+        assert training_splits(ok.task, ok.method, None).train
 
 
 def test_a_messages_file_with_one_unanswered_conversation_has_no_completions(
-    tmp_path, chat_tokenizer, student_model_dir
+    tmp_path, chat_tokenizer
 ):
     """Answered conversations keep their replies, the unanswered one is a prompt, and
-    the file as a whole cannot train a method that needs every completion."""
+    the file as a whole cannot train a method that needs every completion (sft), only
+    one that completes the prompts itself (on-policy GKD)."""
     rows = rows_of("messages")[:3] + rows_of("messages_prompt")[3:]
     path = write(tmp_path / "chat.jsonl", rows)
     splits = load_user_splits(file_task(path), chat_tokenizer)
@@ -364,11 +365,9 @@ def test_a_messages_file_with_one_unanswered_conversation_has_no_completions(
         *expected_examples("messages_prompt", chat_tokenizer)[3:],
     ]
     assert not splits.has_completions
-    config = small_config(
-        tmp_path, student_model_dir, "task.name=file", f"task.train_file={path}", "method.name=sft"
-    )
     with pytest.raises(ConfigError, match=r"^method.name: .*chat.jsonl has prompts without"):
-        require_completions(config, splits)
+        require_completions(MethodConfig(name="sft"), file_task(path), splits)
+    require_completions(MethodConfig(name="gkd", lmbda=1.0), file_task(path), splits)
 
 
 METRIC_MODULE = """
