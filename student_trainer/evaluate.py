@@ -29,6 +29,7 @@ from student_trainer.student import load_student
 from student_trainer.tasks import TASKS, Example
 from student_trainer.teacher import Teacher, connect, handshake
 from student_trainer.user_metric import load_metric, metric_scores
+from teacher_client import ScoreOptions
 
 EVAL_SEED_OFFSET = 7919  # evaluation draws never share a stream with training rollouts
 
@@ -91,9 +92,8 @@ def evaluate(
         if teacher is None:
             continue
         batch = build_batch(prompts, samples, eos_ids=eos_ids, pad_id=pad_id)
-        results = teacher.submit_score(
-            batch.sequences, batch.prompt_lens, top_k=method.top_k, temperature=method.temperature
-        ).result()
+        options = ScoreOptions(top_k=method.top_k, temperature=method.temperature)
+        results = teacher.submit_score(batch.sequences, batch.prompt_lens, options).result()
         rows = TeacherRows.from_results(results).to(device)
         logits = model(
             input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)

@@ -20,6 +20,7 @@ from student_trainer.rollouts import Batch, build_batch, sample_completions
 from student_trainer.student import Student
 from student_trainer.tasks import REWARDS, Example
 from student_trainer.teacher import ScoreFuture, Teacher
+from teacher_client import ScoreOptions
 
 
 @dataclass
@@ -119,12 +120,15 @@ def submit_scores(
 ) -> ScoreFuture:
     """Ask the teacher for what method.support needs at every completion position, its
     log-probs in `dtype` (teacher.dtype) on the wire."""
-    return teacher.submit_score(
-        batch.sequences,
-        batch.prompt_lens,
+    options = ScoreOptions(
         top_k=method.top_k if method.support == "topk" else 0,
-        candidates=None if candidates is None else [c.numpy() for c in candidates],
         full=method.support == "full",
         temperature=method.temperature,
         dtype=dtype,
+    )
+    return teacher.submit_score(
+        batch.sequences,
+        batch.prompt_lens,
+        options,
+        candidates=None if candidates is None else [c.numpy() for c in candidates],
     )

@@ -37,6 +37,7 @@ from student_trainer.config import ConfigError, MethodConfig, TeacherConfig
 from teacher_client import (
     GenerateResult,
     RetryPolicy,
+    ScoreOptions,
     ScoreResult,
     TeacherClient,
     TeacherInfo,
@@ -136,14 +137,12 @@ class Teacher(Protocol):
         self,
         sequences: Sequence[Sequence[int]],
         score_from: Sequence[int],
+        options: ScoreOptions,
         *,
-        top_k: int,
-        candidates: Any = None,
-        full: bool = False,
-        temperature: float = 1.0,
-        dtype: str = "float32",
+        candidates: Sequence[Any] | None = None,
     ) -> ScoreFuture:
-        """Start scoring the sequences; the future's result is one ScoreResult each."""
+        """Start scoring the sequences; the future's result is one ScoreResult each.
+        `candidates`: None, or the student's own ids for each sequence's rows."""
         ...
 
     def generate(
@@ -172,10 +171,16 @@ class RemoteTeacher:
         return self.client.check_tokenizer(tokenizer)
 
     def submit_score(
-        self, sequences: Sequence[Sequence[int]], score_from: Sequence[int], **options: Any
+        self,
+        sequences: Sequence[Sequence[int]],
+        score_from: Sequence[int],
+        options: ScoreOptions,
+        *,
+        candidates: Sequence[Any] | None = None,
     ) -> ScoreFuture:
         future = ScoreFuture()
-        self._pool.submit(future.run, partial(self.client.score, sequences, score_from, **options))
+        call = partial(self.client.score, sequences, score_from, options, candidates=candidates)
+        self._pool.submit(future.run, call)
         return future
 
     def generate(self, prompts: Sequence[Sequence[int]], **options: Any) -> list[GenerateResult]:
@@ -215,13 +220,19 @@ class LocalTeacher:
         return self.teacher.check_tokenizer(tokenizer)
 
     def submit_score(
-        self, sequences: Sequence[Sequence[int]], score_from: Sequence[int], **options: Any
+        self,
+        sequences: Sequence[Sequence[int]],
+        score_from: Sequence[int],
+        options: ScoreOptions,
+        *,
+        candidates: Sequence[Any] | None = None,
     ) -> ScoreFuture:
         # Not on a thread: on CPU a second thread would only fight the student for the
         # same cores (and torch called from a second thread slows the first one down for
         # good), so the call waits for its result to be asked for and counts as not
         # hidden at all.
-        return _Deferred(partial(self.teacher.score, sequences, score_from, **options))
+        call = partial(self.teacher.score, sequences, score_from, options, candidates=candidates)
+        return _Deferred(call)
 
     def generate(self, prompts: Sequence[Sequence[int]], **options: Any) -> list[GenerateResult]:
         return self.teacher.generate(prompts, **options)

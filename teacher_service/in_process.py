@@ -21,11 +21,16 @@ import numpy as np
 import torch
 
 from causal_lm.sampling import SamplingOptions, new_generator
-from teacher_client import GenerateResult, ScoreResult, TeacherInfo, compare_tokenizer
+from teacher_client import (
+    GenerateResult,
+    ScoreOptions,
+    ScoreResult,
+    TeacherInfo,
+    compare_tokenizer,
+)
+from teacher_service import scoring
 from teacher_service.backend import HFBackend
 from teacher_service.backend_api import ScoreItem, describe
-from teacher_service.codec import torch_dtype
-from teacher_service.scoring import ScoreOptions
 
 __all__ = ["InProcessTeacher"]
 
@@ -44,22 +49,18 @@ class InProcessTeacher:
         self,
         sequences: Sequence[Sequence[int]],
         score_from: Sequence[int],
+        options: ScoreOptions,
         *,
-        top_k: int,
         candidates: Any = None,
-        full: bool = False,
-        temperature: float = 1.0,
-        dtype: str = "float32",
     ) -> list[ScoreResult]:
-        """The service's Score semantics, unvalidated (the trainer builds valid requests)."""
-        options = ScoreOptions(
-            top_k=top_k, full=full, temperature=temperature, dtype=torch_dtype(dtype)
-        )
+        """The service's Score semantics, unvalidated (the trainer builds valid requests);
+        `candidates`: None or one id list per sequence."""
+        row_options = scoring.ScoreOptions.from_client(options)
         items = [
             ScoreItem(
                 torch.tensor(list(seq), dtype=torch.long),
                 start,
-                options,
+                row_options,
                 None if candidates is None else torch.as_tensor(candidates[i], dtype=torch.long),
             )
             for i, (seq, start) in enumerate(zip(sequences, score_from))

@@ -13,16 +13,31 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+import teacher_client
+from teacher_service.codec import torch_dtype
+
 
 @dataclass(frozen=True)
 class ScoreOptions:
-    """What one request asks for; shared by all of its sequences."""
+    """What one request asks for; shared by all of its sequences. The scoring math's view
+    of the client's `teacher_client.ScoreOptions`: the dtype as torch's, and what only the
+    service's own dialects ask for (ranks)."""
 
     top_k: int = 0
     full: bool = False
     temperature: float = 1.0
     dtype: torch.dtype = torch.float32
     ranks: bool = False  # also the actual token's 1-based rank (the vLLM dialect reports it)
+
+    @classmethod
+    def from_client(cls, options: teacher_client.ScoreOptions) -> ScoreOptions:
+        """The client's options (wire dtype names) as the scoring math takes them."""
+        return cls(
+            top_k=options.top_k,
+            full=options.full,
+            temperature=options.temperature,
+            dtype=torch_dtype(options.dtype),
+        )
 
 
 @dataclass

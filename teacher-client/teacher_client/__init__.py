@@ -1,11 +1,11 @@
 """teacher-client: call a teacher service from any trainer, without torch.
 
-    from teacher_client import TeacherClient
+    from teacher_client import ScoreOptions, TeacherClient
 
     client = TeacherClient("localhost:50051")
     client.check_tokenizer(tokenizer)          # refuses a teacher that means other tokens
                                                # (LocalTokenizer.from_dir: no transformers)
-    results = client.score(sequences, score_from, top_k=64)
+    results = client.score(sequences, score_from, ScoreOptions(top_k=64))
     results[0].topk_logprobs                   # numpy [T, 64]
 
 Depends on grpcio, gRPC's health-checking stubs, protobuf and numpy only. The scoring

@@ -2,7 +2,7 @@
 
     client = TeacherClient("localhost:50051")
     client.check_tokenizer(tokenizer)          # refuses a teacher that means other tokens
-    results = client.score(sequences, score_from, top_k=64)
+    results = client.score(sequences, score_from, ScoreOptions(top_k=64))
     results[0].topk_logprobs                   # numpy [T, 64]
 
 Every call has a deadline (`timeout`, per call or the client's default) that covers its
@@ -31,11 +31,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from teacher_client.auth import TOKEN_ENV, bearer_metadata, grpc_channel_credentials
 from teacher_client.messages import (
     GenerateResult,
+    ScoreOptions,
     ScoreResult,
     TeacherInfo,
     build_generate_request,
     build_score_request,
     compare_tokenizer,
+    merge_score_options,
     parse_generate_response,
     parse_info,
     parse_score_response,
@@ -183,24 +185,21 @@ class TeacherClient(_ClientBase):
         self,
         sequences: Sequence[Any],
         score_from: int | Sequence[int],
+        options: ScoreOptions | None = None,
         *,
-        top_k: int = 64,
         candidates: Any = None,
-        full: bool = False,
-        temperature: float = 1.0,
-        dtype: str = "float32",
         timeout: float | None = None,
+        **option_fields: Any,
     ) -> list[ScoreResult]:
-        """Teacher log-probs for each sequence from position score_from on (docs/design.md)."""
-        request = build_score_request(
-            sequences,
-            score_from,
-            top_k=top_k,
-            candidates=candidates,
-            full=full,
-            temperature=temperature,
-            dtype=dtype,
-        )
+        """Teacher log-probs for each sequence from position score_from on (docs/design.md).
+
+        What is asked for is `options` (default ScoreOptions()), with any ScoreOptions field
+        given by name replacing its own: `score(seqs, 1, top_k=8, full=True)` is
+        `score(seqs, 1, ScoreOptions(top_k=8, full=True))`. `candidates`: the student's own
+        ids, None, one list shared by every sequence and row, or one entry per sequence.
+        """
+        options = merge_score_options(options, option_fields)
+        request = build_score_request(sequences, score_from, options, candidates=candidates)
         return parse_score_response(self._call("Score", request, timeout))
 
     def score_stream(
@@ -208,7 +207,8 @@ class TeacherClient(_ClientBase):
     ) -> Iterator[list[ScoreResult]]:
         """Pipeline many score calls over one ScoreStream; yields their results in order.
 
-        Each call is a dict of `score` keyword arguments (sequences, score_from, top_k, ...).
+        Each call is a dict of `score` keyword arguments (sequences, score_from, and options
+        and candidates, or ScoreOptions fields by name: top_k, ...).
         At most `window` requests are in flight. `timeout` bounds the whole stream. A
         request the server refuses for back-pressure is sent again after its hint, before
         anything after it (pipeline.py), within the stream's deadline; a request that fails
@@ -334,12 +334,15 @@ class AsyncTeacherClient(_ClientBase):
         self,
         sequences: Sequence[Any],
         score_from: int | Sequence[int],
+        options: ScoreOptions | None = None,
         *,
+        candidates: Any = None,
         timeout: float | None = None,
-        **options: Any,
+        **option_fields: Any,
     ) -> list[ScoreResult]:
-        """TeacherClient.score: options top_k, candidates, full, temperature, dtype."""
-        request = build_score_request(sequences, score_from, **options)
+        """TeacherClient.score: a ScoreOptions, ScoreOptions fields by name, or both."""
+        options = merge_score_options(options, option_fields)
+        request = build_score_request(sequences, score_from, options, candidates=candidates)
         return parse_score_response(await self._call("Score", request, timeout))
 
     async def score_stream(

@@ -6,8 +6,8 @@ build requests for another transport). Field semantics: docs/design.md.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,23 @@ class ScoreOptions:
     dtype: str = "float32"  # wire dtype of the log-probs: float32 | bfloat16 | float16
 
 
+SCORE_OPTION_NAMES = tuple(field.name for field in fields(ScoreOptions))
+
+
+def merge_score_options(
+    options: ScoreOptions | None, option_fields: Mapping[str, Any]
+) -> ScoreOptions:
+    """`options` (ScoreOptions() when None) with `option_fields` replacing its fields: how
+    the clients take both `score(seqs, 0, options)` and `score(seqs, 0, top_k=5, full=True)`.
+    A name that is not a ScoreOptions field is a TypeError naming it."""
+    unknown = [name for name in option_fields if name not in SCORE_OPTION_NAMES]
+    if unknown:
+        known = ", ".join(SCORE_OPTION_NAMES)
+        named = ", ".join(map(repr, unknown))
+        raise TypeError(f"unknown score option {named}: ScoreOptions has {known}")
+    return replace(ScoreOptions() if options is None else options, **option_fields)
+
+
 @dataclass
 class ScoreResult:
     """One sequence's teacher signal; row j is position score_from + j."""
@@ -93,24 +110,23 @@ def _per_sequence_candidates(candidates: Any, count: int) -> list[Any]:
 def build_score_request(
     sequences: Sequence[Any],
     score_from: int | Sequence[int],
+    options: ScoreOptions = ScoreOptions(),
     *,
-    top_k: int = 64,
     candidates: Any = None,
-    full: bool = False,
-    temperature: float = 1.0,
-    dtype: str = "float32",
     request_id: str = "",
 ) -> pb.ScoreRequest:
-    if dtype not in LOGPROB_DTYPES:
-        raise ValueError(f"dtype = {dtype!r}: expected one of {LOGPROB_DTYPES}")
+    """The ScoreRequest proto: `options` for every sequence, `candidates` None, one id list
+    shared by all, or one per sequence."""
+    if options.dtype not in LOGPROB_DTYPES:
+        raise ValueError(f"dtype = {options.dtype!r}: expected one of {LOGPROB_DTYPES}")
     starts = [score_from] * len(sequences) if isinstance(score_from, int) else list(score_from)
     if len(starts) != len(sequences):
         raise ValueError(f"score_from: {len(starts)} values for {len(sequences)} sequences")
     request = pb.ScoreRequest(
-        top_k=top_k,
-        full=full,
-        temperature=temperature,
-        dtype=dtype_enum(dtype),
+        top_k=options.top_k,
+        full=options.full,
+        temperature=options.temperature,
+        dtype=dtype_enum(options.dtype),
         request_id=request_id,
     )
     for n, (tokens, start, cands) in enumerate(

@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from teacher_client.messages import ScoreResult, build_score_request, parse_score_response
+from teacher_client.messages import (
+    ScoreOptions,
+    ScoreResult,
+    build_score_request,
+    merge_score_options,
+    parse_score_response,
+)
 from teacher_client.proto import teacher_pb2 as pb
 from teacher_client.retry import BACKPRESSURE_JITTER
 
@@ -45,6 +51,22 @@ class Wait:
 
 
 DONE = object()  # every call was sent and answered: the request stream may end
+
+
+def call_request(
+    sequences: Sequence[Any],
+    score_from: int | Sequence[int],
+    options: ScoreOptions | None = None,
+    *,
+    candidates: Any = None,
+    request_id: str,
+    **option_fields: Any,
+) -> pb.ScoreRequest:
+    """One stream call (the keyword arguments of the clients' `score`) as its request."""
+    options = merge_score_options(options, option_fields)
+    return build_score_request(
+        sequences, score_from, options, candidates=candidates, request_id=request_id
+    )
 
 
 class Pipeline:
@@ -84,7 +106,7 @@ class Pipeline:
                 return Wait(None) if self._sent else DONE
             index, call = following
         self._sent[index] = call
-        return build_score_request(**call, request_id=str(index))
+        return call_request(**call, request_id=str(index))
 
     def answered(self, response: pb.ScoreStreamResponse, now: float | None = None) -> None:
         """Record one response of the stream: a result, a refusal to send again, or an error."""
