@@ -39,7 +39,7 @@ from transformers.utils import logging as hf_logging
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_service import ServerProcess, bench_spec, ensure_bench_model
 
-from teacher_client import build_score_request
+import teacher_client
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.backend_api import ScoreItem
 from teacher_service.cli import free_port, serve_command
@@ -156,7 +156,8 @@ def main() -> None:
         "temperature": 1.0,
         "prompt_logprobs": args.top_k,
     }
-    grpc_request = build_score_request(batch, 1, top_k=args.top_k, dtype="float16")
+    options = teacher_client.ScoreOptions(top_k=args.top_k, dtype="float16")
+    grpc_request = teacher_client.build_score_request(batch, 1, options)
 
     def grpc_call() -> int:
         return stub.Score(grpc_request, timeout=600).ByteSize()

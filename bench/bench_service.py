@@ -102,6 +102,7 @@ import grpc
 import torch
 from transformers.utils import logging as hf_logging
 
+import teacher_client
 from causal_lm.placement import resolve_device
 from experiments.tiny_model import TinyModelSpec, build_tiny_model
 from teacher_client import TeacherClient, TeacherServiceError, build_score_request
@@ -566,7 +567,8 @@ def small_requests(
 
 def wire_bytes_per_token(address: str, sequences: list[list[int]], top_k: int) -> float:
     """Serialized ScoreResponse size over scored tokens (score_from = 1: all but the first)."""
-    request = build_score_request(sequences, 1, top_k=top_k, dtype="float16")
+    score_options = teacher_client.ScoreOptions(top_k=top_k, dtype="float16")
+    request = build_score_request(sequences, 1, score_options)
     options = [("grpc.max_receive_message_length", 1 << 30)]
     with grpc.insecure_channel(address, options=options) as channel:
         response = pb_grpc.TeacherStub(channel).Score(request, timeout=600)

@@ -56,13 +56,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_service import ROOT, ServerProcess, resolve_model, tree_env
 
 from experiments.tiny_model import SLOW_TEACHER_SPEC, build_tiny_model
-from teacher_client import TeacherClient, TeacherServiceError, build_score_request
+from teacher_client import ScoreOptions, TeacherClient, TeacherServiceError, build_score_request
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.cli import free_port
 
 RECORDS_TOKENIZER = ROOT / "models/records/tokenizer"
 CONFIGS = {"default": [], "admission off": ["--max-queue-forwards", "inf"]}
 RAW_RETRY_SECONDS = 0.05
+OPTIONS = ScoreOptions(top_k=64, dtype="float16")  # of every call
 
 
 @dataclass
@@ -120,7 +121,7 @@ def calls(args: argparse.Namespace, vocab: int, seed: int):
         sequences = [
             [rng.randrange(3, vocab) for _ in range(args.length)] for _ in range(args.sequences)
         ]
-        yield {"sequences": sequences, "score_from": 1, "top_k": 64, "dtype": "float16"}
+        yield {"sequences": sequences, "score_from": 1, "options": OPTIONS}
 
 
 def stream(address: str, args: argparse.Namespace, vocab: int) -> Outcome:

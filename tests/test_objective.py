@@ -16,6 +16,7 @@ from student_trainer.objective import (
 )
 from student_trainer.rollouts import build_batch
 from student_trainer.rows import StudentRows
+from teacher_client import ScoreOptions
 from teacher_service.in_process import InProcessTeacher
 from tests.conftest import reference_logprobs
 
@@ -41,7 +42,9 @@ def student_logits(batch, backend):
 
 def test_teacher_rows_line_up_with_student_rows(batch, backend):
     """Row r of the teacher's signal is the same position as row r of completion_rows."""
-    results = InProcessTeacher(backend).score(batch.sequences, batch.prompt_lens, top_k=0)
+    results = InProcessTeacher(backend).score(
+        batch.sequences, batch.prompt_lens, ScoreOptions(top_k=0)
+    )
     rows = TeacherRows.from_results(results)
     expected = []
     for seq, start in zip(batch.sequences, batch.prompt_lens):
@@ -58,10 +61,16 @@ def test_topk_over_the_whole_vocabulary_equals_full(batch, backend, student_logi
     rows, targets = completion_rows(student_logits, batch)
     method = MethodConfig(beta=beta, temperature=2.0)
     sparse = TeacherRows.from_results(
-        teacher.score(batch.sequences, batch.prompt_lens, top_k=backend.vocab_size, temperature=2.0)
+        teacher.score(
+            batch.sequences,
+            batch.prompt_lens,
+            ScoreOptions(top_k=backend.vocab_size, temperature=2.0),
+        )
     )
     full = TeacherRows.from_results(
-        teacher.score(batch.sequences, batch.prompt_lens, top_k=0, full=True, temperature=2.0)
+        teacher.score(
+            batch.sequences, batch.prompt_lens, ScoreOptions(top_k=0, full=True, temperature=2.0)
+        )
     )
     got_sparse, _ = divergence(as_rows(rows), targets, sparse, method)
     got_full, _ = divergence(
@@ -89,7 +98,9 @@ def test_topk_over_the_whole_vocabulary_equals_full(batch, backend, student_logi
 def test_sampled_support_is_the_token_estimator(batch, backend, student_logits):
     teacher = InProcessTeacher(backend)
     rows, targets = completion_rows(student_logits.clone().requires_grad_(True), batch)
-    signal = TeacherRows.from_results(teacher.score(batch.sequences, batch.prompt_lens, top_k=0))
+    signal = TeacherRows.from_results(
+        teacher.score(batch.sequences, batch.prompt_lens, ScoreOptions(top_k=0))
+    )
     method = MethodConfig(support="sampled", beta=1.0)
     loss, estimate = divergence(as_rows(rows), targets, signal, method)
     log_q = torch.log_softmax(rows.detach().float(), -1).gather(-1, targets[:, None]).squeeze(-1)

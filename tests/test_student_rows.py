@@ -28,6 +28,7 @@ from student_trainer.objective import (
 from student_trainer.rollouts import Batch, build_batch
 from student_trainer.rows import StudentRows
 from student_trainer.student import Student, load_student, output_layer_splits_off
+from teacher_client import ScoreOptions
 from teacher_service.in_process import InProcessTeacher
 from tests.conftest import soft_capped_gemma2
 
@@ -83,10 +84,12 @@ def teacher_rows(backend, batch: Batch, method: MethodConfig, candidates) -> Tea
     results = InProcessTeacher(backend).score(
         batch.sequences,
         batch.prompt_lens,
-        top_k=method.top_k if method.support == "topk" else 0,
+        ScoreOptions(
+            top_k=method.top_k if method.support == "topk" else 0,
+            full=method.support == "full",
+            temperature=method.temperature,
+        ),
         candidates=None if candidates is None else [c.numpy() for c in candidates],
-        full=method.support == "full",
-        temperature=method.temperature,
     )
     return TeacherRows.from_results(results, candidates)
 

@@ -11,6 +11,7 @@ import pytest
 from student_trainer.config import TeacherConfig
 from student_trainer.teacher import RemoteTeacher, TeacherOutage
 from student_trainer.train import Trainer
+from teacher_client import ScoreOptions
 from tests.trainer_helpers import in_process, small_config
 
 
@@ -20,11 +21,11 @@ class GatedClient:
     def __init__(self) -> None:
         self.gate, self.threads, self.closed = threading.Event(), [], False
 
-    def score(self, sequences, score_from, **options):
+    def score(self, sequences, score_from, options, *, candidates=None):
         self.threads.append(threading.current_thread())
         if not self.gate.wait(timeout=30):
             raise TimeoutError("the gate never opened")
-        if options.get("top_k") == -1:
+        if options.top_k == -1:
             raise ValueError("top_k = -1")
         return [f"scored {list(s)} from {n}" for s, n in zip(sequences, score_from)]
 
@@ -35,13 +36,13 @@ class GatedClient:
 def test_the_remote_teacher_scores_on_its_own_thread_while_the_caller_goes_on():
     client = GatedClient()
     teacher = RemoteTeacher(client)
-    future = teacher.submit_score([[1, 2, 3]], [1], top_k=4)
+    future = teacher.submit_score([[1, 2, 3]], [1], ScoreOptions(top_k=4))
     assert not future.done()  # submit returned while the call is still in flight
     client.gate.set()
     assert future.result(timeout=30) == ["scored [1, 2, 3] from 1"]
     assert client.threads[0] is not threading.current_thread()
     assert future.latency_s > 0
-    failing = teacher.submit_score([[1, 2]], [1], top_k=-1)
+    failing = teacher.submit_score([[1, 2]], [1], ScoreOptions(top_k=-1))
     with pytest.raises(ValueError, match="top_k = -1"):
         failing.result(timeout=30)
     teacher.close()
@@ -58,13 +59,13 @@ def test_the_in_process_teacher_scores_when_asked_in_the_asking_thread(backend, 
         return real(*args, **kwargs)
 
     teacher.teacher.score = spying
-    future = teacher.submit_score(sequences[:2], [1, 1], top_k=3)
+    future = teacher.submit_score(sequences[:2], [1, 1], ScoreOptions(top_k=3))
     assert calls == [] and not future.done()  # nothing computed yet
     results = future.result()
     assert calls == [threading.current_thread()] and future.done()
     assert future.result() is results and len(calls) == 1  # computed once
     assert future.latency_s > 0
-    direct = real(sequences[:2], [1, 1], top_k=3)
+    direct = real(sequences[:2], [1, 1], ScoreOptions(top_k=3))
     for got, expected in zip(results, direct):
         np.testing.assert_array_equal(got.topk_logprobs, expected.topk_logprobs)
 

@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DistillationConfig
 
 import teacher_client
-from teacher_client import TeacherClient
+from teacher_client import ScoreOptions, TeacherClient
 from teacher_client.trl import TeacherServiceDistillationTrainer, score_in_chunks
 
 address, teacher_dir, student_dir, out_path = sys.argv[1:5]
@@ -166,7 +166,7 @@ with tempfile.TemporaryDirectory() as out_dir, TeacherClient(address, timeout=60
     sequences = [tokenizer(p)["input_ids"] for p in PROMPTS]
     starts = [len(s) // 2 for s in sequences]
     small = dataclasses.replace(trainer.teacher_info, **limits)
-    chunked = score_in_chunks(client, sequences, starts, small, top_k=top_k)
+    chunked = score_in_chunks(client, sequences, starts, small, ScoreOptions(top_k=top_k))
     whole = client.score(sequences, starts, top_k=top_k)
     result["chunked_equal"] = len(chunked) == len(whole) and all(
         np.array_equal(a.topk_ids, b.topk_ids)

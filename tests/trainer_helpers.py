@@ -7,6 +7,7 @@ from pathlib import Path
 
 from student_trainer.config import TrainConfig, load_config
 from student_trainer.teacher import LocalTeacher
+from teacher_client import ScoreOptions
 from teacher_service.in_process import InProcessTeacher
 
 
@@ -45,9 +46,10 @@ class SpyTeacher:
     def __init__(self, inner) -> None:
         self.inner, self.calls, self.generated = inner, Counter(), []
 
-    def submit_score(self, *args, **kwargs):
+    def submit_score(self, sequences, score_from, options: ScoreOptions, *, candidates=None):
+        """Teacher.submit_score's own signature: a caller that strays from it fails here."""
         self.calls["score"] += 1
-        return self.inner.submit_score(*args, **kwargs)
+        return self.inner.submit_score(sequences, score_from, options, candidates=candidates)
 
     def generate(self, *args, **kwargs):
         self.calls["generate"] += 1

@@ -48,7 +48,7 @@ from trl import DistillationConfig, DistillationTrainer
 
 from teacher_client.client import TeacherClient
 from teacher_client.losses import sparse_generalized_jsd
-from teacher_client.messages import ScoreResult, TeacherInfo
+from teacher_client.messages import ScoreOptions, ScoreResult, TeacherInfo
 
 TESTED_TRL = "1.16.0"
 DEFAULT_TOP_K = 64
@@ -74,7 +74,7 @@ def score_in_chunks(
     sequences: Sequence[list[int]],
     score_from: Sequence[int],
     info: TeacherInfo,
-    **options: Any,
+    options: ScoreOptions,
 ) -> list[ScoreResult]:
     """`client.score` over as many requests as the server's per-request limits need.
 
@@ -89,11 +89,11 @@ def score_in_chunks(
     for end, sequence in enumerate(sequences):
         full = end - start >= max_sequences
         if end > start and (full or tokens + len(sequence) > max_tokens):
-            results += client.score(sequences[start:end], list(score_from[start:end]), **options)
+            results += client.score(sequences[start:end], list(score_from[start:end]), options)
             start, tokens = end, 0
         tokens += len(sequence)
     if start < len(sequences):
-        results += client.score(sequences[start:], list(score_from[start:]), **options)
+        results += client.score(sequences[start:], list(score_from[start:]), options)
     return results
 
 
@@ -241,8 +241,7 @@ class TeacherServiceDistillationTrainer(DistillationTrainer):
                 sequences,
                 starts,
                 self.teacher_info,
-                top_k=self.teacher_top_k,
-                temperature=self.temperature,
+                ScoreOptions(top_k=self.teacher_top_k, temperature=self.temperature),
             )
             for row, result in zip(rows, scored):
                 answers[row] = result
