@@ -11,6 +11,7 @@ from student_trainer.config import MethodConfig, RolloutConfig
 from student_trainer.microbatch import MicroBatchBuilder
 from student_trainer.student import load_student
 from student_trainer.tasks import TASKS
+from teacher_client import ScoreOptions
 from tests.trainer_helpers import in_process
 
 EXAMPLES = TASKS["addition"].splits(4, 1, 1, 0).train
@@ -41,7 +42,8 @@ def test_a_distillation_micro_batch_is_scored_as_the_method_asks_in_teacher_dtyp
     item = made.build(EXAMPLES, on_policy=False, step=0, index=0)
     scored = item.scores.result()
     batch = item.batch
-    direct = teacher.teacher.score(batch.sequences, batch.prompt_lens, top_k=3, dtype="float16")
+    asked = ScoreOptions(top_k=3, dtype="float16")
+    direct = teacher.teacher.score(batch.sequences, batch.prompt_lens, asked)
     assert [len(r.target_logprobs) for r in scored] == [len(c) for c in batch.completions]
     for got, expected in zip(scored, direct):
         assert got.topk_ids.shape[1] == 3 and got.topk_logprobs.dtype == np.float16
