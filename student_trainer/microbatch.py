@@ -19,6 +19,8 @@ from student_trainer.rollouts import Batch, build_batch, sample_completions
 from student_trainer.student import Student
 from student_trainer.tasks import REWARDS, Example
 from student_trainer.teacher import ScoreFuture, Teacher
+from teacher_client import ScoreOptions
+from teacher_client.objectives import Objective
 from teacher_service.in_process import SamplingOptions
 
 
@@ -34,12 +36,18 @@ class MicroBatch:
 @dataclass
 class MicroBatchBuilder:
     """What a micro-batch is built from; one per run (the generator is this rank's stream,
-    restored in place on resume)."""
+    restored in place on resume; the objective says what to ask the teacher for)."""
 
     student: Student
     teacher: Teacher | None
     config: TrainConfig
     generator: torch.Generator
+    objective: Objective
+
+    @property
+    def score_options(self) -> ScoreOptions:
+        """What the objective asks the teacher for, in teacher.dtype."""
+        return self.objective.score_options(self.config.teacher.dtype)
 
     def build(
         self, examples: list[Example], *, on_policy: bool, step: int, index: int
@@ -53,10 +61,10 @@ class MicroBatchBuilder:
             prompts, completed, eos_ids=self.student.eos_ids, pad_id=self.student.pad_id
         )
         item = MicroBatch(batch, examples)
-        if distill and m.student_candidates > 0 and m.support == "topk":
-            item.candidates = student_candidates(self.student, batch, m.student_candidates)
+        if distill and self.objective.candidates:
+            item.candidates = student_candidates(self.student, batch, self.objective.candidates)
         if distill:
-            item.scores = submit_scores(self.teacher, batch, item.candidates, self.config)
+            item.scores = submit_scores(self.teacher, batch, item.candidates, self.score_options)
         if m.alpha < 1.0:
             reward = REWARDS[m.reward]
             item.rewards = [
@@ -107,16 +115,15 @@ def student_candidates(student: Student, batch: Batch, count: int) -> list[torch
 
 
 def submit_scores(
-    teacher: Teacher, batch: Batch, candidates: list[torch.Tensor] | None, config: TrainConfig
+    teacher: Teacher, batch: Batch, candidates: list[torch.Tensor] | None, options: ScoreOptions
 ) -> ScoreFuture:
-    """Ask the teacher for what method.support needs at every completion position."""
-    m = config.method
+    """Ask the teacher for `options` (the objective's) at every completion position."""
     return teacher.submit_score(
         batch.sequences,
         batch.prompt_lens,
-        top_k=m.top_k if m.support == "topk" else 0,
+        top_k=options.top_k,
         candidates=None if candidates is None else [c.numpy() for c in candidates],
-        full=m.support == "full",
-        temperature=m.temperature,
-        dtype=config.teacher.dtype,
+        full=options.full,
+        temperature=options.temperature,
+        dtype=options.dtype,
     )

@@ -151,5 +151,7 @@ class RolloutQueue:
             rewards=saved["rewards"],
         )
         if config.method.name == "gkd":
-            item.scores = submit_scores(self.builder.teacher, batch, item.candidates, config)
+            item.scores = submit_scores(
+                self.builder.teacher, batch, item.candidates, self.builder.score_options
+            )
         return item

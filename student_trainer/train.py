@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from student_trainer.checkpoint import resume_checkpoint
-from student_trainer.config import ConfigError, TrainConfig, to_dict
+from student_trainer.config import ConfigError, TrainConfig, objective_from, to_dict
 from student_trainer.data import ExampleStream, training_splits
 from student_trainer.distributed import (
     World,
@@ -100,8 +100,9 @@ class Trainer:
         if teacher is None:
             # a thread for every micro-batch of a step: all of them are in flight at once
             teacher = connect(config, workers=max(2, config.optim.grad_accum))
+        self.objective = objective_from(config.method)  # the distillation loss (method.loss)
         if teacher is not None:
-            handshake(teacher, self.student.tokenizer, config)
+            handshake(teacher, self.student.tokenizer, config, self.objective)
         self.teacher = teacher
         self.splits = training_splits(config, self.student.tokenizer)
         stream = ExampleStream(self.splits.train, seed=config.run.seed)
@@ -110,7 +111,7 @@ class Trainer:
         if checkpoint:
             self.state.load(checkpoint, self.world)
         self.builder = MicroBatchBuilder(
-            self.student, teacher, config, self.state.rollout_generator
+            self.student, teacher, config, self.state.rollout_generator, self.objective
         )
         self.rollouts = RolloutQueue(self.builder, self._build_step, config.rollout.max_staleness)
         self.rollouts.restore(self.state.pending_rollouts)
@@ -208,7 +209,7 @@ class Trainer:
                         per_token = -token_logprobs(rows, targets) * 0.0
                     else:
                         teacher = TeacherRows.from_results(results, mb.candidates).to(device)
-                        per_token, div = divergence(rows, targets, teacher, m)
+                        per_token, div = divergence(rows, targets, teacher, self.objective)
                         divergence_sum += float(div.sum())
                         if mb.rewards is not None:
                             advantages = group_advantages(mb.rewards, m.samples_per_prompt)
@@ -276,6 +277,7 @@ class Trainer:
                 self.config,
                 eos_ids=student.eos_ids,
                 pad_id=student.pad_id,
+                objective=self.objective,
             )
         except TeacherServiceError as error:
             if not is_outage(error):

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from student_trainer.checkpoint import latest_checkpoint
 from student_trainer.cli import main as cli_main
-from student_trainer.config import ConfigError, LoraConfig, load_config
+from student_trainer.config import ConfigError, LoraConfig, load_config, objective_from
 from student_trainer.lora import ADAPTER_CONFIG, require_peft
 from student_trainer.microbatch import MicroBatchBuilder
 from student_trainer.objective import token_logprobs
@@ -245,7 +245,9 @@ def test_padded_output_rows_are_never_sampled(tmp_path, student_model_dir):
         logits = student.model(input_ids=torch.tensor(prompt_ids(student)[:1])).logits
     assert int(logits[0, -1].argmax()) >= vocab  # unmasked, a padded row would win
     config = small_config(tmp_path, student_model_dir, "rollout.max_new_tokens=12")
-    builder = MicroBatchBuilder(student, None, config, torch.Generator().manual_seed(0))
+    builder = MicroBatchBuilder(
+        student, None, config, torch.Generator().manual_seed(0), objective_from(config.method)
+    )
     examples = [Example(text, "") for text in PROMPTS] * 4
     prompts = prompt_ids(student) * 4
     for step in range(3):
