@@ -8,9 +8,11 @@ teacher.py     the Teacher interface (submit_score -> future): the service or in
 student.py     the student model and tokenizer, loaded from a directory or checkpoint
 microbatch.py  what a micro-batch trains on: student samples, teacher outputs or answers
 rollouts.py    student sampling and the prompt / eos masking of training sequences
-objective.py   teacher signal + student logits -> per-token losses
-losses.py      divergences as pure tensor functions (generalized JSD, sparse support + tail,
-               sampled-token reverse KL, token-level reduction)
+objective.py   teacher signal + student logits -> per-token losses: the run's Objective
+               (teacher_client/objectives.py, chosen by method.loss) a chunk of rows at a time
+losses.py      the divergences as pure tensor functions (from teacher_client/losses.py:
+               generalized JSD, sparse support + tail, sampled-token reverse KL) and the
+               token-level reduction
 run_state.py   step, optimizer, schedule, random streams, data position: save and resume
 checkpoint.py  checkpoint directories, written atomically
 distributed.py torchrun's world: shards, all-reduce, DDP

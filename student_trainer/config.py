@@ -218,10 +218,10 @@ def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
 
 
 def _parse_override(item: str) -> dict[str, Any]:
-    """`method.beta=0.9` -> {"method": {"beta": 0.9}} (the value is parsed as YAML)."""
+    """`method.lmbda=0.5` -> {"method": {"lmbda": 0.5}} (the value is parsed as YAML)."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
-        raise ConfigError(f"--set {item!r}: expected key=value, e.g. method.beta=0.5")
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. method.lmbda=0.5")
     nested: dict[str, Any] = {}
     node = nested
     *parents, leaf = key.strip().split(".")

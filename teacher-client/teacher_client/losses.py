@@ -3,7 +3,7 @@
 The service returns the teacher's log-probs on a sparse support (its top-k ids, optionally
 plus candidates), not the whole vocabulary. `sparse_generalized_jsd` is the exact
 generalized JSD between the student's and the teacher's distributions restricted to that
-support plus one tail bucket holding the rest of the mass (docs/design.md, "Supports"), so
+support plus one tail bucket holding the rest of the mass (docs/design.md, "Objectives"), so
 that any beta, forward KL to reverse KL, trains on a top-k answer, and a top-1 support still
 carries signal through the tail.
 
