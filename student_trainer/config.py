@@ -336,8 +336,6 @@ def validate(config: TrainConfig) -> None:
         )
 
 
-# the keys every loss shares: method keys of their own, not method.loss_args
-SHARED_LOSS_KEYS = ("temperature", "top_k", "student_candidates")
 DEPRECATED_LOSS_KEYS = ("beta", "support")
 
 
@@ -346,23 +344,23 @@ def objective_from(method: MethodConfig) -> Objective:
     keys (method.temperature, top_k, student_candidates), or the loss the deprecated
     method.beta / method.support select. A bad name or value is a ConfigError naming its
     key (`method.loss`, `method.loss_args.beta`, `method.top_k`, ...)."""
-    from teacher_client.objectives import make_objective
+    from teacher_client.objectives import SHARED_KEYS, make_objective
 
     name, own, legacy = _loss_choice(method)
-    for key in own:
+    for key in own:  # the keys every loss shares are method keys of their own
         _require(
-            key not in SHARED_LOSS_KEYS,
+            key not in SHARED_KEYS,
             f"method.loss_args.{key}",
             f"every loss shares it: set method.{key}",
         )
-    shared = {key: getattr(method, key) for key in SHARED_LOSS_KEYS}
+    shared = {key: getattr(method, key) for key in SHARED_KEYS}
     try:
         return make_objective(name, **shared, **own)
     except ValueError as error:
         key, sep, why = str(error).partition(": ")
         if not sep or " " in key:  # a loss's check that does not start with its key
             key, why = "loss", f"{name}: {error}"
-        if key != "loss" and key not in SHARED_LOSS_KEYS and not legacy:
+        if key != "loss" and key not in SHARED_KEYS and not legacy:
             key = f"loss_args.{key}"
         raise ConfigError(f"method.{key}: {why}") from None
 

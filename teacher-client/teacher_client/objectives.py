@@ -169,6 +169,7 @@ class Objective:
         raise NotImplementedError(f"{type(self).__name__}.token_losses")
 
 
+SHARED_KEYS = tuple(f.name for f in fields(Objective))  # temperature, top_k, student_candidates
 LossClass = TypeVar("LossClass", bound=type[Objective])
 _LOSSES: dict[str, type[Objective]] = {}
 
@@ -181,10 +182,8 @@ def register_loss(name: str) -> Callable[[LossClass], LossClass]:
         if not (isinstance(cls, type) and issubclass(cls, Objective)):
             raise TypeError(f"register_loss({name!r}): {cls!r} is not an Objective subclass")
         known = _LOSSES.get(name)
-        if known is not None and (known.__module__, known.__qualname__) != (
-            cls.__module__,
-            cls.__qualname__,
-        ):  # the same class again is a module imported anew
+        # the same class again (its module imported anew) replaces itself; another may not
+        if known is not None and _qualified(known) != _qualified(cls):
             raise ValueError(f"loss: {name!r} is registered already ({known.__qualname__})")
         cls.name = name
         _LOSSES[name] = cls
@@ -193,15 +192,18 @@ def register_loss(name: str) -> Callable[[LossClass], LossClass]:
     return register
 
 
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def loss_names() -> list[str]:
     """Every registered loss, sorted."""
     return sorted(_LOSSES)
 
 
 def loss_keys(name: str) -> list[str]:
-    """The keys of loss `name` beyond the shared ones (temperature, top_k, student_candidates)."""
-    shared = {f.name for f in fields(Objective)}
-    return [f.name for f in fields(_loss_class(name)) if f.name not in shared]
+    """The keys of loss `name` beyond the SHARED_KEYS."""
+    return [f.name for f in fields(_loss_class(name)) if f.name not in SHARED_KEYS]
 
 
 def make_objective(name: str, **keys: Any) -> Objective:
@@ -217,10 +219,9 @@ def make_objective(name: str, **keys: Any) -> Objective:
     typed = {}
     for key, value in keys.items():
         if key not in known:
-            shared = [f.name for f in fields(Objective)]
             raise ValueError(
                 f"{key}: not a key of loss {name} (its own: {loss_keys(name) or 'none'}; "
-                f"every loss's: {shared})"
+                f"every loss's: {list(SHARED_KEYS)})"
             )
         typed[key] = _typed(key, value, hints[key])
     return cls(**typed)

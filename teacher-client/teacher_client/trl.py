@@ -52,7 +52,7 @@ from trl import DistillationConfig, DistillationTrainer
 
 from teacher_client.client import TeacherClient
 from teacher_client.messages import ScoreResult, TeacherInfo
-from teacher_client.objectives import Objective, TeacherRows, make_objective
+from teacher_client.objectives import SHARED_KEYS, Objective, TeacherRows, make_objective
 
 TESTED_TRL = "1.16.0"
 DEFAULT_TOP_K = 64
@@ -61,9 +61,6 @@ HOOKS = ("_generate_and_score_completions", "_compute_loss")
 # shuffles and splits every tensor along the batch axis, so they must be [B, ...]).
 SUPPORT_IDS, SUPPORT_LOGPROBS = "teacher_support_ids", "teacher_support_logprobs"
 TARGET_LOGPROBS = "teacher_target_logprobs"
-# The Objective keys this trainer sets itself: top_k (its argument) and the temperature
-# (TRL's); it asks for no student candidates.
-SHARED_KEYS = ("temperature", "top_k", "student_candidates")
 # Multimodal fields TRL's own loss passes to the student forward; passed through unchanged.
 MULTIMODAL_KEYS = (
     "pixel_values",
@@ -213,7 +210,9 @@ class TeacherServiceDistillationTrainer(DistillationTrainer):
 
     def _objective(self, loss: str, loss_args: dict[str, Any], top_k: int) -> Objective:
         """Loss `loss` with its own `loss_args` at TRL's temperature, on the top-k support;
-        jsd at args.beta unless loss_args has a beta. ValueError naming `loss` or the key."""
+        jsd at args.beta unless loss_args has a beta. ValueError naming `loss` or the key.
+        The keys every loss shares are this trainer's: top_k (its argument), the temperature
+        (TRL's), and no student candidates."""
         shared = sorted(set(SHARED_KEYS) & set(loss_args))
         if shared:
             raise ValueError(
