@@ -22,11 +22,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +126,10 @@ def checkpoint_hash(directory: Path) -> dict[str, str]:
 
 
 def fingerprint(overrides: list[str], out_dir: Path) -> dict[str, Any]:
+    # the checkpoint keeps Python's and numpy's global streams, which the trainer does not
+    # seed (torch's it does): seeded here, so that their state compares across processes
+    random.seed(0)
+    np.random.seed(0)
     config = load_config(None, [*COMMON, f"run.out_dir={out_dir}", *overrides])
     result = train(config)
     checkpoints = sorted((out_dir / "checkpoints").glob("step-*"))
