@@ -104,15 +104,15 @@ def evaluate(
         student, targets = completion_rows(logits[..., :vocab], batch)
         candidates = _candidates(student, batch, objective.candidates)
         # the objective's signal, and the top-k that forward_kl and reverse_kl are taken on
-        options = objective.score_options()
+        asked = objective.score_options()
         results = teacher.submit_score(
             batch.sequences,
             batch.prompt_lens,
             top_k=objective.top_k,
             candidates=None if candidates is None else [c.numpy() for c in candidates],
-            full=options.full,
-            temperature=options.temperature,
-            dtype=options.dtype,
+            full=asked.full,
+            temperature=asked.temperature,
+            dtype=asked.dtype,
         ).result()
         topk = TeacherRows.from_results(results).to(device)
         scaled = scaled_logits(student, objective.temperature)
