@@ -69,7 +69,7 @@ from bench_service import ROOT, ServerProcess, resolve_model, server_memory
 from trl_reference import trl_step_seconds
 
 from experiments.tiny_model import TinyModelSpec, build_tiny_model
-from student_trainer.config import DEFAULT_LOSS_CHUNK_ROWS, MethodConfig, load_config
+from student_trainer.config import DEFAULT_LOSS_CHUNK_ROWS, load_config
 from student_trainer.data import encode_prompt
 from student_trainer.losses import token_level_loss
 from student_trainer.objective import TeacherRows, divergence
@@ -78,6 +78,7 @@ from student_trainer.student import Student
 from student_trainer.tasks import TASKS
 from student_trainer.teacher import LocalTeacher
 from student_trainer.train import Trainer
+from teacher_client.objectives import make_objective
 from teacher_service.cli import free_port, serve_command
 
 WARMUP_STEPS = 2
@@ -146,7 +147,8 @@ def our_steps(
             "optim.lr=1e-3",
             "optim.warmup_steps=0",
             f"rollout.max_new_tokens={args.max_new_tokens}",
-            "method.beta=0.5",
+            "method.loss=jsd",
+            "method.loss_args.beta=0.5",
             f"method.top_k={args.top_k}",
             f"rollout.max_staleness={staleness}",
         ],
@@ -207,7 +209,8 @@ def memory_step(args: argparse.Namespace) -> dict[str, float]:
     resident, allocated = _peak_rss_mb(), _cuda_mb(device, torch.cuda.memory_allocated)
     started = time.perf_counter()
     rows, targets = student.completion_rows(batch)
-    per_token, _ = divergence(rows, targets, teacher, MethodConfig(beta=0.5, top_k=args.top_k))
+    objective = make_objective("jsd", beta=0.5, top_k=args.top_k)
+    per_token, _ = divergence(rows, targets, teacher, objective)
     token_level_loss(per_token, torch.ones_like(per_token, dtype=torch.bool), n).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()

@@ -32,7 +32,7 @@ from pathlib import Path
 from transformers.utils import logging as transformers_logging
 
 from causal_lm.threads import configure_threads
-from student_trainer.config import TrainConfig, load_config
+from student_trainer.config import TrainConfig, load_config, objective_from
 from student_trainer.evaluate import evaluate_model
 from student_trainer.train import TrainResult, train
 from teacher_client import TeacherClient
@@ -134,11 +134,11 @@ def run(config_path: Path, teacher_dir: Path, steps: int | None, threads: int = 
             shutil.rmtree(run_config.run.out_dir, ignore_errors=True)
         _step(f"scoring the teacher on {config.run.eval_size} held-out prompts")
         teacher = _teacher_scores(config, teacher_dir)
-        m, o = config.method, config.optim
+        m, o, loss = config.method, config.optim, objective_from(config.method)
         _step(
             f"on-policy GKD of {config.student.model} through the service: lambda={m.lmbda}, "
-            f"beta={m.beta:g} (generalized JSD; 1 = reverse KL) over the {m.support} "
-            f"vocabulary, {o.steps} steps x {o.batch_size} prompts, lr {o.lr:g}"
+            f"loss {loss.name} over the {loss.support} vocabulary, {o.steps} steps x "
+            f"{o.batch_size} prompts, lr {o.lr:g}"
         )
         on_policy = train(config)
         _step("baseline: SFT of the same student on the references, same steps, batch and lr")

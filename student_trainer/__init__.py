@@ -10,9 +10,11 @@ student.py     the student model and tokenizer, loaded from a directory or check
 microbatch.py  what a micro-batch trains on: student samples, teacher outputs or answers
 rollout_queue.py  steps built ahead (rollout.max_staleness), kept in checkpoints
 rollouts.py    student sampling and the prompt / eos masking of training sequences
-objective.py   teacher signal + student logits -> per-token losses
-losses.py      divergences as pure tensor functions (generalized JSD, sparse support + tail,
-               sampled-token reverse KL, token-level reduction)
+objective.py   teacher signal + student logits -> per-token losses: the run's Objective
+               (teacher_client/objectives.py, chosen by method.loss) a chunk of rows at a time
+losses.py      the divergences as pure tensor functions (from teacher_client/losses.py:
+               generalized JSD, sparse support + tail, sampled-token reverse KL) and the
+               token-level reduction
 rows.py        StudentRows: the completion rows' logits and losses a chunk at a time
 run_state.py   step, optimizer, schedule, random streams, data position: save and resume
 checkpoint.py  checkpoint directories, written atomically

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--set",
             action="append",
             metavar="KEY=VALUE",
-            help="override one key, e.g. --set method.beta=0.9 (repeatable)",
+            help="override one key, e.g. --set method.loss_args.beta=0.9 (repeatable)",
         )
         return sub
 

@@ -1,24 +1,30 @@
 """Training configuration: dataclasses, loaded from YAML plus `--set section.key=value`.
 
 Every key has a default, so a config file only names what it changes. Unknown keys and
-bad values are refused with a ConfigError that names the key (`method.beta`, ...).
+bad values are refused with a ConfigError that names the key (`method.lmbda`, ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from teacher_client.objectives import Objective
+
+log = logging.getLogger(__name__)
 
 METHODS = ("sft", "seqkd", "gkd")
 FILE_TASK = "file"  # task.name for the user's own data files (user_data.py)
 TASK_FORMATS = ("auto", "prompt", "prompt_completion", "messages")
-SUPPORTS = ("topk", "full", "sampled")
 SCHEDULES = ("cosine", "linear", "constant")
 AUTOCASTS = ("none", "bf16", "fp16")
 # completion rows whose logits the loss holds at once: 512 x 152k float32 is 311 MB per
@@ -99,9 +105,14 @@ class MethodConfig:
 
     name: str = "gkd"  # sft | seqkd | gkd
     lmbda: float = 1.0  # gkd: probability that a step trains on student samples
-    beta: float = 0.5  # 0 forward KL, 1 reverse KL, between: generalized JSD
-    support: str = "topk"  # topk (+ tail bucket) | full | sampled (token estimator)
-    top_k: int = 64  # teacher top-k per position for support=topk
+    # the distillation loss, by its registered name (teacher_client/objectives.py):
+    # forward_kl | reverse_kl | jsd | sampled_rkl | yours; "" = jsd (or the deprecated keys')
+    loss: str = ""
+    # the loss's own keys, e.g. method.loss_args.beta=0.9 for jsd (support: topk | full)
+    loss_args: dict[str, Any] = field(default_factory=dict)
+    beta: float | None = None  # deprecated: method.loss (forward_kl, reverse_kl, jsd + beta)
+    support: str | None = None  # deprecated: method.loss_args.support, method.loss=sampled_rkl
+    top_k: int = 64  # teacher top-k per position for a topk support
     student_candidates: int = 0  # also score the student's own top-m ids (union support)
     temperature: float = 1.0  # distillation temperature (teacher and student)
     alpha: float = 1.0  # RL + GKD: loss weight of the divergence; 1 = pure GKD
@@ -163,7 +174,13 @@ class TrainConfig:
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:
-    """Check a YAML value against the field's type (ints are accepted for floats)."""
+    """Check a YAML value against the field's type (ints are accepted for floats; None for
+    an optional field)."""
+    options = typing.get_args(kind)
+    if type(None) in options:  # `float | None`: unset (None), or a float
+        if value is None:
+            return None
+        (kind,) = [option for option in options if option is not type(None)]
     if kind is bool and isinstance(value, bool):
         return value
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
@@ -192,15 +209,19 @@ def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping of {sorted(current.__dict__)}")
             _apply(current, value, f"{key}.")
+        elif isinstance(current, dict):  # free-form keys (method.loss_args): merged, checked later
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            setattr(target, name, {**current, **value})
         else:
             setattr(target, name, _coerce(key, value, hints[name]))
 
 
 def _parse_override(item: str) -> dict[str, Any]:
-    """`method.beta=0.9` -> {"method": {"beta": 0.9}} (the value is parsed as YAML)."""
+    """`method.lmbda=0.5` -> {"method": {"lmbda": 0.5}} (the value is parsed as YAML)."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
-        raise ConfigError(f"--set {item!r}: expected key=value, e.g. method.beta=0.5")
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. method.lmbda=0.5")
     nested: dict[str, Any] = {}
     node = nested
     *parents, leaf = key.strip().split(".")
@@ -236,19 +257,22 @@ def validate(config: TrainConfig) -> None:
 
     m, o, r = config.method, config.optim, config.rollout
     _require(m.name in METHODS, "method.name", f"{m.name!r} is not one of {METHODS}")
-    _require(m.support in SUPPORTS, "method.support", f"{m.support!r} is not one of {SUPPORTS}")
     _require(0.0 <= m.lmbda <= 1.0, "method.lmbda", f"{m.lmbda} is outside [0, 1]")
-    _require(0.0 <= m.beta <= 1.0, "method.beta", f"{m.beta} is outside [0, 1]")
+    objective = objective_from(m)  # the loss and its keys (method.temperature, top_k, ...)
+    deprecated = deprecation(m)
+    if deprecated:
+        warnings.warn(deprecated, DeprecationWarning, stacklevel=3)
+        log.warning(deprecated)
     _require(0.0 <= m.alpha <= 1.0, "method.alpha", f"{m.alpha} is outside [0, 1]")
-    _require(m.temperature > 0, "method.temperature", f"{m.temperature} must be > 0")
     _require(m.seqkd_temperature >= 0, "method.seqkd_temperature", "must be >= 0")
-    _require(m.top_k >= 1, "method.top_k", f"{m.top_k} must be >= 1")
-    _require(m.student_candidates >= 0, "method.student_candidates", "must be >= 0")
     _require(m.samples_per_prompt >= 1, "method.samples_per_prompt", "must be >= 1")
     _require(m.reward in REWARDS, "method.reward", f"{m.reward!r} is not one of {list(REWARDS)}")
-    if m.support == "sampled":
-        _require(m.beta == 1.0, "method.beta", "support=sampled estimates reverse KL: beta=1")
-        _require(m.lmbda == 1.0, "method.lmbda", "support=sampled needs student samples: 1.0")
+    if objective.on_policy_only:
+        _require(
+            m.lmbda == 1.0,
+            "method.lmbda",
+            f"loss {objective.name} needs student samples on every step: 1.0",
+        )
     if m.alpha < 1.0:
         _require(
             m.name == "gkd" and m.lmbda == 1.0,
@@ -267,11 +291,12 @@ def validate(config: TrainConfig) -> None:
     _require(r.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
     if r.max_staleness > 0:
         # the policy-gradient terms assume the samples come from the weights being trained
+        estimator = f"loss {objective.name}" if objective.on_policy_only else "RL + GKD"
         _require(
-            m.support != "sampled" and m.alpha == 1.0,
+            not objective.on_policy_only and m.alpha == 1.0,
             "rollout.max_staleness",
-            "support=sampled and RL + GKD (alpha < 1) are policy-gradient estimators that "
-            "need samples from the weights being trained (no importance correction): use 0",
+            f"{estimator} is a policy-gradient estimator that needs samples from the weights "
+            "being trained (no importance correction): use 0",
         )
     _require(o.steps >= 1, "optim.steps", "must be >= 1")
     _require(o.batch_size >= 1, "optim.batch_size", "must be >= 1")
@@ -309,6 +334,87 @@ def validate(config: TrainConfig) -> None:
             "teacher.address",
             f"method {m.name} needs a teacher (address or in_process)",
         )
+
+
+DEPRECATED_LOSS_KEYS = ("beta", "support")
+
+
+def objective_from(method: MethodConfig) -> Objective:
+    """The run's distillation loss: method.loss built with method.loss_args and the shared
+    keys (method.temperature, top_k, student_candidates), or the loss the deprecated
+    method.beta / method.support select. A bad name or value is a ConfigError naming its
+    key (`method.loss`, `method.loss_args.beta`, `method.top_k`, ...)."""
+    from teacher_client.objectives import SHARED_KEYS, make_objective
+
+    name, own, legacy = _loss_choice(method)
+    for key in own:  # the keys every loss shares are method keys of their own
+        _require(
+            key not in SHARED_KEYS,
+            f"method.loss_args.{key}",
+            f"every loss shares it: set method.{key}",
+        )
+    shared = {key: getattr(method, key) for key in SHARED_KEYS}
+    try:
+        return make_objective(name, **shared, **own)
+    except ValueError as error:
+        key, sep, why = str(error).partition(": ")
+        if not sep or " " in key:  # a loss's check that does not start with its key
+            key, why = "loss", f"{name}: {error}"
+        if key != "loss" and key not in SHARED_KEYS and not legacy:
+            key = f"loss_args.{key}"
+        raise ConfigError(f"method.{key}: {why}") from None
+
+
+def deprecation(method: MethodConfig) -> str | None:
+    """What to say when the deprecated method.beta / method.support choose the loss: the
+    keys that replace them (e.g. "method.beta=1 is deprecated: use method.loss=reverse_kl")."""
+    old = [f"method.{key}={_shown(getattr(method, key))}" for key in _deprecated_keys(method)]
+    if not old:
+        return None
+    name, own = _legacy_loss(method)
+    new = [f"method.loss={name}", *(f"method.loss_args.{k}={_shown(v)}" for k, v in own.items())]
+    verb = "is" if len(old) == 1 else "are"
+    return f"{', '.join(old)} {verb} deprecated: use {', '.join(new)}"
+
+
+def _deprecated_keys(method: MethodConfig) -> list[str]:
+    return [key for key in DEPRECATED_LOSS_KEYS if getattr(method, key) is not None]
+
+
+def _loss_choice(method: MethodConfig) -> tuple[str, dict[str, Any], bool]:
+    """(loss name, its own keys, whether the deprecated keys chose them)."""
+    deprecated = _deprecated_keys(method)
+    if not deprecated:
+        return method.loss or "jsd", dict(method.loss_args), False
+    _require(
+        not (method.loss or method.loss_args),
+        f"method.{deprecated[0]}",
+        "deprecated, and method.loss / method.loss_args are set too: give the loss and its "
+        "keys there only (e.g. method.loss_args.beta for jsd)",
+    )
+    name, own = _legacy_loss(method)
+    return name, own, True
+
+
+def _legacy_loss(method: MethodConfig) -> tuple[str, dict[str, Any]]:
+    """The loss and keys method.beta and method.support meant (unset: 0.5 and topk, their
+    old defaults): support=sampled is sampled_rkl (reverse KL only), beta 0 forward_kl,
+    beta 1 reverse_kl, any other beta jsd; support topk | full is the loss's own key."""
+    beta = 0.5 if method.beta is None else method.beta
+    support = "topk" if method.support is None else method.support
+    if support == "sampled":
+        _require(beta == 1.0, "method.beta", "support=sampled estimates reverse KL: beta=1")
+        return "sampled_rkl", {}
+    own: dict[str, Any] = {} if method.support is None else {"support": support}
+    if beta == 0.0:
+        return "forward_kl", own
+    if beta == 1.0:
+        return "reverse_kl", own
+    return "jsd", own if method.beta is None else {"beta": beta, **own}
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def validate_student(s: StudentConfig) -> None:

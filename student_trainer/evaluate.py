@@ -4,6 +4,8 @@ As the GKD paper does, the metrics are computed twice: on the student's greedy
 completions, and on its samples at the rollout temperature (`sampled_<metric>`), drawn
 from a fixed seed so every evaluation sees comparable draws. The divergences use those
 same samples, scored by the teacher: the on-policy quantity that distillation drives down.
+`forward_kl` and `reverse_kl` are always those on the teacher's top-k + tail support;
+`divergence` is the trained objective's own (method.loss: its support, its candidates).
 
 `evaluate` scores a model in memory (the trainer's, during a run); `evaluate_model` loads
 any model directory to score it (a student, a checkpoint, the teacher itself), and
@@ -12,6 +14,7 @@ any model directory to score it (a student, a checkpoint, the teacher itself), a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -20,16 +23,16 @@ import torch
 
 from causal_lm.placement import resolve_device
 from causal_lm.sampling import SamplingOptions
-from student_trainer.config import FILE_TASK, TaskConfig, TrainConfig
+from student_trainer.config import FILE_TASK, TaskConfig, TrainConfig, objective_from
 from student_trainer.data import decode_completion, prompt_ids, reference_text, task_splits
 from student_trainer.losses import sparse_generalized_jsd
 from student_trainer.objective import TeacherRows, completion_rows
-from student_trainer.rollouts import build_batch, sample_completions
+from student_trainer.rollouts import Batch, build_batch, sample_completions
 from student_trainer.student import load_student
 from student_trainer.tasks import TASKS, Example
 from student_trainer.teacher import Teacher, connect, handshake
 from student_trainer.user_metric import load_metric, metric_scores
-from teacher_client import ScoreOptions
+from teacher_client.objectives import Objective, scaled_logits
 
 EVAL_SEED_OFFSET = 7919  # evaluation draws never share a stream with training rollouts
 
@@ -62,15 +65,20 @@ def evaluate(
     *,
     eos_ids: frozenset[int],
     pad_id: int,
+    objective: Objective | None = None,
 ) -> dict[str, float]:
     """{"metric": the task's primary metric (greedy), each task metric by name (greedy),
     "sampled_metric" and "sampled_<name>" (sampled), and with a teacher "forward_kl",
-    "reverse_kl", "divergence"}. Built-in metrics are in percent; the user's data has
-    only task.metric's (as it returns them), or none: the divergences alone."""
+    "reverse_kl" (top-k + tail) and "divergence" (the objective's, by default the one
+    method.loss names)}, divergences per completion token. Built-in metrics are in percent;
+    the user's data has only task.metric's (as it returns them), or none: the divergences
+    alone."""
     if not examples:
         return {}
+    if objective is None:
+        objective = objective_from(config.method)
     score = task_scorer(config.task, tokenizer, eos_ids)
-    rollout, method = config.rollout, config.method
+    rollout = config.rollout
     device = next(model.parameters()).device
     vocab = len(tokenizer)
     sampling = dict(vocab_size=vocab, eos_ids=eos_ids, pad_id=pad_id)
@@ -92,19 +100,32 @@ def evaluate(
         if teacher is None:
             continue
         batch = build_batch(prompts, samples, eos_ids=eos_ids, pad_id=pad_id)
-        options = ScoreOptions(top_k=method.top_k, temperature=method.temperature)
-        results = teacher.submit_score(batch.sequences, batch.prompt_lens, options).result()
-        rows = TeacherRows.from_results(results).to(device)
         logits = model(
             input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
         ).logits
-        student, _ = completion_rows(logits[..., :vocab], batch)
-        student = student.float() / method.temperature
-        for name, beta in (("forward_kl", 0.0), ("reverse_kl", 1.0), ("divergence", method.beta)):
+        student, targets = completion_rows(logits[..., :vocab], batch)
+        candidates = _candidates(student, batch, objective.candidates)
+        # the objective's signal, and the top-k that forward_kl and reverse_kl are taken on
+        options = dataclasses.replace(objective.score_options(), top_k=objective.top_k)
+        results = teacher.submit_score(
+            batch.sequences,
+            batch.prompt_lens,
+            options,
+            candidates=None if candidates is None else [c.numpy() for c in candidates],
+        ).result()
+        topk = TeacherRows.from_results(results).to(device)
+        scaled = scaled_logits(student, objective.temperature)
+        for name, beta in (("forward_kl", 0.0), ("reverse_kl", 1.0)):
             per_token = sparse_generalized_jsd(
-                student, rows.support_ids, rows.support_logprobs, beta
+                scaled, topk.support_ids, topk.support_logprobs, beta
             )
             totals[name] += float(per_token.sum())
+        if candidates is None:
+            signal = topk
+        else:  # the union support: top-k ids, then the student's own
+            signal = TeacherRows.from_results(results, candidates).to(device)
+        _, divergence = objective.token_losses(student, targets, signal)
+        totals["divergence"] += float(divergence.sum())
         tokens += batch.num_tokens
     result: dict[str, float] = {}
     scores = score(predictions, examples)
@@ -119,6 +140,15 @@ def evaluate(
     return result
 
 
+def _candidates(rows: torch.Tensor, batch: Batch, count: int) -> list[torch.Tensor] | None:
+    """The student's own top-`count` ids [T_i, count] of each sequence's completion rows
+    (rows: [N, V] logits), for a union support as training has it; None for 0."""
+    if not count:
+        return None
+    ids = rows.topk(count, dim=-1).indices.cpu()
+    return list(ids.split(batch.loss_mask.sum(dim=1).tolist()))
+
+
 def evaluate_model(
     model_dir: str | Path,
     config: TrainConfig,
@@ -131,8 +161,9 @@ def evaluate_model(
     first `size` prompts of a split (default: all of it); divergences to `teacher` when one
     is given, after the tokenizer handshake."""
     student = load_student(model_dir, config.student.dtype, resolve_device(config.student.device))
+    objective = objective_from(config.method)
     if teacher is not None:
-        handshake(teacher, student.tokenizer, config.teacher, config.method)
+        handshake(teacher, student.tokenizer, config.teacher, objective)
     examples = getattr(task_splits(config.task, student.tokenizer), split)[:size]
     return evaluate(
         student.model.eval(),
@@ -142,6 +173,7 @@ def evaluate_model(
         config,
         eos_ids=student.eos_ids,
         pad_id=student.pad_id,
+        objective=objective,
     )
 
 

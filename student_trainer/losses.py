@@ -6,9 +6,11 @@ dtype. Zero-probability buckets (log-prob -inf, e.g. from -inf logits) contribut
 and the masked branches are sanitised before `torch.where` so that they cannot leak NaN
 gradients either (a NaN in the branch `where` discards still poisons the backward pass).
 
-The divergence core and `sparse_generalized_jsd` (top-k + tail) live in the client
-distribution (teacher_client/losses.py), so that the TRL adapter trains on the very function
-this trainer does; they are imported here.
+The divergences themselves (the generalized JSD on the full vocabulary and on the top-k +
+tail support, the sampled-token reverse KL and its policy-gradient surrogate) live in the
+client distribution (teacher_client/losses.py), so that the built-in objectives
+(teacher_client/objectives.py) and the TRL adapter train on the very functions this trainer
+does; they are imported here. The token-level reduction is the trainer's own.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import torch
 from torch import Tensor
 
 from teacher_client.losses import (
-    check_arguments,
-    compute_dtype,
-    generalized_divergence,
+    generalized_jsd,
+    policy_gradient_loss,
+    sampled_reverse_kl,
     sparse_generalized_jsd,
 )
 
@@ -30,41 +32,6 @@ __all__ = [
     "sparse_generalized_jsd",
     "token_level_loss",
 ]
-
-
-def generalized_jsd(
-    student_logits: Tensor, teacher_logits: Tensor, beta: float, temperature: float = 1.0
-) -> Tensor:
-    """Generalized JSD(beta) on the full vocabulary, per position: [..., V] -> [...].
-
-    beta = 0 is forward KL(p||q) (mode covering), beta = 1 reverse KL(q||p) (mode seeking),
-    0 < beta < 1 is beta KL(p||m) + (1 - beta) KL(q||m) with m = beta p + (1 - beta) q (GKD
-    paper Eq. 1; the same convention as TRL's `generalized_jsd_loss`, so results compare).
-    """
-    check_arguments(beta, temperature)
-    dtype = compute_dtype(student_logits, teacher_logits)
-    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
-    return generalized_divergence(log_p, log_q, beta)
-
-
-def sampled_reverse_kl(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
-    """Per-token estimator log q(y) - log p(y) for y ~ q; its expectation is KL(q||p).
-
-    Needs only the teacher's log-prob of the sampled token (`target_logprobs`), so it is the
-    cheapest on-policy signal (Tinker / MiniLLM); it is unbiased but high variance.
-    """
-    return student_logprobs - teacher_logprobs
-
-
-def policy_gradient_loss(token_logprobs: Tensor, advantages: Tensor) -> Tensor:
-    """Per-token REINFORCE surrogate -(A * log q(y)); its gradient is -A * grad log q(y).
-
-    The advantage is detached: no gradient flows through the reward. For the on-policy reverse
-    KL use `advantages = -sampled_reverse_kl(...)`, whose expected gradient is that of KL(q||p)
-    (the score-function term; the direct term has zero expectation).
-    """
-    return -(advantages.detach() * token_logprobs)
 
 
 def token_level_loss(per_token: Tensor, mask: Tensor, num_tokens: int | Tensor) -> Tensor:

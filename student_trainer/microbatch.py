@@ -21,6 +21,7 @@ from student_trainer.student import Student
 from student_trainer.tasks import REWARDS, Example
 from student_trainer.teacher import ScoreFuture, Teacher
 from teacher_client import ScoreOptions
+from teacher_client.objectives import Objective
 
 
 @dataclass
@@ -36,7 +37,7 @@ class MicroBatch:
 class MicroBatchBuilder:
     """What a micro-batch is built from; one per run (the generator is this rank's stream,
     restored in place on resume). It reads the method and rollout sections, teacher.dtype
-    and run.seed, given one by one."""
+    and run.seed, given one by one; the objective says what to ask the teacher for."""
 
     student: Student
     teacher: Teacher | None
@@ -45,6 +46,12 @@ class MicroBatchBuilder:
     teacher_dtype: str  # teacher.dtype: the wire dtype of the scores asked for
     seed: int  # run.seed: SeqKD's teacher outputs are seeded by it, the step and the index
     generator: torch.Generator
+    objective: Objective
+
+    @property
+    def score_options(self) -> ScoreOptions:
+        """What the objective asks the teacher for, in teacher.dtype."""
+        return self.objective.score_options(self.teacher_dtype)
 
     def build(
         self, examples: list[Example], *, on_policy: bool, step: int, index: int
@@ -58,10 +65,10 @@ class MicroBatchBuilder:
             prompts, completed, eos_ids=self.student.eos_ids, pad_id=self.student.pad_id
         )
         item = MicroBatch(batch, examples)
-        if distill and m.student_candidates > 0 and m.support == "topk":
-            item.candidates = student_candidates(self.student, batch, m.student_candidates)
+        if distill and self.objective.candidates:
+            item.candidates = student_candidates(self.student, batch, self.objective.candidates)
         if distill:
-            item.scores = submit_scores(self.teacher, batch, item.candidates, m, self.teacher_dtype)
+            item.scores = submit_scores(self.teacher, batch, item.candidates, self.score_options)
         if m.alpha < 1.0:
             reward = REWARDS[m.reward]
             item.rewards = [
@@ -112,20 +119,9 @@ def student_candidates(student: Student, batch: Batch, count: int) -> list[torch
 
 
 def submit_scores(
-    teacher: Teacher,
-    batch: Batch,
-    candidates: list[torch.Tensor] | None,
-    method: MethodConfig,
-    dtype: str,
+    teacher: Teacher, batch: Batch, candidates: list[torch.Tensor] | None, options: ScoreOptions
 ) -> ScoreFuture:
-    """Ask the teacher for what method.support needs at every completion position, its
-    log-probs in `dtype` (teacher.dtype) on the wire."""
-    options = ScoreOptions(
-        top_k=method.top_k if method.support == "topk" else 0,
-        full=method.support == "full",
-        temperature=method.temperature,
-        dtype=dtype,
-    )
+    """Ask the teacher for `options` (the objective's) at every completion position."""
     return teacher.submit_score(
         batch.sequences,
         batch.prompt_lens,

@@ -152,6 +152,6 @@ class RolloutQueue:
         )
         if builder.method.name == "gkd":
             item.scores = submit_scores(
-                builder.teacher, batch, item.candidates, builder.method, builder.teacher_dtype
+                builder.teacher, batch, item.candidates, builder.score_options
             )
         return item

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-# [n, vocab] logits and the same n rows of each per-row input -> [n, ...]
-RowFunction = Callable[..., Tensor]
+# [n, vocab] logits and the same n rows of each per-row input -> [n, ...], or a tuple of them
+RowFunction = Callable[..., Tensor | tuple[Tensor, ...]]
 
 
 @dataclass
@@ -35,9 +35,10 @@ class StudentRows:
     vocab: int  # the tokenizer's size: padded output rows past it are cut
     chunk_rows: int = 0  # rows whose logits exist at once; 0: all N
 
-    def map(self, fn: RowFunction, *per_row: Tensor | None) -> Tensor:
+    def map(self, fn: RowFunction, *per_row: Tensor | None) -> Tensor | tuple[Tensor, ...]:
         """fn(logits [n, vocab], *the same n rows of each `per_row` tensor [N, ...]) for every
-        chunk of rows, concatenated: [N, ...]. A `per_row` None is passed as None.
+        chunk of rows, concatenated: [N, ...] (a tuple of them when fn returns a tuple). A
+        `per_row` None is passed as None.
 
         With gradients and more than one chunk, each chunk is checkpointed: its logits and
         everything fn derives from them are freed after its forward and recomputed in the
@@ -53,8 +54,12 @@ class StudentRows:
                 outputs.append(checkpoint(self._apply, fn, chunk, *rows, use_reentrant=False))
             else:
                 outputs.append(self._apply(fn, chunk, *rows))
+        if isinstance(outputs[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
         return torch.cat(outputs)
 
-    def _apply(self, fn: RowFunction, states: Tensor, *rows: Tensor | None) -> Tensor:
+    def _apply(
+        self, fn: RowFunction, states: Tensor, *rows: Tensor | None
+    ) -> Tensor | tuple[Tensor, ...]:
         logits = states if self.project is None else self.project(states)
         return fn(logits[..., : self.vocab], *rows)

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from student_trainer.config import ConfigError, MethodConfig, TeacherConfig
+from student_trainer.config import ConfigError, TeacherConfig
 from teacher_client import (
     GenerateResult,
     RetryPolicy,
@@ -44,6 +44,7 @@ from teacher_client import (
     TeacherServiceError,
     TokenizerMismatchError,
 )
+from teacher_client.objectives import Objective
 from teacher_service.in_process import InProcessTeacher
 
 log = logging.getLogger(__name__)
@@ -270,18 +271,19 @@ def connect(config: TeacherConfig, *, required: bool, workers: int = 2) -> Teach
 
 
 def handshake(
-    teacher: Teacher, tokenizer: Any, config: TeacherConfig, method: MethodConfig
+    teacher: Teacher, tokenizer: Any, config: TeacherConfig, objective: Objective
 ) -> None:
     """Refuse (and close) a teacher whose vocabulary differs from the student's: its
-    log-probs would mean other tokens. Also refuse a top_k beyond its vocabulary."""
+    log-probs would mean other tokens. Also refuse a top_k beyond its vocabulary, when the
+    objective asks for a top-k."""
     try:
         info = teacher.check_tokenizer(tokenizer)
     except TokenizerMismatchError as error:
         teacher.close()
         key = "teacher.in_process" if config.in_process else "teacher.address"
         raise ConfigError(f"{key}: {error}") from None
-    top_k = method.top_k
-    if method.support == "topk" and top_k > info.vocab_size:
+    top_k = objective.top_k
+    if objective.support == "topk" and top_k > info.vocab_size:
         teacher.close()
         raise ConfigError(
             f"method.top_k: {top_k} exceeds the teacher's vocabulary ({info.vocab_size} tokens)"

@@ -35,7 +35,14 @@ from tqdm import tqdm
 
 from causal_lm.placement import resolve_device
 from student_trainer.checkpoint import resume_checkpoint
-from student_trainer.config import ConfigError, RunConfig, StudentConfig, TrainConfig, to_dict
+from student_trainer.config import (
+    ConfigError,
+    RunConfig,
+    StudentConfig,
+    TrainConfig,
+    objective_from,
+    to_dict,
+)
 from student_trainer.data import ExampleStream, training_splits
 from student_trainer.distributed import (
     World,
@@ -124,8 +131,9 @@ class Trainer:
             # a thread for every micro-batch of a step: all of them are in flight at once
             workers = max(2, config.optim.grad_accum)
             teacher = connect(config.teacher, required=config.uses_teacher, workers=workers)
+        self.objective = objective_from(config.method)  # the distillation loss (method.loss)
         if teacher is not None:
-            handshake(teacher, self.student.tokenizer, config.teacher, config.method)
+            handshake(teacher, self.student.tokenizer, config.teacher, self.objective)
         self.teacher = teacher
         self.splits = training_splits(config.task, config.method, self.student.tokenizer)
         stream = ExampleStream(self.splits.train, seed=config.run.seed)
@@ -149,6 +157,7 @@ class Trainer:
             teacher_dtype=config.teacher.dtype,
             seed=config.run.seed,
             generator=self.state.rollout_generator,
+            objective=self.objective,
         )
         self.rollouts = RolloutQueue(self.builder, self._build_step, config.rollout.max_staleness)
         self.rollouts.restore(self.state.pending_rollouts)
@@ -245,7 +254,7 @@ class Trainer:
         if mb.scores is None:  # sft / seqkd: next-token NLL on the given outputs
             return -token_logprobs(rows, targets)
         teacher = TeacherRows.from_results(results, mb.candidates).to(device)
-        per_token, div = divergence(rows, targets, teacher, m)
+        per_token, div = divergence(rows, targets, teacher, self.objective)
         sums.divergence += float(div.sum())
         if mb.rewards is not None:
             advantages = group_advantages(mb.rewards, m.samples_per_prompt)
@@ -321,6 +330,7 @@ class Trainer:
                 self.config,
                 eos_ids=student.eos_ids,
                 pad_id=student.pad_id,
+                objective=self.objective,
             )
         except TeacherServiceError as error:
             if not is_outage(error):

@@ -22,6 +22,7 @@ from student_trainer.config import (
     MethodConfig,
     RolloutConfig,
     load_config,
+    objective_from,
 )
 from student_trainer.lora import ADAPTER_CONFIG, require_peft
 from student_trainer.microbatch import MicroBatchBuilder
@@ -250,14 +251,16 @@ def test_padded_output_rows_are_never_sampled(student_model_dir):
         weight[vocab:] *= 1000
         logits = student.model(input_ids=torch.tensor(prompt_ids(student)[:1])).logits
     assert int(logits[0, -1].argmax()) >= vocab  # unmasked, a padded row would win
+    method = MethodConfig()
     builder = MicroBatchBuilder(
         student,
         None,
-        MethodConfig(),
+        method,
         RolloutConfig(max_new_tokens=12),
         teacher_dtype="float32",
         seed=0,
         generator=torch.Generator().manual_seed(0),
+        objective=objective_from(method),
     )
     examples = [Example(text, "") for text in PROMPTS] * 4
     prompts = prompt_ids(student) * 4

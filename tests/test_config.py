@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from student_trainer.config import ConfigError, TrainConfig, load_config
+from student_trainer.config import ConfigError, TrainConfig, load_config, objective_from
+from teacher_client.objectives import make_objective
 
 
 def write(tmp_path, text: str):
@@ -52,12 +53,32 @@ def test_yaml_then_overrides(tmp_path):
         ("method.bta=0.5", "method.bta"),
         ("methods.beta=0.5", "methods"),
         ("method.support=sampled", "method.beta"),  # the sampled estimator is reverse KL only
+        ("method.loss=tvd", "method.loss"),
+        ("method.loss_args.bta=0.5", "method.loss_args.bta"),
+        ("method.loss_args.beta=2", "method.loss_args.beta"),
+        ("method.loss_args.top_k=8", "method.loss_args.top_k"),  # a key every loss shares
+        ("method.loss_args=0.5", "method.loss_args"),
+        ("method.top_k=0", "method.top_k"),
     ],
 )
 def test_bad_values_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError) as error:
         load_config(None, [override])
     assert str(error.value).startswith(f"{key}:")
+
+
+def test_loss_args_from_yaml_and_set_merge_key_by_key(tmp_path):
+    path = write(tmp_path, "method:\n  loss: jsd\n  loss_args:\n    support: full\n    beta: 0.1\n")
+    config = load_config(path, ["method.loss_args.beta=0.9", "teacher.address=h:1"])
+    assert config.method.loss_args == {"support": "full", "beta": 0.9}
+    assert objective_from(config.method) == make_objective("jsd", beta=0.9, support="full")
+
+
+def test_the_sampled_estimator_needs_fresh_on_policy_samples():
+    with pytest.raises(ConfigError, match=r"^method\.lmbda: loss sampled_rkl needs student"):
+        load_config(None, ["method.loss=sampled_rkl", "method.lmbda=0.5"])
+    with pytest.raises(ConfigError, match=r"^rollout\.max_staleness: loss sampled_rkl is a"):
+        load_config(None, ["method.loss=sampled_rkl", "rollout.max_staleness=1"])
 
 
 def test_rl_needs_on_policy_steps():

@@ -23,6 +23,7 @@ import pytest
 from experiments.paper_table.__main__ import build_parser as paper_table_parser
 from student_trainer.cli import build_parser as trainer_parser
 from student_trainer.config import TrainConfig
+from teacher_client.objectives import loss_keys, loss_names
 from teacher_service.cli import build_parser as teacher_parser
 from tests.parsers import exact
 
@@ -99,10 +100,14 @@ def invocation(words: list[str]) -> tuple[str, list[str]] | None:
 
 
 def config_key_error(item: str) -> str | None:
-    """Why `--set KEY=VALUE` names no TrainConfig key (values may be placeholders)."""
+    """Why `--set KEY=VALUE` names no TrainConfig key (values may be placeholders); under
+    method.loss_args, a key of some registered loss."""
     node: object = TrainConfig()
     key = item.partition("=")[0]
     for part in key.split("."):
+        if isinstance(node, dict):  # method.loss_args: the loss's own keys
+            names = {k for name in loss_names() for k in loss_keys(name)}
+            return None if part in names else f"--set {key}: no such config key"
         names = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
         if part not in names:
             return f"--set {key}: no such config key"
@@ -171,6 +176,7 @@ def test_a_broken_command_is_caught(tmp_path):
         "Run `make paper-table --report-only`, then:\n\n```bash\n"
         "TOKEN=x .venv/bin/teacher-service serve --model m \\\n  --max-batch-tokenz 9 &\n"
         "student-trainer train --set method.bta=0.5 && make nope\n"
+        "student-trainer train --set method.loss_args.bta=0.5\n"
         "docker compose run --rm trainer student-trainer train --resum auto\n"
         "kubectl delete job student-trainer --ignore-not-found  # a job's name, not a run\n"
         "```\n\nand `teacher-service health [--address 127.0.0.1:50051]` is fine.\n"
@@ -182,6 +188,7 @@ def test_a_broken_command_is_caught(tmp_path):
         ("teacher-service", "teacher-service: error: unrecognized arguments: --max-batch-tokenz 9"),
         ("student-trainer", "--set method.bta: no such config key"),
         ("make", "no Makefile target 'nope'"),
+        ("student-trainer", "--set method.loss_args.bta: no such config key"),
         ("student-trainer", "student-trainer: error: unrecognized arguments: --resum auto"),
         ("make", "--report-only is not a make target (make takes no flags from the docs)"),
         ("teacher-service", None),

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from student_trainer.config import MethodConfig
 from student_trainer.objective import (
     TeacherRows,
     completion_rows,
@@ -17,6 +16,7 @@ from student_trainer.objective import (
 from student_trainer.rollouts import build_batch
 from student_trainer.rows import StudentRows
 from teacher_client import ScoreOptions
+from teacher_client.objectives import make_objective
 from teacher_service.in_process import InProcessTeacher
 from tests.conftest import reference_logprobs
 
@@ -59,7 +59,7 @@ def test_teacher_rows_line_up_with_student_rows(batch, backend):
 def test_topk_over_the_whole_vocabulary_equals_full(batch, backend, student_logits, beta):
     teacher = InProcessTeacher(backend)
     rows, targets = completion_rows(student_logits, batch)
-    method = MethodConfig(beta=beta, temperature=2.0)
+    topk = make_objective("jsd", beta=beta, temperature=2.0)
     sparse = TeacherRows.from_results(
         teacher.score(
             batch.sequences,
@@ -72,9 +72,12 @@ def test_topk_over_the_whole_vocabulary_equals_full(batch, backend, student_logi
             batch.sequences, batch.prompt_lens, ScoreOptions(top_k=0, full=True, temperature=2.0)
         )
     )
-    got_sparse, _ = divergence(as_rows(rows), targets, sparse, method)
+    got_sparse, _ = divergence(as_rows(rows), targets, sparse, topk)
     got_full, _ = divergence(
-        as_rows(rows), targets, full, MethodConfig(beta=beta, temperature=2.0, support="full")
+        as_rows(rows),
+        targets,
+        full,
+        make_objective("jsd", beta=beta, temperature=2.0, support="full"),
     )
     # independent: the formula on explicit probabilities, teacher from a plain forward
     p = torch.cat(
@@ -101,8 +104,7 @@ def test_sampled_support_is_the_token_estimator(batch, backend, student_logits):
     signal = TeacherRows.from_results(
         teacher.score(batch.sequences, batch.prompt_lens, ScoreOptions(top_k=0))
     )
-    method = MethodConfig(support="sampled", beta=1.0)
-    loss, estimate = divergence(as_rows(rows), targets, signal, method)
+    loss, estimate = divergence(as_rows(rows), targets, signal, make_objective("sampled_rkl"))
     log_q = torch.log_softmax(rows.detach().float(), -1).gather(-1, targets[:, None]).squeeze(-1)
     torch.testing.assert_close(estimate, log_q - signal.target_logprobs)
     # gradient of sum(loss): (log q - log p) * d log q(y), the score-function estimator

@@ -4,6 +4,7 @@ results/paper_table.json and with the committed per-run results."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import statistics
@@ -23,6 +24,7 @@ from experiments.paper_table import (
     report,
     run_dir,
 )
+from student_trainer.config import load_config, objective_from
 from student_trainer.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,10 +60,29 @@ def test_grid_is_the_protocols_grid():
     assert STUDENTS["records"] == ("student-small", "student-medium", "student-large")
     assert Method("supervised_kd", 0.0, 0.0).overrides() == [
         "method.name=gkd",
-        "method.beta=0.0",
+        "method.loss=forward_kl",
         "method.lmbda=0.0",
     ]
+    assert Method("on_policy_gkd", 0.9, 1.0).overrides() == [
+        "method.name=gkd",
+        "method.loss=jsd",
+        "method.loss_args.beta=0.9",
+        "method.lmbda=1.0",
+    ]
     assert Method("seqkd").overrides() == ["method.name=seqkd"]
+
+
+@pytest.mark.parametrize("task", paper_table.TABLE_TASKS)
+def test_every_method_trains_the_objective_its_committed_runs_were_trained_with(task, monkeypatch):
+    """The committed runs chose their loss with method.beta and the configs'
+    method.support=full; the table's method.loss keys select the same objective."""
+    monkeypatch.chdir(ROOT)
+    for method in grid(task, 0.5):
+        config = load_config(paper_table.CONFIGS_DIR / f"{task}.yaml", method.overrides())
+        legacy = dataclasses.replace(
+            config.method, loss="", loss_args={}, beta=method.beta, support="full"
+        )
+        assert objective_from(config.method) == objective_from(legacy), method.label
 
 
 def _result(task, student, method, seed, value, final=None):
@@ -255,7 +276,6 @@ def test_one_cell_runs_through_the_commands_path(tmp_path, monkeypatch):
     saved = json.loads((out / "result.json").read_text())
     assert saved["test"] == result["test"]
     from student_trainer.checkpoint import latest_checkpoint
-    from student_trainer.config import load_config
     from student_trainer.evaluate import evaluate
     from student_trainer.train import Trainer
 

@@ -72,7 +72,7 @@ def test_with_weights_that_never_move_building_ahead_changes_nothing(
 
 def test_policy_gradient_estimators_refuse_stale_samples(tmp_path, student_model_dir):
     for overrides in (
-        ("method.support=sampled", "method.beta=1.0"),
+        ("method.loss=sampled_rkl",),
         ("method.alpha=0.5",),
     ):
         with pytest.raises(ConfigError, match=r"rollout\.max_staleness"):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from student_trainer.config import ConfigError, MethodConfig, load_config
+from student_trainer.config import ConfigError, load_config
 from student_trainer.microbatch import student_candidates
 from student_trainer.objective import (
     TeacherRows,
@@ -28,7 +28,7 @@ from student_trainer.objective import (
 from student_trainer.rollouts import Batch, build_batch
 from student_trainer.rows import StudentRows
 from student_trainer.student import Student, load_student, output_layer_splits_off
-from teacher_client import ScoreOptions
+from teacher_client.objectives import Objective, make_objective
 from teacher_service.in_process import InProcessTeacher
 from tests.conftest import soft_capped_gemma2
 
@@ -37,12 +37,12 @@ CHUNKS = [0, 1, 5, 7, 64]  # 0: all rows at once; 5 and 7 do not divide the 23 r
 LENGTHS = [(3, 6), (5, 9), (1, 4), (4, 4)]  # (prompt, completion): 23 completion rows
 EOS = 2
 LOSSES = {
-    "forward KL": MethodConfig(beta=0.0, top_k=8),
-    "reverse KL": MethodConfig(beta=1.0, top_k=8),
-    "JSD(0.5)": MethodConfig(beta=0.5, top_k=8, temperature=2.0),
-    "candidates": MethodConfig(beta=0.5, top_k=4, student_candidates=4),
-    "full": MethodConfig(beta=0.5, support="full", temperature=2.0),
-    "sampled": MethodConfig(beta=1.0, support="sampled", temperature=2.0),
+    "forward KL": make_objective("forward_kl", top_k=8),
+    "reverse KL": make_objective("reverse_kl", top_k=8),
+    "JSD(0.5)": make_objective("jsd", beta=0.5, top_k=8, temperature=2.0),
+    "candidates": make_objective("jsd", beta=0.5, top_k=4, student_candidates=4),
+    "full": make_objective("jsd", beta=0.5, support="full", temperature=2.0),
+    "sampled": make_objective("sampled_rkl", temperature=2.0),
     "sft NLL": None,
     "reward": None,
 }
@@ -80,15 +80,12 @@ def full_rows(student: Student, batch: Batch) -> tuple[StudentRows, torch.Tensor
     return StudentRows(rows, None, student.vocab), targets
 
 
-def teacher_rows(backend, batch: Batch, method: MethodConfig, candidates) -> TeacherRows:
+def teacher_rows(backend, batch: Batch, objective: Objective, candidates) -> TeacherRows:
+    options = objective.score_options()
     results = InProcessTeacher(backend).score(
         batch.sequences,
         batch.prompt_lens,
-        ScoreOptions(
-            top_k=method.top_k if method.support == "topk" else 0,
-            full=method.support == "full",
-            temperature=method.temperature,
-        ),
+        options,
         candidates=None if candidates is None else [c.numpy() for c in candidates],
     )
     return TeacherRows.from_results(results, candidates)
@@ -142,11 +139,11 @@ def assert_same(got, expected) -> None:
 def test_every_loss_and_its_gradients_equal_the_full_computation_at_any_chunk_size(
     student, backend, batch, name, chunk_rows
 ):
-    method = LOSSES[name] or MethodConfig()
+    objective = LOSSES[name] or make_objective("jsd")
     candidates = None
-    if method.student_candidates:
-        candidates = student_candidates(student, batch, method.student_candidates)
-    teacher = teacher_rows(backend, batch, method, candidates)
+    if objective.candidates:
+        candidates = student_candidates(student, batch, objective.candidates)
+    teacher = teacher_rows(backend, batch, objective, candidates)
     expected = values_and_gradients(student, full_rows, name, batch, teacher)
     got = values_and_gradients(student, chunked(chunk_rows), name, batch, teacher)
     assert got[0].shape == (int(batch.loss_mask.sum()),)

@@ -148,8 +148,8 @@ def test_live_service_run_brings_the_student_closer(tmp_path, student_model_dir,
 @pytest.mark.parametrize(
     "overrides",
     [
-        ("method.support=sampled", "method.beta=1"),
-        ("method.support=full", "method.beta=0"),
+        ("method.loss=sampled_rkl",),
+        ("method.loss=forward_kl", "method.loss_args.support=full"),
         ("method.alpha=0.5", "method.samples_per_prompt=2"),
         ("method.name=sft",),
     ],

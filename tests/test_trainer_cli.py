@@ -35,7 +35,7 @@ def test_train_resume_and_eval(tmp_path, tiny_model_dir, student_model_dir):
         f"run:\n  out_dir: {tmp_path / 'run'}\n  eval_size: 4\n  save_every: 1\n"
         "  keep_checkpoints: 1\n  progress: false\n"
     )
-    done = run_cli("train", "--config", str(config), "--set", "method.beta=0.9")
+    done = run_cli("train", "--config", str(config), "--set", "method.loss_args.beta=0.9")
     assert done.returncode == 0, done.stderr
     assert "trained to step 2" in done.stdout
     checkpoint = latest_checkpoint(tmp_path / "run")
@@ -46,7 +46,7 @@ def test_train_resume_and_eval(tmp_path, tiny_model_dir, student_model_dir):
         AutoTokenizer.from_pretrained(student_model_dir)
     )
     saved = json.loads((tmp_path / "run" / "config.yaml").read_text())
-    assert saved["method"]["beta"] == 0.9
+    assert saved["method"]["loss_args"] == {"beta": 0.9}
 
     more = run_cli("train", "--config", str(config), "--set", "optim.steps=3", "--resume", "auto")
     assert more.returncode == 0, more.stderr

@@ -51,6 +51,7 @@ STUDENTS = {
 TABLE_TASKS = tuple(STUDENTS)
 # on-policy divergences by beta: 0 forward KL, 1 reverse KL, between: generalized JSD
 ON_POLICY_BETAS = {"translation": (0.0, 1.0, 0.1, 0.5, 0.9), "records": (0.0, 0.5, 1.0)}
+LOSS_OF_BETA = {0.0: "forward_kl", 1.0: "reverse_kl"}  # method.loss; jsd (+ beta) otherwise
 # where a task's best divergence is chosen: (task, student)
 SELECTION = {
     "translation": ("translation", "student"),
@@ -75,7 +76,7 @@ class Method:
     def divergence(self) -> str | None:
         if self.beta is None:
             return None
-        return {0.0: "forward_kl", 1.0: "reverse_kl"}.get(self.beta, f"jsd({self.beta:g})")
+        return LOSS_OF_BETA.get(self.beta, f"jsd({self.beta:g})")
 
     @property
     def label(self) -> str:
@@ -84,7 +85,11 @@ class Method:
     def overrides(self) -> list[str]:
         if self.beta is None:
             return [f"method.name={self.method}"]
-        return ["method.name=gkd", f"method.beta={self.beta}", f"method.lmbda={self.lmbda}"]
+        if self.beta in LOSS_OF_BETA:
+            loss = [f"method.loss={LOSS_OF_BETA[self.beta]}"]
+        else:
+            loss = ["method.loss=jsd", f"method.loss_args.beta={self.beta}"]
+        return ["method.name=gkd", *loss, f"method.lmbda={self.lmbda}"]
 
 
 SWEEP_METHODS = (Method("sft"), Method("on_policy_gkd", 0.5, 1.0))  # one off-, one on-policy

@@ -20,6 +20,7 @@ Modules:
   retry.py        RetryPolicy: UNAVAILABLE only, backoff with jitter, within the deadline
   auth.py         bearer metadata, TLS channel credentials
   fingerprint.py  the tokenizer fingerprint; tokenizer.py: the handshake without transformers
+  objectives.py   a loss as an Objective chosen by name (needs torch; not imported here)
   losses.py       the divergence core (needs torch; not imported here)
   trl.py          the TRL adapter (the `trl` extra; not imported here)
   proto/          generated from protos/teacher.proto

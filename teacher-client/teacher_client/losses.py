@@ -1,17 +1,23 @@
-"""The divergence a torch trainer computes from the service's sparse answer (needs torch).
+"""The divergences a torch trainer computes from the service's answer (needs torch).
 
 The service returns the teacher's log-probs on a sparse support (its top-k ids, optionally
 plus candidates), not the whole vocabulary. `sparse_generalized_jsd` is the exact
 generalized JSD between the student's and the teacher's distributions restricted to that
-support plus one tail bucket holding the rest of the mass (docs/design.md, "Supports"), so
+support plus one tail bucket holding the rest of the mass (docs/design.md, "Objectives"), so
 that any beta, forward KL to reverse KL, trains on a top-k answer, and a top-1 support still
 carries signal through the tail.
 
-It lives in the client distribution, not the trainer, so that a trainer in another
-framework (TRL: `teacher_client.trl`) trains on exactly the function ours does:
-`student_trainer.losses` imports it (and `generalized_divergence`) from here. torch is not a
-dependency of the client; the `trl` extra brings it (through TRL), and nothing in
-`teacher_client/__init__.py` imports this module.
+Beside it: the generalized JSD on the full vocabulary (`generalized_jsd`, for a full
+answer), and the sampled-token reverse-KL estimator with its policy-gradient surrogate
+(`sampled_reverse_kl`, `policy_gradient_loss`, for the teacher's log-prob of the sampled
+token alone). Every divergence is per position (the last, vocabulary or bucket, axis is
+reduced), p = teacher, q = student.
+
+They live in the client distribution, not the trainer, so that the built-in objectives
+(`teacher_client.objectives`) and a trainer in another framework (TRL:
+`teacher_client.trl`) train on exactly the functions ours does: `student_trainer.losses`
+imports them from here. torch is not a dependency of the client; the `trl` extra brings it
+(through TRL), and nothing in `teacher_client/__init__.py` imports this module.
 """
 
 from __future__ import annotations
@@ -120,3 +126,38 @@ def sparse_generalized_jsd(
     log_p = torch.cat([log_p, log_p_tail.unsqueeze(-1)], dim=-1)
     log_q = torch.cat([log_q, log_q_tail.unsqueeze(-1)], dim=-1)
     return generalized_divergence(log_p, log_q, beta)
+
+
+def generalized_jsd(
+    student_logits: Tensor, teacher_logits: Tensor, beta: float, temperature: float = 1.0
+) -> Tensor:
+    """Generalized JSD(beta) on the full vocabulary, per position: [..., V] -> [...].
+
+    beta = 0 is forward KL(p||q) (mode covering), beta = 1 reverse KL(q||p) (mode seeking),
+    0 < beta < 1 is beta KL(p||m) + (1 - beta) KL(q||m) with m = beta p + (1 - beta) q (GKD
+    paper Eq. 1; the same convention as TRL's `generalized_jsd_loss`, so results compare).
+    """
+    check_arguments(beta, temperature)
+    dtype = compute_dtype(student_logits, teacher_logits)
+    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    return generalized_divergence(log_p, log_q, beta)
+
+
+def sampled_reverse_kl(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """Per-token estimator log q(y) - log p(y) for y ~ q; its expectation is KL(q||p).
+
+    Needs only the teacher's log-prob of the sampled token (`target_logprobs`), so it is the
+    cheapest on-policy signal (Tinker / MiniLLM); it is unbiased but high variance.
+    """
+    return student_logprobs - teacher_logprobs
+
+
+def policy_gradient_loss(token_logprobs: Tensor, advantages: Tensor) -> Tensor:
+    """Per-token REINFORCE surrogate -(A * log q(y)); its gradient is -A * grad log q(y).
+
+    The advantage is detached: no gradient flows through the reward. For the on-policy reverse
+    KL use `advantages = -sampled_reverse_kl(...)`, whose expected gradient is that of KL(q||p)
+    (the score-function term; the direct term has zero expectation).
+    """
+    return -(advantages.detach() * token_logprobs)

@@ -9,6 +9,7 @@
         args=DistillationConfig(output_dir="out", beta=0.5),
         train_dataset=dataset,                 # a "prompt" column, as for TRL itself
         top_k=64,
+        loss="jsd",                            # or forward_kl, reverse_kl, a loss of yours
     )
     trainer.train()
 
@@ -23,10 +24,12 @@ accelerate) and changes three things:
 - the teacher: once per generation batch, right after the student has sampled, the
   completions are scored over gRPC by `TeacherClient.score` (binary tensors, retries,
   deadlines), returning the teacher's top-k ids and log-probs at TRL's `temperature`;
-- the loss: the exact generalized JSD(beta) on that top-k support plus one tail bucket
-  (`teacher_client.losses.sparse_generalized_jsd`, the service trainer's own loss) against
-  the student's full distribution, for any beta in [0, 1], reduced as TRL reduces its loss
-  (sum over completion tokens / the batch's token count);
+- the loss: an Objective (`teacher_client.objectives`, the service trainer's own), by
+  default the exact generalized JSD(args.beta) on that top-k support plus one tail bucket
+  against the student's full distribution, for any beta in [0, 1]; `loss=` names another
+  registered loss on the top-k support (forward_kl, reverse_kl, jsd, or one of yours) and
+  `loss_args=` its own keys. Its per-token loss on the completion tokens is reduced as TRL
+  reduces its loss (sum over completion tokens / the batch's token count);
 - padded rows: a checkpoint's output layer is often wider than its tokenizer (e.g. 384 rows
   for 352 tokens); TRL would sample those ids, which no teacher can score. Generation
   suppresses them (`suppress_tokens`) and the loss cuts the student's logits to the
@@ -40,6 +43,7 @@ without them is installed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -47,8 +51,8 @@ import torch
 from trl import DistillationConfig, DistillationTrainer
 
 from teacher_client.client import TeacherClient
-from teacher_client.losses import sparse_generalized_jsd
 from teacher_client.messages import ScoreOptions, ScoreResult, TeacherInfo
+from teacher_client.objectives import SHARED_KEYS, Objective, TeacherRows, make_objective
 
 TESTED_TRL = "1.16.0"
 DEFAULT_TOP_K = 64
@@ -56,6 +60,7 @@ HOOKS = ("_generate_and_score_completions", "_compute_loss")
 # Keys of the inputs dict that carry the teacher's answer through TRL's buffering (which
 # shuffles and splits every tensor along the batch axis, so they must be [B, ...]).
 SUPPORT_IDS, SUPPORT_LOGPROBS = "teacher_support_ids", "teacher_support_logprobs"
+TARGET_LOGPROBS = "teacher_target_logprobs"
 # Multimodal fields TRL's own loss passes to the student forward; passed through unchanged.
 MULTIMODAL_KEYS = (
     "pixel_values",
@@ -99,23 +104,26 @@ def score_in_chunks(
 
 def teacher_support(
     results: Sequence[ScoreResult | None], width: int, top_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack per-sequence top-k answers into [B, width, k] ids (int64) and log-probs (float32).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack per-sequence top-k answers into [B, width, k] ids (int64) and log-probs (float32),
+    and the log-probs of the completion tokens themselves into [B, width] (float32).
 
     Row j of sequence b is completion token j. Positions past a completion's end (TRL pads
     completions on the right), and sequences with no completion (None), get a one-token
-    distribution (id 0, log-prob 0, the other ids repeats of it): finite, so the loss there,
-    which is masked out, cannot leak NaN into the gradient.
+    distribution (id 0, log-prob 0, the other ids repeats of it): finite. The loss is taken
+    on the completion tokens alone.
     """
     ids = np.zeros((len(results), width, top_k), dtype=np.int64)
     logprobs = np.zeros((len(results), width, top_k), dtype=np.float32)
+    targets = np.zeros((len(results), width), dtype=np.float32)
     for row, result in enumerate(results):
         if result is None:
             continue
         count = len(result.topk_ids)
         ids[row, :count] = result.topk_ids
         logprobs[row, :count] = result.topk_logprobs
-    return torch.from_numpy(ids), torch.from_numpy(logprobs)
+        targets[row, :count] = result.target_logprobs
+    return torch.from_numpy(ids), torch.from_numpy(logprobs), torch.from_numpy(targets)
 
 
 def padded_rows(model: Any, vocab_size: int) -> list[int]:
@@ -135,11 +143,15 @@ class TeacherServiceDistillationTrainer(DistillationTrainer):
 
     `teacher`: a `TeacherClient` (replica pools, auth, TLS, deadlines: see its docs) or an
     address for one. `top_k`: how many of the teacher's most likely tokens per position the
-    loss uses (plus the tail bucket); capped at the teacher's vocabulary. `check_tokenizer`:
-    refuse a teacher whose tokenizer assigns other ids (the handshake), rather than train on
-    log-probs of other tokens. Every other argument is DistillationTrainer's; `teacher_model`
-    is not one (the service is the teacher). `args.beta`, `args.temperature` (sampling, the
-    teacher's scoring and the loss alike, as in TRL) and every generation setting apply.
+    loss uses (plus the tail bucket); capped at the teacher's vocabulary. `loss`: the
+    registered loss (teacher_client.objectives) to train with, on the top-k support:
+    forward_kl, reverse_kl, jsd (the default, at `args.beta` unless `loss_args` gives a
+    beta) or one of yours; `loss_args`: its own keys. A loss on another support (full,
+    sampled) is refused: this trainer fetches the top-k. `check_tokenizer`: refuse a teacher
+    whose tokenizer assigns other ids (the handshake), rather than train on log-probs of
+    other tokens. Every other argument is DistillationTrainer's; `teacher_model` is not one
+    (the service is the teacher). `args.temperature` (sampling, the teacher's scoring and
+    the loss alike, as in TRL) and every generation setting apply.
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "distillation", "teacher-service"]
@@ -158,6 +170,8 @@ class TeacherServiceDistillationTrainer(DistillationTrainer):
         peft_config: Any = None,
         *,
         top_k: int = DEFAULT_TOP_K,
+        loss: str = "jsd",
+        loss_args: dict[str, Any] | None = None,
         check_tokenizer: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -184,13 +198,41 @@ class TeacherServiceDistillationTrainer(DistillationTrainer):
             peft_config=peft_config,
             **kwargs,
         )
+        objective = self._objective(loss, loss_args or {}, top_k)  # refused before any call
         if check_tokenizer:
             self.teacher_info = self.teacher_client.check_tokenizer(self._tokenizer)
         else:
             self.teacher_info = self.teacher_client.info()
         self.teacher_vocab_size = self.teacher_info.vocab_size
         self.teacher_top_k = min(top_k, self.teacher_vocab_size)
+        self.objective = replace(objective, top_k=self.teacher_top_k)
         self._suppress_padded_rows(padded_rows(self.model, self.teacher_vocab_size))
+
+    def _objective(self, loss: str, loss_args: dict[str, Any], top_k: int) -> Objective:
+        """Loss `loss` with its own `loss_args` at TRL's temperature, on the top-k support;
+        jsd at args.beta unless loss_args has a beta. ValueError naming `loss` or the key.
+        The keys every loss shares are this trainer's: top_k (its argument), the temperature
+        (TRL's), and no student candidates."""
+        shared = sorted(set(SHARED_KEYS) & set(loss_args))
+        if shared:
+            raise ValueError(
+                f"loss_args: {shared} are set by the trainer (top_k=, args.temperature; no "
+                "student candidates), not by loss_args"
+            )
+        own = {"beta": self.beta, **loss_args} if loss == "jsd" else dict(loss_args)
+        try:
+            objective = make_objective(loss, temperature=self.temperature, top_k=top_k, **own)
+        except ValueError as error:
+            message = str(error)
+            named = message if message.startswith("loss:") else f"loss_args.{message}"
+            raise ValueError(named) from None
+        if objective.support != "topk":
+            raise ValueError(
+                f"loss: {loss} trains on the teacher's {objective.support} answer; this trainer "
+                "fetches the top-k support only (forward_kl, reverse_kl, jsd, or a loss of yours "
+                "on topk)"
+            )
+        return objective
 
     def _suppress_padded_rows(self, padded: list[int]) -> None:
         """Never sample an id past the teacher's vocabulary (the service would refuse it).
@@ -236,24 +278,26 @@ class TeacherServiceDistillationTrainer(DistillationTrainer):
                 rows.append(row)
         answers: list[ScoreResult | None] = [None] * prompt_ids.size(0)
         if sequences:
+            options = self.objective.score_options()
             scored = score_in_chunks(
                 self.teacher_client,
                 sequences,
                 starts,
                 self.teacher_info,
-                ScoreOptions(top_k=self.teacher_top_k, temperature=self.temperature),
+                options,
             )
             for row, result in zip(rows, scored):
                 answers[row] = result
-        ids, logprobs = teacher_support(answers, completion_ids.size(1), self.teacher_top_k)
-        output[SUPPORT_IDS] = ids.to(completion_ids.device)
-        output[SUPPORT_LOGPROBS] = logprobs.to(completion_ids.device)
+        packed = teacher_support(answers, completion_ids.size(1), self.teacher_top_k)
+        for key, value in zip((SUPPORT_IDS, SUPPORT_LOGPROBS, TARGET_LOGPROBS), packed):
+            output[key] = value.to(completion_ids.device)
         return output
 
     def _compute_loss(
         self, unwrapped_student: Any, inputs: dict[str, Any], num_items_in_batch: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The top-k + tail generalized JSD against the service's answer.
+        """The objective's per-token loss against the service's answer (by default the top-k
+        + tail generalized JSD), on the completion tokens.
 
         Returns what TRL's own `_compute_loss` returns (the loss, the sum of the student's
         per-token entropies and the number of trained tokens) and reduces the same way, so
@@ -275,13 +319,18 @@ class TeacherServiceDistillationTrainer(DistillationTrainer):
         logits = unwrapped_student(**model_inputs, use_cache=False).logits
         logits = logits[:, :-1, : self.teacher_vocab_size][:, -keep:]  # row j predicts completion j
 
-        support_ids = inputs[SUPPORT_IDS].to(logits.device)
-        support_logprobs = inputs[SUPPORT_LOGPROBS].to(logits.device)
-        per_token = sparse_generalized_jsd(
-            logits, support_ids, support_logprobs, self.beta, self.temperature
+        mask = loss_mask.to(logits.device).bool()  # [B, keep]
+        teacher = TeacherRows(
+            inputs[TARGET_LOGPROBS].to(logits.device)[mask],  # [n]
+            inputs[SUPPORT_IDS].to(logits.device)[mask],  # [n, k]
+            inputs[SUPPORT_LOGPROBS].to(logits.device)[mask],  # [n, k]
+            None,
         )
-        mask = loss_mask.to(logits.device).bool()
-        per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+        targets = inputs["completion_ids"].to(logits.device)[mask]  # [n]
+        values, _ = self.objective.token_losses(logits[mask], targets, teacher)  # [n]
+        # back in place, zeros elsewhere: [B, keep], summed as TRL sums its per-token loss
+        per_token = torch.zeros(mask.shape, dtype=values.dtype, device=logits.device)
+        per_token = per_token.masked_scatter(mask, values)
         num_valid = mask.sum()
         if num_items_in_batch is None:
             loss = per_token.sum() / num_valid.clamp(min=1)
