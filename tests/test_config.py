@@ -15,15 +15,19 @@ def write(tmp_path, text: str):
 
 
 def test_yaml_then_overrides(tmp_path):
-    path = write(tmp_path, "method:\n  beta: 0.1\n  lmbda: 0.5\noptim:\n  lr: 3e-3\n  steps: 7\n")
+    path = write(
+        tmp_path,
+        "method:\n  loss: jsd\n  loss_args: {beta: 0.1}\n  lmbda: 0.5\n"
+        "optim:\n  lr: 3e-3\n  steps: 7\n",
+    )
     overrides = [
-        "method.beta=0.9",
+        "method.loss_args.beta=0.9",
         "run.out_dir=/tmp/x",
         "run.progress=false",
         "teacher.address=h:1",
     ]
     config = load_config(path, overrides)
-    assert config.method.beta == 0.9  # --set wins over the file
+    assert config.method.loss_args == {"beta": 0.9}  # --set wins over the file
     assert config.method.lmbda == 0.5
     assert config.optim.lr == pytest.approx(0.003)  # YAML 1.1 reads 3e-3 as a string
     assert config.optim.steps == 7

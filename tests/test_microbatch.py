@@ -1,5 +1,5 @@
 """The micro-batch builder, made of the config sections it reads (the method and rollout
-sections, teacher.dtype and run.seed) and no whole run config."""
+sections, teacher.dtype and run.seed) and the run's objective, no whole run config."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from student_trainer.config import MethodConfig, RolloutConfig
+from student_trainer.config import MethodConfig, RolloutConfig, objective_from
 from student_trainer.microbatch import MicroBatchBuilder
 from student_trainer.student import load_student
 from student_trainer.tasks import TASKS
@@ -31,12 +31,14 @@ def builder(student, teacher, method: MethodConfig, *, dtype="float32", seed=0, 
         teacher_dtype=dtype,
         seed=seed,
         generator=torch.Generator().manual_seed(0),
+        objective=objective_from(method),
     )
 
 
 def test_a_distillation_micro_batch_is_scored_as_the_method_asks_in_teacher_dtype(student, backend):
-    """method.top_k ids per completion position, the log-probs in teacher.dtype: what the
-    teacher answers when asked directly for the built sequences."""
+    """method.top_k ids per completion position (the default loss asks for a top-k), the
+    log-probs in teacher.dtype: what the teacher answers when asked directly for the built
+    sequences."""
     teacher = in_process(backend)
     made = builder(student, teacher, MethodConfig(top_k=3), dtype="float16")
     item = made.build(EXAMPLES, on_policy=False, step=0, index=0)
