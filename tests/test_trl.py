@@ -26,7 +26,39 @@ STEPS = 6
 ACCUMULATED_STEPS = 3
 TOP_K = 8
 
-TRL_SCRIPT = """
+# The independent computation both TRL scripts (this one's and test_trl_losses.py's) hold
+# the adapter's loss to: each sampled completion's rows from unpadded forwards of both
+# models over the real vocabulary, in float64, on the teacher's top-k plus one tail bucket.
+TOPK_TAIL_REFERENCE = """
+import torch
+
+
+def topk_tail_rows(student, teacher, inputs, vocab, top_k, temperature):
+    \"\"\"(q, p): the student's and the teacher's [T, top_k + 1] of each completion.\"\"\"
+    for row in range(inputs["prompt_ids"].shape[0]):
+        prompt = inputs["prompt_ids"][row][inputs["prompt_mask"][row].bool()]
+        completion = inputs["completion_ids"][row][inputs["completion_mask"][row].bool()]
+        ids = torch.cat([prompt, completion]).unsqueeze(0)
+        rows = slice(len(prompt) - 1, ids.shape[1] - 1)  # logits predicting the completion
+        with torch.no_grad():
+            s = student(ids).logits[0, rows, :vocab].double() / temperature
+            t = teacher(ids).logits[0, rows, :vocab].double() / temperature
+        q, p = torch.softmax(s, -1), torch.softmax(t, -1)
+        support = p.topk(top_k, dim=-1).indices
+        p_s, q_s = p.gather(-1, support), q.gather(-1, support)
+        yield (
+            torch.cat([q_s, 1 - q_s.sum(-1, keepdim=True)], -1),
+            torch.cat([p_s, 1 - p_s.sum(-1, keepdim=True)], -1),
+        )
+
+
+def kl(a, b):
+    return (a * (a / b).log()).sum(-1)
+"""
+
+TRL_SCRIPT = (
+    TOPK_TAIL_REFERENCE
+    + """
 import dataclasses, importlib.util, json, math, sys, tempfile
 import numpy as np
 import torch
@@ -136,25 +168,11 @@ with tempfile.TemporaryDirectory() as out_dir, TeacherClient(address, timeout=60
     with torch.no_grad():
         loss, _, count = trainer._compute_loss(trained, inputs, None)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    V = trainer.teacher_vocab_size
-    total, tokens = 0.0, 0
-    for row in range(inputs["prompt_ids"].shape[0]):
-        prompt = inputs["prompt_ids"][row][inputs["prompt_mask"][row].bool()]
-        completion = inputs["completion_ids"][row][inputs["completion_mask"][row].bool()]
-        ids = torch.cat([prompt, completion]).unsqueeze(0)
-        rows = slice(len(prompt) - 1, ids.shape[1] - 1)  # logits predicting the completion
-        with torch.no_grad():
-            s = trained(ids).logits[0, rows, :V].double() / TEMPERATURE
-            t = teacher(ids).logits[0, rows, :V].double() / TEMPERATURE
-        q, p = torch.softmax(s, -1), torch.softmax(t, -1)
-        support = p.topk(top_k, dim=-1).indices
-        p_s, q_s = p.gather(-1, support), q.gather(-1, support)
-        p_b = torch.cat([p_s, 1 - p_s.sum(-1, keepdim=True)], -1)
-        q_b = torch.cat([q_s, 1 - q_s.sum(-1, keepdim=True)], -1)
+    vocab, total, tokens = trainer.teacher_vocab_size, 0.0, 0
+    for q_b, p_b in topk_tail_rows(trained, teacher, inputs, vocab, top_k, TEMPERATURE):
         m = BETA * p_b + (1 - BETA) * q_b
-        kl = lambda a, b: (a * (a / b).log()).sum(-1)
         total += float((BETA * kl(p_b, m) + (1 - BETA) * kl(q_b, m)).sum())
-        tokens += len(completion)
+        tokens += len(q_b)
     result["batch_loss"] = float(loss)
     result["batch_tokens"] = int(count)
     result["reference_loss"] = total / tokens
@@ -177,6 +195,7 @@ with tempfile.TemporaryDirectory() as out_dir, TeacherClient(address, timeout=60
 with open(out_path, "w") as out:
     json.dump(result, out)
 """
+)
 
 
 def grpc_scores(http_url: str) -> float:

@@ -14,11 +14,13 @@ import subprocess
 
 import pytest
 
-from tests.test_trl import TRL_PYTHON
+from tests.test_trl import TOPK_TAIL_REFERENCE, TRL_PYTHON
 
 TOP_K = 8
 
-SCRIPT = """
+SCRIPT = (
+    TOPK_TAIL_REFERENCE
+    + """
 import json, sys, tempfile
 import torch
 from datasets import Dataset
@@ -79,27 +81,12 @@ with tempfile.TemporaryDirectory() as out_dir, TeacherClient(address, timeout=60
     # independent: both models' full distributions (unpadded forwards, float64), the
     # teacher's top-k support plus one tail bucket, KL(q||p) and JSD(0.5) written out
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    V = chosen.teacher_vocab_size
-    reverse = jsd = 0.0
-    tokens = 0
-    kl = lambda a, b: (a * (a / b).log()).sum(-1)
-    for row in range(inputs["prompt_ids"].shape[0]):
-        prompt = inputs["prompt_ids"][row][inputs["prompt_mask"][row].bool()]
-        completion = inputs["completion_ids"][row][inputs["completion_mask"][row].bool()]
-        ids = torch.cat([prompt, completion]).unsqueeze(0)
-        rows = slice(len(prompt) - 1, ids.shape[1] - 1)  # logits predicting the completion
-        with torch.no_grad():
-            s = model(ids).logits[0, rows, :V].double() / TEMPERATURE
-            t = teacher(ids).logits[0, rows, :V].double() / TEMPERATURE
-        q, p = torch.softmax(s, -1), torch.softmax(t, -1)
-        support = p.topk(top_k, dim=-1).indices
-        p_s, q_s = p.gather(-1, support), q.gather(-1, support)
-        p_b = torch.cat([p_s, 1 - p_s.sum(-1, keepdim=True)], -1)
-        q_b = torch.cat([q_s, 1 - q_s.sum(-1, keepdim=True)], -1)
+    vocab, reverse, jsd, tokens = chosen.teacher_vocab_size, 0.0, 0.0, 0
+    for q_b, p_b in topk_tail_rows(model, teacher, inputs, vocab, top_k, TEMPERATURE):
         m = 0.5 * p_b + 0.5 * q_b
         reverse += float(kl(q_b, p_b).sum())
         jsd += float((0.5 * kl(p_b, m) + 0.5 * kl(q_b, m)).sum())
-        tokens += len(completion)
+        tokens += len(q_b)
     result.update(
         batch_loss=float(loss), batch_tokens=int(count), reference_tokens=tokens,
         reference_reverse_kl=reverse / tokens, reference_jsd=jsd / tokens,
@@ -108,6 +95,7 @@ with tempfile.TemporaryDirectory() as out_dir, TeacherClient(address, timeout=60
 with open(out_path, "w") as out:
     json.dump(result, out)
 """
+)
 
 
 @pytest.fixture(scope="module")
