@@ -130,3 +130,45 @@ def test_the_trainer_asks_the_teacher_for_what_the_plugin_needs(
         trainer.close()
     ((_, _, options),) = teacher.scored
     assert (options.full, options.top_k, options.temperature) == (True, 0, TEMPERATURE)
+
+
+PLUGIN_MODULE = '''
+from dataclasses import dataclass
+
+import torch
+
+from teacher_client.objectives import Objective, register_loss
+
+
+@register_loss("total_variation_plugin")
+@dataclass(frozen=True)
+class TotalVariation(Objective):
+    """Half the L1 distance between teacher and student on the top-k + tail support."""
+
+    def token_losses(self, logits, targets, teacher):
+        q = torch.softmax(logits.float() / self.temperature, dim=-1)
+        p_top = teacher.support_logprobs.exp()
+        q_top = q.gather(-1, teacher.support_ids)
+        tail = (1 - p_top.sum(-1)) - (1 - q_top.sum(-1))
+        value = 0.5 * ((p_top - q_top).abs().sum(-1) + tail.abs())
+        return value, value.detach()
+'''
+
+
+def test_a_command_line_names_a_loss_in_the_users_own_module(
+    tmp_path, student_model_dir, backend, monkeypatch
+):
+    """`method.loss=module:name` imports the module (which registers the loss) and trains
+    with it; a module that is not there is a config error naming method.loss."""
+    (tmp_path / "my_losses_for_the_test.py").write_text(PLUGIN_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = "my_losses_for_the_test:total_variation_plugin"
+    config = small_config(tmp_path / "run", student_model_dir, f"method.loss={name}")
+    objective = objective_from(config.method)
+    assert type(objective).__name__ == "TotalVariation"
+    assert objective.name == "total_variation_plugin"
+    result = train(config, teacher=in_process(backend))
+    assert len(result.losses) == config.optim.steps
+    assert all(0 < loss < 1 for loss in result.losses)  # a total variation is within [0, 1]
+    with pytest.raises(ConfigError, match=r"^method\.loss: 'no_such_module:tv': cannot import"):
+        small_config(tmp_path / "other", student_model_dir, "method.loss=no_such_module:tv")

@@ -29,6 +29,7 @@ trains on the very objects ours does; nothing in teacher_client/__init__.py impo
 
 from __future__ import annotations
 
+import importlib
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -228,6 +229,16 @@ def make_objective(name: str, **keys: Any) -> Objective:
 
 
 def _loss_class(name: str) -> type[Objective]:
+    """The class registered as `name`; `module:name` imports `module` first (its
+    `@register_loss` runs then), so a command line can name a loss of the user's own module
+    as task.metric names a metric."""
+    module, sep, registered = name.rpartition(":")
+    if sep:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(f"loss: {name!r}: cannot import {module!r} ({error})") from None
+        name = registered
     if name not in _LOSSES:
         raise ValueError(f"loss: {name!r} is not a registered loss (known: {loss_names()})")
     return _LOSSES[name]
