@@ -54,7 +54,9 @@ class InProcessTeacher:
         candidates: Any = None,
     ) -> list[ScoreResult]:
         """The service's Score semantics, unvalidated (the trainer builds valid requests);
-        `candidates`: None or one id list per sequence."""
+        `candidates`: None or one id list per sequence. The caller's autocast (a student's
+        bf16 forward asks for its teacher's scores inside it) does not reach the teacher:
+        it computes in its own dtype, as the service does."""
         row_options = scoring.ScoreOptions.from_client(options)
         items = [
             ScoreItem(
@@ -73,8 +75,12 @@ class InProcessTeacher:
                 candidate_logprobs=_numpy(s.candidate_logprobs),
                 full_logprobs=_numpy(s.full_logprobs),
             )
-            for s in self.backend.score_batch(items).scores
+            for s in self._score_batch(items)
         ]
+
+    def _score_batch(self, items: list[ScoreItem]) -> list[scoring.SequenceScores]:
+        with torch.autocast(self.backend.device.type, enabled=False):
+            return self.backend.score_batch(items).scores
 
     def generate(
         self,

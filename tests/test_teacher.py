@@ -7,11 +7,14 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from student_trainer.config import TeacherConfig
 from student_trainer.teacher import RemoteTeacher, TeacherOutage
 from student_trainer.train import Trainer
 from teacher_client import ScoreOptions
+from teacher_service import scoring
+from teacher_service.backend_api import ScoreItem
 from tests.trainer_helpers import in_process, small_config
 
 
@@ -68,6 +71,26 @@ def test_the_in_process_teacher_scores_when_asked_in_the_asking_thread(backend, 
     direct = real(sequences[:2], [1, 1], ScoreOptions(top_k=3))
     for got, expected in zip(results, direct):
         np.testing.assert_array_equal(got.topk_logprobs, expected.topk_logprobs)
+
+
+def test_the_in_process_teacher_scores_in_its_own_dtype_under_the_students_autocast(
+    backend, sequences
+):
+    """The trainer takes a micro-batch's scores inside the student's autocast (bf16): the
+    in-process teacher's log-probs are still those the service computes, in float32."""
+    teacher = in_process(backend)
+    options = ScoreOptions(top_k=3, full=True)
+    plain = teacher.submit_score(sequences[:2], [1, 1], options).result()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        asked = teacher.submit_score(sequences[:2], [1, 1], options)
+        under_autocast = asked.result()
+        # the control: the same forward, autocast reaching it, gives other numbers
+        item = ScoreItem(torch.tensor(sequences[0]), 1, scoring.ScoreOptions.from_client(options))
+        reached = backend.score_batch([item]).scores[0]
+    for got, expected in zip(under_autocast, plain):
+        np.testing.assert_array_equal(got.full_logprobs, expected.full_logprobs)
+        np.testing.assert_array_equal(got.topk_ids, expected.topk_ids)
+    assert not np.array_equal(reached.full_logprobs.float().numpy(), plain[0].full_logprobs)
 
 
 def test_in_process_scoring_counts_as_not_hidden(tmp_path, student_model_dir, backend):
