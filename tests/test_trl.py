@@ -213,35 +213,33 @@ def grpc_scores(http_url: str) -> float:
     return 0.0
 
 
-@pytest.fixture(scope="module")
-def trl_run(server, tiny_model_dir, student_model_dir, tmp_path_factory) -> dict:
+def run_in_trl_venv(script: str, *arguments: object) -> dict:
+    """Run `script` as a TRL user's process would (the trl venv's Python, from `/`, so
+    nothing from the checkout is on sys.path: only what the venv installed) with
+    `arguments`: the service's address, the teacher's and the student's directories, the
+    file it writes its JSON result to, then its own. Returns that result."""
     if not TRL_PYTHON.exists():
         pytest.fail(
             f"{TRL_PYTHON} is missing: run `make test` (or `make trl-venv`) to build the "
             "isolated venv with trl==1.16.0 and the client's [trl] extra"
         )
-    out = tmp_path_factory.mktemp("trl") / "result.json"
-    before = grpc_scores(server.http_url)
     run = subprocess.run(
-        [
-            str(TRL_PYTHON),
-            "-c",
-            TRL_SCRIPT,
-            server.address,
-            str(tiny_model_dir),
-            str(student_model_dir),
-            str(out),
-            str(STEPS),
-            str(ACCUMULATED_STEPS),
-            str(TOP_K),
-        ],
+        [str(TRL_PYTHON), "-c", script, *map(str, arguments)],
         capture_output=True,
         text=True,
         timeout=240,
-        cwd="/",  # nothing from the checkout on sys.path: only what the venv installed
+        cwd="/",
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    result = json.loads(out.read_text())
+    return json.loads(Path(arguments[3]).read_text())
+
+
+@pytest.fixture(scope="module")
+def trl_run(server, tiny_model_dir, student_model_dir, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("trl") / "result.json"
+    before = grpc_scores(server.http_url)
+    arguments = (server.address, tiny_model_dir, student_model_dir, out, STEPS, ACCUMULATED_STEPS)
+    result = run_in_trl_venv(TRL_SCRIPT, *arguments, TOP_K)
     result["grpc_scores"] = grpc_scores(server.http_url) - before
     return result
 

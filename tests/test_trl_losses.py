@@ -9,12 +9,9 @@ models' full distributions; and losses on supports it does not fetch are refused
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 import pytest
 
-from tests.test_trl import TOPK_TAIL_REFERENCE, TRL_PYTHON
+from tests.test_trl import TOPK_TAIL_REFERENCE, run_in_trl_venv
 
 TOP_K = 8
 
@@ -100,27 +97,9 @@ with open(out_path, "w") as out:
 
 @pytest.fixture(scope="module")
 def trl_losses(server, tiny_model_dir, student_model_dir, tmp_path_factory) -> dict:
-    if not TRL_PYTHON.exists():
-        pytest.fail(f"{TRL_PYTHON} is missing: run `make test` (or `make trl-venv`)")
     out = tmp_path_factory.mktemp("trl-losses") / "result.json"
-    run = subprocess.run(
-        [
-            str(TRL_PYTHON),
-            "-c",
-            SCRIPT,
-            server.address,
-            str(tiny_model_dir),
-            str(student_model_dir),
-            str(out),
-            str(TOP_K),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd="/",  # nothing from the checkout on sys.path: only what the venv installed
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(out.read_text())
+    arguments = (server.address, tiny_model_dir, student_model_dir, out, TOP_K)
+    return run_in_trl_venv(SCRIPT, *arguments)
 
 
 def test_the_named_loss_is_the_one_trained_on(trl_losses):
