@@ -96,7 +96,7 @@ system-packages:
 			-y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; fi
 
 demo: venv
-	$(PY) -m experiments.demo
+	$(PY) -m distill_lab.demo
 
 test: venv client-venv tgi-client-venv trl-venv kustomize system-packages
 	$(PY) -m pytest -q
@@ -133,10 +133,10 @@ models: venv
 		--role student-medium --role student-large
 
 # The GKD paper's comparison on the built-in tasks -> docs/RESULTS.md, results/ (about 110 min on 2 cores).
-# Piecewise: `$(PY) -m experiments.paper_table --only translation/sft`; runs that have
+# Piecewise: `$(PY) -m distill_lab.paper_table --only translation/sft`; runs that have
 # a results/paper-runs/.../result.json are skipped, so an interrupted table resumes.
 paper-table: venv
-	$(PY) -m experiments.paper_table --jobs 2
+	$(PY) -m distill_lab.paper_table --jobs 2
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info

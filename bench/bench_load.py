@@ -50,7 +50,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_service import ROOT, ServerProcess, bench_spec, ensure_bench_model, scrape_metrics
 
-from experiments.tiny_model import build_tiny_model
+from distill_lab.tiny_model import build_tiny_model
 from teacher_client.proto import teacher_pb2 as pb
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_client.retry import BACKPRESSURE_JITTER, RETRY_AFTER_KEY

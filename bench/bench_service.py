@@ -104,7 +104,7 @@ from transformers.utils import logging as hf_logging
 
 import teacher_client
 from causal_lm.placement import resolve_device
-from experiments.tiny_model import TinyModelSpec, build_tiny_model
+from distill_lab.tiny_model import TinyModelSpec, build_tiny_model
 from teacher_client import TeacherClient, TeacherServiceError, build_score_request
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.backend import HFBackend, ScoreItem

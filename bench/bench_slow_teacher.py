@@ -7,7 +7,7 @@
     .venv/bin/python bench/bench_slow_teacher.py --quick    # ~5 minutes
     .venv/bin/python bench/bench_slow_teacher.py --model qwen2-0.5b --sequences 2 --length 128
 
-Not a test: it prints one table. The model defaults to experiments.tiny_model's
+Not a test: it prints one table. The model defaults to distill_lab.tiny_model's
 SLOW_TEACHER_SPEC (50M parameters; 8 x 256 tokens take about 1.3 s here) with the records
 task's tokenizer, built under .cache/ on first use; `--model` takes bench_service.py's model
 arguments too (`qwen2-0.5b`: Qwen2-0.5B's shape at random weights, a 152k vocabulary).
@@ -55,7 +55,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_service import ROOT, ServerProcess, resolve_model, tree_env
 
-from experiments.tiny_model import SLOW_TEACHER_SPEC, build_tiny_model
+from distill_lab.tiny_model import SLOW_TEACHER_SPEC, build_tiny_model
 from teacher_client import ScoreOptions, TeacherClient, TeacherServiceError, build_score_request
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.cli import free_port

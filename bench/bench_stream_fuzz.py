@@ -27,7 +27,7 @@ import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from experiments.tiny_model import build_tiny_model  # noqa: E402
+from distill_lab.tiny_model import build_tiny_model  # noqa: E402
 from teacher_client import TeacherClient  # noqa: E402
 from teacher_service.cli import free_port, serve_command  # noqa: E402
 from tests.stream_mix import Kind, Outcome, encode, expected, run_stream  # noqa: E402

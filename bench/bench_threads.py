@@ -1,7 +1,7 @@
 """The demo's wall time on a loaded machine: torch's default threads against the split.
 
 Before this change the demo's teacher and trainer each ran torch's default thread count,
-every CPU of the affinity mask; now each gets half of the CPUs (experiments/demo.py,
+every CPU of the affinity mask; now each gets half of the CPUs (distill_lab/demo.py,
 causal_lm/threads.py). Both are run here, alternating, while `--busy` spin loops
 (one Python `while True: pass` each) hold CPUs the way other work on a shared machine
 does. "before" is `--threads <the mask's CPUs>`, which is what torch chose by itself.
@@ -30,7 +30,7 @@ SPIN = "while True: pass"
 def run_demo(steps: int, threads: int, log: Path, timeout: float) -> tuple[float | None, str]:
     """One demo's wall time (None: stopped at `timeout`), and its line saying the threads
     it gave each process."""
-    command = [sys.executable, "-m", "experiments.demo", "--steps", str(steps)]
+    command = [sys.executable, "-m", "distill_lab.demo", "--steps", str(steps)]
     started = time.perf_counter()
     with log.open("w") as out:  # a session of its own: a stop takes its teacher along
         demo = subprocess.Popen(

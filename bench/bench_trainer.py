@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_service import ROOT, ServerProcess, resolve_model, server_memory
 from trl_reference import trl_step_seconds
 
-from experiments.tiny_model import TinyModelSpec, build_tiny_model
+from distill_lab.tiny_model import TinyModelSpec, build_tiny_model
 from student_trainer.config import DEFAULT_LOSS_CHUNK_ROWS, load_config
 from student_trainer.data import encode_prompt
 from student_trainer.losses import token_level_loss

@@ -29,7 +29,7 @@ PACKAGES = (
     "teacher_service",
     "student_trainer",
     "causal_lm",
-    "experiments",
+    "distill_lab",
     "teacher-client/teacher_client",
 )
 BENCHES = ("bench/bench_service.py", "bench/bench_trainer.py", "bench/trl_reference.py")

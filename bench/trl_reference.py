@@ -246,7 +246,7 @@ def main() -> int:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from experiments.tiny_model import TinyModelSpec, build_tiny_model
+    from distill_lab.tiny_model import TinyModelSpec, build_tiny_model
 
     hf_logging.disable_progress_bar()  # "Writing model shards" while building the models
     with tempfile.TemporaryDirectory(prefix="trl-reference-models-") as tmp:

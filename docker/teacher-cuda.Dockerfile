@@ -20,7 +20,7 @@ COPY teacher-client teacher-client
 COPY teacher_service teacher_service
 COPY student_trainer student_trainer
 COPY causal_lm causal_lm
-COPY experiments experiments
+COPY distill_lab distill_lab
 RUN pip install -c /tmp/torch.txt ./teacher-client .
 
 FROM ${BASE_IMAGE} AS runtime

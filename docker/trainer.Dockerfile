@@ -19,7 +19,7 @@ COPY teacher-client teacher-client
 COPY teacher_service teacher_service
 COPY student_trainer student_trainer
 COPY causal_lm causal_lm
-COPY experiments experiments
+COPY distill_lab distill_lab
 RUN pip install -c constraints.txt ./teacher-client . && pip check
 
 FROM ${PYTHON_IMAGE} AS runtime

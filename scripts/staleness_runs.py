@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from experiments.paper_table import SEEDS, Method, init_worker, read_result, run_one
+from distill_lab.paper_table import SEEDS, Method, init_worker, read_result, run_one
 
 STALENESS = (0, 1)
 METHOD = Method("on_policy_gkd", 0.9, 1.0)

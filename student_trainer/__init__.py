@@ -28,5 +28,5 @@ chat_template.py  the built-in models' chat template; padded_rows.py: suppress_t
 metrics.py     metrics.jsonl and TensorBoard; prometheus_export.py: run.metrics_port
 config.py      dataclass configs from YAML + --set; cli.py the `student-trainer` command
 
-The demo, the paper table and the model-building tools live outside, in experiments/.
+The demo, the paper table and the model-building tools live outside, in distill_lab/.
 """

@@ -11,7 +11,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from experiments.tiny_model import TinyModelSpec
+from distill_lab.tiny_model import TinyModelSpec
 from student_trainer.config import FILE_TASK, ConfigError, load_config
 
 EXIT_CONFIG = 2  # a config error, bad data, a missing file
@@ -71,7 +71,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from experiments.models import pretrain
+    from distill_lab.models import pretrain
 
     for role in args.role:
         out = pretrain(
@@ -81,7 +81,7 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _tiny_model(args: argparse.Namespace) -> None:
-    from experiments.tiny_model import build_tiny_model
+    from distill_lab.tiny_model import build_tiny_model
 
     spec = TinyModelSpec(**{f.name: getattr(args, f.name) for f in fields(TinyModelSpec)})
     out = build_tiny_model(args.out_dir, spec, tokenizer_from=args.tokenizer_from)

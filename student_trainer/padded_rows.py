@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # imported where used: checkpoint.py and experiments/tiny_model.py import this
+if TYPE_CHECKING:  # imported where used: checkpoint.py and distill_lab/tiny_model.py import this
     from transformers import GenerationConfig
 
 

@@ -29,7 +29,7 @@ from num2words import num2words
 
 from student_trainer import records
 
-# the addition task's words (and the tiny models' tokenizer corpus: experiments/tiny_model.py)
+# the addition task's words (and the tiny models' tokenizer corpus: distill_lab/tiny_model.py)
 NAMES = ("Ada", "Ben", "Cleo", "Dara", "Emil", "Fay", "Gus", "Hana", "Ivo", "Juno")
 ITEMS = ("apple", "book", "coin", "marble", "pencil", "stamp", "ticket", "shell")
 

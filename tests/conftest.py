@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from experiments.tiny_model import TINY_STUDENT_SPEC, build_tiny_model
+from distill_lab.tiny_model import TINY_STUDENT_SPEC, build_tiny_model
 from teacher_client import TeacherClient
 from teacher_client.proto import teacher_pb2_grpc as pb_grpc
 from teacher_service.backend import HFBackend

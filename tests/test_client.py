@@ -12,7 +12,7 @@ import grpc
 import pytest
 from transformers import AutoTokenizer
 
-from experiments.tiny_model import train_tokenizer
+from distill_lab.tiny_model import train_tokenizer
 from teacher_client import (
     AsyncTeacherClient,
     RetryPolicy,

@@ -379,14 +379,14 @@ def test_build_context_keeps_models_and_environments_out_but_what_images_copy_in
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_images_copy_every_package_that_pip_installs(path):
     """`pip install .` installs the packages pyproject.toml finds; one the builder did not
-    COPY is silently missing from the image (the trainer's CLI imports experiments)."""
+    COPY is silently missing from the image (the trainer's CLI imports distill_lab)."""
     import tomllib
 
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
         "packages"
     ]["find"]["include"]
     packages = {pattern.rstrip("*") for pattern in patterns}
-    assert {"teacher_service", "student_trainer", "causal_lm", "experiments"} <= packages
+    assert {"teacher_service", "student_trainer", "causal_lm", "distill_lab"} <= packages
     builder = dockerfile_stages(path)[0]
     copied = {a.split()[0] for a in instructions(builder, "COPY") if not a.startswith("--from")}
     assert packages <= copied, f"not copied: {sorted(packages - copied)}"

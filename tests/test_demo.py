@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from experiments.paper_table import chosen_lr
+from distill_lab.paper_table import chosen_lr
 from student_trainer.config import load_config, objective_from
 from student_trainer.tasks import TASKS
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.paper_table.__main__ import build_parser as paper_table_parser
+from distill_lab.paper_table.__main__ import build_parser as paper_table_parser
 from student_trainer.cli import build_parser as trainer_parser
 from student_trainer.config import TrainConfig
 from teacher_client.objectives import loss_keys, loss_names
@@ -36,7 +36,7 @@ PROGRAMS: dict[str, Callable[[], argparse.ArgumentParser]] = {
 MODULES = {
     "teacher_service": teacher_parser,
     "student_trainer": trainer_parser,
-    "experiments.paper_table": paper_table_parser,
+    "distill_lab.paper_table": paper_table_parser,
 }
 SHELL_BLOCKS = {"", "sh", "bash", "shell", "console"}
 SEPARATORS = {";", "&", "&&", "|", "||", "(", ")"}
@@ -167,7 +167,7 @@ def test_every_documented_command_parses(doc):
 def test_the_docs_quote_commands_of_every_kind():
     """The reader finds them all: if it stopped recognising a kind, nothing would be checked."""
     found = {program for doc in DOCS for _, _, program, _ in documented_commands(doc)}
-    assert found == {*PROGRAMS, "make", "student_trainer", "experiments.paper_table"}
+    assert found == {*PROGRAMS, "make", "student_trainer", "distill_lab.paper_table"}
 
 
 def test_a_broken_command_is_caught(tmp_path):

@@ -34,7 +34,7 @@ PACKAGES = [
     ROOT / "teacher_service",
     ROOT / "student_trainer",
     ROOT / "causal_lm",
-    ROOT / "experiments",
+    ROOT / "distill_lab",
     ROOT / "teacher-client" / "teacher_client",
 ]
 FIRST_PARTY = {package.name for package in PACKAGES}

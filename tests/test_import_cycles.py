@@ -1,5 +1,5 @@
 """No import cycles: in the client, the service, the trainer, the shared model kernels and
-the experiments, no module imports one that (transitively) imports it back, not even from
+distill_lab, no module imports one that (transitively) imports it back, not even from
 inside a function; and the packages import each other in one direction only.
 
 The graph is read from the source with `ast` (every import statement, wherever it sits),
@@ -20,15 +20,15 @@ PACKAGES = {
     "teacher_service": ROOT / "teacher_service",
     "student_trainer": ROOT / "student_trainer",
     "causal_lm": ROOT / "causal_lm",
-    "experiments": ROOT / "experiments",
+    "distill_lab": ROOT / "distill_lab",
 }
 # package -> the packages it may import (the layering of docs/design.md, "Module map")
 MAY_IMPORT = {
     "teacher_client": set(),
     "causal_lm": set(),
     "teacher_service": {"teacher_client", "causal_lm"},
-    "student_trainer": {"teacher_client", "causal_lm", "teacher_service", "experiments"},
-    "experiments": {"teacher_client", "causal_lm", "teacher_service", "student_trainer"},
+    "student_trainer": {"teacher_client", "causal_lm", "teacher_service", "distill_lab"},
+    "distill_lab": {"teacher_client", "causal_lm", "teacher_service", "student_trainer"},
 }
 
 
@@ -80,9 +80,9 @@ def test_no_module_imports_itself_back(package):
 
 def test_the_packages_import_each_other_in_one_direction_only():
     """client and causal_lm import no other package; the service imports those two; the
-    trainer reaches the service only through its in-process entry point and the
-    experiments only from its command line (which fronts two of their tools); nothing but
-    the experiments imports the trainer."""
+    trainer reaches the service only through its in-process entry point and
+    distill_lab only from its command line (which fronts two of their tools); nothing but
+    distill_lab imports the trainer."""
     graph = import_graph()
     crossing = {
         (source, target)
@@ -90,7 +90,7 @@ def test_the_packages_import_each_other_in_one_direction_only():
         for target in targets
         if source.split(".")[0] != target.split(".")[0]
     }
-    assert {(a.split(".")[0], b.split(".")[0]) for a, b in crossing if a.startswith("experiments")}
+    assert {(a.split(".")[0], b.split(".")[0]) for a, b in crossing if a.startswith("distill_lab")}
     refused = [
         f"{source} -> {target}"
         for source, target in sorted(crossing)
@@ -101,4 +101,4 @@ def test_the_packages_import_each_other_in_one_direction_only():
     assert {t for t in trainer_to_service if t.startswith("teacher_service")} == {
         "teacher_service.in_process"
     }
-    assert {s for s, t in crossing if t.startswith("experiments")} == {"student_trainer.cli"}
+    assert {s for s, t in crossing if t.startswith("distill_lab")} == {"student_trainer.cli"}

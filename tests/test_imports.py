@@ -83,7 +83,7 @@ def _loaded_service_modules(*modules: str) -> set[str]:
 def test_importing_the_trainer_loads_only_the_entry_point_and_what_it_imports():
     entry_point = _loaded_service_modules(ENTRY_POINT)
     trainer = _loaded_service_modules(
-        "student_trainer.train", "student_trainer.cli", "experiments.demo"
+        "student_trainer.train", "student_trainer.cli", "distill_lab.demo"
     )
     assert ENTRY_POINT in trainer
     assert trainer <= entry_point, trainer - entry_point

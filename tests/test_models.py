@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from experiments.models import architectures, build_tokenizer, model_dir, pretrain
+from distill_lab.models import architectures, build_tokenizer, model_dir, pretrain
 from student_trainer.chat_template import CHAT_TEMPLATE
 from student_trainer.config import load_config
 from student_trainer.evaluate import evaluate_split

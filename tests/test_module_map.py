@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("teacher-client/teacher_client", "causal_lm", "teacher_service", "student_trainer")
-PACKAGES += ("experiments",)
+PACKAGES += ("distill_lab",)
 GENERATED = "proto"  # the client's generated protobuf modules: the folder is named, not its files
 
 

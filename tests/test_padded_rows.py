@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from experiments.tiny_model import TINY_STUDENT_SPEC, TinyModelSpec, build_tiny_model
+from distill_lab.tiny_model import TINY_STUDENT_SPEC, TinyModelSpec, build_tiny_model
 from student_trainer.checkpoint import latest_checkpoint
 from student_trainer.cli import main as cli_main
 from student_trainer.student import export_student, load_student

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import paper_table
-from experiments.paper_table import (
+from distill_lab import paper_table
+from distill_lab.paper_table import (
     LR_SWEEP,
     SEEDS,
     STUDENTS,

@@ -1,5 +1,5 @@
 """The slow-teacher rig: a real model whose trainer-sized request takes about a second on
-2 CPU cores (experiments.tiny_model.SLOW_TEACHER_SPEC, real compute), served with the
+2 CPU cores (distill_lab.tiny_model.SLOW_TEACHER_SPEC, real compute), served with the
 default flags, as a real teacher's forwards take seconds on its hardware.
 
 Nothing here asserts a time: a loaded machine slows everything. What is asserted is what
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.tiny_model import SLOW_TEACHER_SPEC, build_tiny_model
+from distill_lab.tiny_model import SLOW_TEACHER_SPEC, build_tiny_model
 from student_trainer.train import train
 from teacher_client import TeacherClient
 from teacher_service.backend import HFBackend

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import student_trainer.microbatch as microbatch_module
-from experiments.tiny_model import TinyModelSpec, build_tiny_model
+from distill_lab.tiny_model import TinyModelSpec, build_tiny_model
 from student_trainer.checkpoint import latest_checkpoint
 from student_trainer.config import ConfigError
 from student_trainer.train import Trainer, train

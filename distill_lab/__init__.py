@@ -1,5 +1,6 @@
-"""Experiments and tools built on the trainer library, outside it: what the project runs to
-show its results and to build the models its tasks start from. A user's trainer imports
+"""distill_lab: experiments and tools built on the trainer library, outside it: what the
+project runs to show its results and to build the models its tasks start from (named
+apart, so that it never shadows, or is shadowed by, a user's own `experiments` package). A user's trainer imports
 student_trainer; nothing in student_trainer imports this package except the
 `student-trainer pretrain` / `tiny-model` commands (cli.py), which front two of its tools.
 

@@ -1,6 +1,6 @@
-"""`python -m experiments.paper_table` (`make paper-table`): run the grid, then the report.
+"""`python -m distill_lab.paper_table` (`make paper-table`): run the grid, then the report.
 
-The entry point lives apart from the grid (experiments/paper_table/__init__.py) because
+The entry point lives apart from the grid (distill_lab/paper_table/__init__.py) because
 the report imports the grid: the grid must not import the report back.
 """
 
@@ -11,11 +11,11 @@ import os
 import sys
 import time
 
-from experiments import paper_table
-from experiments.paper_table import TABLE_TASKS, init_worker, run_grid
-from experiments.paper_table.report import write_report
+from distill_lab import paper_table
+from distill_lab.paper_table import TABLE_TASKS, init_worker, run_grid
+from distill_lab.paper_table.report import write_report
 
-MODULE = "python -m experiments.paper_table"
+MODULE = "python -m distill_lab.paper_table"
 
 
 def build_parser() -> argparse.ArgumentParser:

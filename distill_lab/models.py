@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from experiments.tiny_model import TinyModelSpec, build_tiny_model, train_tokenizer
+from distill_lab.tiny_model import TinyModelSpec, build_tiny_model, train_tokenizer
 from student_trainer.chat_template import save_tokenizer
 from student_trainer.checkpoint import latest_checkpoint
 from student_trainer.config import ConfigError, load_config
