@@ -1,8 +1,9 @@
 """distill_lab: experiments and tools built on the trainer library, outside it: what the
 project runs to show its results and to build the models its tasks start from (named
-apart, so that it never shadows, or is shadowed by, a user's own `experiments` package). A user's trainer imports
-student_trainer; nothing in student_trainer imports this package except the
-`student-trainer pretrain` / `tiny-model` commands (cli.py), which front two of its tools.
+apart, so that it never shadows, or is shadowed by, a user's own `experiments` package).
+A user's trainer imports student_trainer; nothing in student_trainer imports this package
+except the `student-trainer pretrain` / `tiny-model` commands (cli.py), which front two of
+its tools.
 
   demo.py         `make demo`: the service on loopback, on-policy distillation vs SFT
   paper_table/    the GKD paper's comparison on the built-in tasks (`make paper-table`);
