@@ -69,6 +69,9 @@ class StudentConfig:
 class TeacherConfig:
     address: str = ""  # the teacher service, host:port (e.g. 127.0.0.1:50051)
     in_process: str = ""  # a model directory: run the teacher in this process instead
+    # the in-process teacher's batch-invariant scores (a service: `serve --deterministic`):
+    # a sequence's log-probs do not depend on the micro-batch it is scored in
+    deterministic: bool = False
     # per call, retries included: also how long a teacher outage (every replica gone) is
     # waited out; past it the run writes a checkpoint and stops (exit status 3)
     timeout_s: float = 300.0

@@ -214,8 +214,10 @@ class LocalTeacher:
         self.teacher = teacher
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu") -> LocalTeacher:
-        return cls(InProcessTeacher.load(model_dir, device=device))
+    def load(
+        cls, model_dir: str | Path, device: str = "cpu", *, deterministic: bool = False
+    ) -> LocalTeacher:
+        return cls(InProcessTeacher.load(model_dir, device=device, deterministic=deterministic))
 
     def check_tokenizer(self, tokenizer: Any) -> TeacherInfo:
         return self.teacher.check_tokenizer(tokenizer)
@@ -248,7 +250,7 @@ def connect(config: TeacherConfig, *, required: bool, workers: int = 2) -> Teach
     teacher.connect_timeout_s). None when not `required` (the method needs none: sft)
     and none is named."""
     if config.in_process:
-        return LocalTeacher.load(config.in_process)
+        return LocalTeacher.load(config.in_process, deterministic=config.deterministic)
     if not (required or config.address):
         return None
     tls = dict(

@@ -71,6 +71,7 @@ class HFBackend:
         score_chunk_mb: int = DEFAULT_SCORE_CHUNK_MB,
         share_prefixes: bool = True,
         pack: bool = True,
+        deterministic: bool = False,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -101,6 +102,8 @@ class HFBackend:
         self.share_prefixes = share_prefixes and self.rows_only and self._sharing_is_exact()
         # several short unshared sequences in one row instead of padding (checked below)
         self.pack = pack and self.rows_only and self._packing_is_exact()
+        # batch-invariant scores: every sequence alone (score_batch)
+        self.deterministic = deterministic
 
     @classmethod
     def load(
@@ -113,6 +116,7 @@ class HFBackend:
         share_prefixes: bool = True,
         pack: bool = True,
         device_map: str = "",
+        deterministic: bool = False,
     ) -> HFBackend:
         """`device_map` (auto, balanced, sequential or a JSON file's path) places the layers
         across the node's devices with accelerate instead of putting the model on `device`."""
@@ -145,6 +149,7 @@ class HFBackend:
             score_chunk_mb=score_chunk_mb,
             share_prefixes=share_prefixes,
             pack=pack,
+            deterministic=deterministic,
         )
 
     @torch.inference_mode()
@@ -210,6 +215,24 @@ class HFBackend:
 
     @torch.inference_mode()
     def score_batch(self, items: list[ScoreItem]) -> ScoredBatch:
+        """Every item's rows, and the tokens the forwards ran.
+
+        With `deterministic`, every item runs alone: a forward of its own and its own
+        output-layer chunks, so the work is split the same way whatever it is batched with
+        (a matrix product's reduction order depends on its shapes: a sequence's rows in a
+        padded, packed or shared batch are computed by other kernels or blockings than
+        alone, to the last bits; Thinking Machines, "Defeating Nondeterminism in LLM
+        Inference", 2025). Its bytes then depend on the sequence and its options only."""
+        if self.deterministic and len(items) > 1:
+            alone = [self._score_together([item]) for item in items]
+            tokens = ForwardTokens(
+                sum(batch.forward_tokens.computed for batch in alone),
+                sum(batch.forward_tokens.padding for batch in alone),
+            )
+            return ScoredBatch([batch.scores[0] for batch in alone], tokens)
+        return self._score_together(items)
+
+    def _score_together(self, items: list[ScoreItem]) -> ScoredBatch:
         """Every item's rows, scored together with the rows of items that ask the same, and
         the tokens the forwards ran."""
         groups: dict[tuple, list[int]] = defaultdict(list)

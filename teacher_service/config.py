@@ -109,6 +109,12 @@ class ServerConfig:
         "short unshared sequences share a row instead of being padded to the batch's longest",
         flag="--packing",
     )
+    deterministic: bool = option(
+        False,
+        "batch-invariant scores: every sequence runs in a forward of its own, so its "
+        "log-probs are bit-identical whatever it is batched with (other clients, sizes, "
+        "packing, shared prefixes, arrival order); slower: no batching across sequences",
+    )
     full_logits: bool = option(
         False,
         "apply the output layer to every position, model(...).logits (slower; for "

@@ -42,8 +42,14 @@ class InProcessTeacher:
         self.backend = backend
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu") -> InProcessTeacher:
-        return cls(HFBackend.load(model_dir, device=device, dtype="float32"))
+    def load(
+        cls, model_dir: str | Path, device: str = "cpu", *, deterministic: bool = False
+    ) -> InProcessTeacher:
+        """`deterministic`: `serve --deterministic`'s batch-invariant scores (every sequence
+        of a call in a forward of its own)."""
+        backend = HFBackend.load(model_dir, device=device, dtype="float32")
+        backend.deterministic = deterministic
+        return cls(backend)
 
     def score(
         self,

@@ -150,6 +150,7 @@ def load_backend(config: ServerConfig) -> Backend:
             score_chunk_mb=config.score_chunk_mb,
             share_prefixes=config.share_prefixes,
             pack=config.pack,
+            deterministic=config.deterministic,
         )
         backend.rows_only = backend.rows_only and not config.full_logits
         return backend
