@@ -62,10 +62,12 @@ def _free_port() -> int:
 
 def _serve_command(teacher_dir: Path, port: int, threads: int) -> list[str]:
     """`teacher-service serve` with this Python, quiet, on CPU (the service is a separate
-    program: the demo starts it as a user would, and imports none of it)."""
+    program: the demo starts it as a user would, and imports none of it), deterministic:
+    the teacher's answers do not depend on how its forwards fall, so every run of the demo
+    prints the same table."""
     return [sys.executable, "-m", "teacher_service", "--log-level", "WARNING", "serve",
             "--model", str(teacher_dir), "--port", str(port), "--device", "cpu",
-            "--threads", str(threads)]  # fmt: skip
+            "--threads", str(threads), "--deterministic"]  # fmt: skip
 
 
 def _teacher_scores(config: TrainConfig, teacher_dir: Path) -> dict[str, float]:

@@ -126,8 +126,9 @@ def checkpoint_hash(directory: Path) -> dict[str, str]:
 
 
 def fingerprint(overrides: list[str], out_dir: Path) -> dict[str, Any]:
-    # a checkpoint keeps Python's and numpy's global generators, which a run does not seed
-    # (nothing it computes draws from them): seeded here, so that their state compares too
+    # a checkpoint keeps Python's and numpy's global generators, which the trainer seeds
+    # from run.seed only since issue 29 (nothing it computes draws from them): seeded here
+    # as it does, so that their state compares with older versions' too
     random.seed(0)
     np.random.seed(0)
     config = load_config(None, [*COMMON, f"run.out_dir={out_dir}", *overrides])

@@ -97,9 +97,13 @@ class RunState:
         seed: int,
         autocast: str,
     ) -> RunState:
-        """Step 0 of a run, from the optim section, run.seed and student.autocast (torch's
-        global generator is seeded here, as a fresh run's is)."""
+        """Step 0 of a run, from the optim section, run.seed and student.autocast. The global
+        generators are seeded here: torch's, which dropout draws from, and Python's and
+        numpy's, which nothing draws from but a checkpoint keeps, so that two runs of one
+        config and seed write the same checkpoints, byte for byte."""
         torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
         optimizer = torch.optim.AdamW(
             trainable_parameters(model), lr=optim.lr, weight_decay=optim.weight_decay
         )
