@@ -47,9 +47,9 @@ class InProcessTeacher:
     ) -> InProcessTeacher:
         """`deterministic`: `serve --deterministic`'s batch-invariant scores (every sequence
         of a call in a forward of its own)."""
-        backend = HFBackend.load(model_dir, device=device, dtype="float32")
-        backend.deterministic = deterministic
-        return cls(backend)
+        return cls(
+            HFBackend.load(model_dir, device=device, dtype="float32", deterministic=deterministic)
+        )
 
     def score(
         self,
