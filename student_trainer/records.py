@@ -9,9 +9,10 @@ probability over the valid options: the "dark knowledge" that supervised KD and 
 distillation can transfer and a single reference cannot.
 
 Every output is scored by parsing it back (`parse`) with the grammar that generates it:
-*faithful* when it is well-formed (every sentence parses) and states every attribute of
-the record exactly once with its value, and nothing else. chrF is computed against eight
-references drawn for the prompt, so it credits partly right outputs.
+*faithful* when it is well-formed (every sentence is one the generator writes: at most two
+attributes joined with "and", one in the opening's relative clause) and states every
+attribute of the record exactly once with its value, and nothing else. chrF is computed
+against eight references drawn for the prompt, so it credits partly right outputs.
 
 `RecordsTask` takes the generator's parameters (attribute counts, the range of seat
 numbers, and `Grammar(single=True)`, which renders each record one way only), so the same
@@ -49,6 +50,7 @@ RATINGS = ("1", "2", "3", "4", "5")
 FAMILY = ("yes", "no")
 ATTRIBUTES = ("food", "price", "area", "rating", "family", "seats", "near")  # + name, type
 SEATS = (10, 999)  # the range of seats, written in digits (copied) or in words (composed)
+SENTENCE_SIZES = (1, 2)  # verb phrases a body sentence joins with "and"; a relative clause: 1
 
 # Each attribute's verb phrases (subject "It" or "The <type>"), value -> phrasings.
 PRICE_PHRASES = {
@@ -140,7 +142,7 @@ class Grammar:
             subjects = ["It", f"The {kind}"]
             grouping = []
             while sum(grouping) < len(phrases):
-                grouping.append(min(rng.choice((1, 2)), len(phrases) - sum(grouping)))
+                grouping.append(min(rng.choice(SENTENCE_SIZES), len(phrases) - sum(grouping)))
         sentences = []
         if intro == 0:
             sentences.append(f"{name} is a {kind}")
@@ -210,7 +212,8 @@ def _statement(phrase: str) -> tuple[str, str] | None:
 
 def parse(text: str) -> Record | None:
     """The record a description states, or None when it is not well-formed: a sentence
-    the grammar cannot produce, an attribute stated twice, or a subject of the wrong type."""
+    the grammar cannot produce (more verb phrases joined with "and" than it puts in one,
+    an unknown phrase), an attribute stated twice, or a subject of the wrong type."""
     text = normalize(text)
     if not text.endswith("."):
         return None
@@ -222,12 +225,18 @@ def parse(text: str) -> Record | None:
         "name": intro["n1"] or intro["n2"],
         "type": intro["t1"] or intro["t2"],
     }
-    phrases = [intro["vp"]] if intro["vp"] else []
+    clauses = [(intro["vp"], 1)] if intro["vp"] else []  # a relative clause holds one
     for sentence in sentences[1:]:
         body = _BODY.fullmatch(sentence)
         if body is None or body["type"] not in (None, record["type"]):
             return None
-        phrases += body["vps"].split(" and ")
+        clauses.append((body["vps"], max(SENTENCE_SIZES)))
+    phrases = []
+    for clause, most in clauses:
+        joined = clause.split(" and ")  # no phrase contains " and " (see number_words)
+        if len(joined) > most:
+            return None
+        phrases += joined
     for phrase in phrases:
         statement = _statement(phrase)
         if statement is None:
