@@ -10,7 +10,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 STAMP := $(VENV)/.installed
 
 .PHONY: venv client-venv tgi-client-venv trl-venv kustomize system-packages uplot demo test lint proto bench bench-trainer bench-http models \
-	paper-table clean
+	paper-table fair-table clean
 
 venv: $(STAMP)
 
@@ -137,6 +137,11 @@ models: venv
 # a results/paper-runs/.../result.json are skipped, so an interrupted table resumes.
 paper-table: venv
 	$(PY) -m distill_lab.paper_table --jobs 2
+
+# Every method at its own best sampling temperature (chosen on validation), records
+# medium/large and records-4to6 -> docs/RESULTS.md, results/fair-runs/ (under 2 h on 2 cores).
+fair-table: venv
+	$(PY) -m distill_lab.fair_table --jobs 2
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info

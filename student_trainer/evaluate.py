@@ -193,3 +193,61 @@ def evaluate_split(
     finally:
         if teacher is not None:
             teacher.close()
+
+
+@torch.no_grad()
+def decoded_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: list[Example],
+    config: TrainConfig,
+    temperature: float,
+    *,
+    eos_ids: frozenset[int],
+    pad_id: int,
+) -> dict[str, float]:
+    """The task's metrics (by name) of one decoding of `examples` at `temperature` (0:
+    greedy), drawn as `evaluate` draws its samples: the same seed and batches, so 1.0 gives
+    its sampled metrics again."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(config.run.seed + EVAL_SEED_OFFSET)
+    options = SamplingOptions(config.rollout.max_new_tokens, temperature, config.rollout.top_p)
+    texts: list[str] = []
+    size = config.optim.batch_size
+    for start in range(0, len(examples), size):
+        prompts = [prompt_ids(tokenizer, e) for e in examples[start : start + size]]
+        completions = sample_completions(
+            model,
+            prompts,
+            options,
+            generator=generator if temperature > 0 else None,
+            vocab_size=len(tokenizer),
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+        )
+        texts += [decode_completion(tokenizer, ids, eos_ids) for ids in completions]
+    return task_scorer(config.task, tokenizer, eos_ids)(texts, examples)
+
+
+def evaluate_temperatures(
+    config: TrainConfig,
+    split: str,
+    temperatures: Collection[float],
+    *,
+    checkpoint: str | Path | None = None,
+    size: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """{f"{t:g}": the task's metrics of a decoding at t} for the student (or a checkpoint)
+    on the first `size` prompts of a split, no teacher: how a model's quality moves with
+    its sampling temperature, for choosing that temperature on validation."""
+    model_dir = config.student.model if checkpoint is None else checkpoint
+    student = load_student(model_dir, config.student.dtype, resolve_device(config.student.device))
+    examples = getattr(task_splits(config.task, student.tokenizer), split)[:size]
+    model = student.model.eval()
+    return {
+        f"{t:g}": decoded_scores(
+            model, student.tokenizer, examples, config, t, eos_ids=student.eos_ids,
+            pad_id=student.pad_id,
+        )
+        for t in temperatures
+    }  # fmt: skip

@@ -36,7 +36,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from student_trainer.config import load_config
+from student_trainer.config import TrainConfig, load_config
 from student_trainer.evaluate import evaluate_model, evaluate_split
 
 SEEDS = (0, 1, 2)
@@ -131,6 +131,21 @@ def _validation_curves(metrics_file: Path) -> dict[str, list[list[float]]]:
     }
 
 
+def run_config(
+    task: str, student: str, method: Method, seed: int, out: Path, *, lr: float, extra=()
+) -> TrainConfig:
+    """The config of one (task, student, method, seed) run from the shared student init;
+    `extra` overrides come last (tests shrink the budget with them)."""
+    overrides = [
+        *method.overrides(),
+        f"student.model=models/{task}/{student}",
+        f"run.seed={seed}",
+        f"run.out_dir={out}",
+        f"optim.lr={lr}",
+    ]
+    return load_config(CONFIGS_DIR / f"{task}.yaml", [*overrides, "run.progress=false", *extra])
+
+
 def run_one(
     task: str,
     student: str,
@@ -142,20 +157,12 @@ def run_one(
     test: bool = True,
     extra: list[str] = (),
 ) -> dict[str, Any]:
-    """Train one (task, student, method, seed) from the shared student init; score it on
-    test unless `test` is False (the sweep). `extra` overrides come last (tests shrink the
-    budget with them)."""
+    """Train one (task, student, method, seed) run (`run_config`); score it on test unless
+    `test` is False (the sweep)."""
     from student_trainer.checkpoint import latest_checkpoint
     from student_trainer.train import train
 
-    overrides = [
-        *method.overrides(),
-        f"student.model=models/{task}/{student}",
-        f"run.seed={seed}",
-        f"run.out_dir={out}",
-        f"optim.lr={lr}",
-    ]
-    config = load_config(CONFIGS_DIR / f"{task}.yaml", [*overrides, "run.progress=false", *extra])
+    config = run_config(task, student, method, seed, out, lr=lr, extra=extra)
     shutil.rmtree(out, ignore_errors=True)  # a run killed part-way starts again from scratch
     started = time.perf_counter()
     trained = train(config)
