@@ -8,6 +8,8 @@ its tools.
   demo.py         `make demo`: the service on loopback, on-policy distillation vs SFT
   paper_table/    the GKD paper's comparison on the built-in tasks (`make paper-table`);
                   report.py writes its tables and plots
+  fair_table/     every method on records at its own sampling temperature, chosen on
+                  validation (`make fair-table`)
   models.py       the built-in tasks' models: tokenizers, teachers and students trained by
                   SFT (`student-trainer pretrain`, `make models`)
   tiny_model.py   small random-weight Llama models and BPE tokenizers (tests, smoke runs)

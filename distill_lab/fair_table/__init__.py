@@ -19,7 +19,8 @@ Each training run writes results/fair-runs/TASK/STUDENT/LABEL/seed-N/result.json
 the validation scores at every temperature); once its cell's temperature is known, a
 second job writes chosen.json beside it: the test metrics at that temperature and the
 validation curve at it (from the checkpoints every 50 steps). Both are skipped when
-present, so an interrupted grid resumes.
+present, so an interrupted grid resumes. __main__.py runs the jobs; report.py writes the
+tables, the claims' verdicts and the curves.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ SELECTION = ("records", "student-medium")  # where the on-policy divergence is c
 CURVE_SIZE = 200  # validation prompts per point of the learning curve (run.eval_size)
 SAVE_EVERY = 50  # a checkpoint every 50 of the 250 steps, for the curve
 # the commit that declared this grid's protocol (docs/RESULTS.md) before its first run
-FAIR_PROTOCOL_COMMIT = None
+FAIR_PROTOCOL_COMMIT = "ae106f8bfa51"
 
 
 def methods(task: str, student: str, beta: float | None) -> list[Method]:
