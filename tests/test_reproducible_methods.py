@@ -3,11 +3,12 @@ per-step losses, the same evaluations and the same checkpoint bytes. Once with t
 in the trainer's process (`teacher.in_process`, its default mode: each call is one forward
 of what the trainer sent, so its composition is the config's), and once through one
 served teacher in deterministic mode (`serve --deterministic`), where the trainer's
-micro-batches are in flight together and share the service's forwards as timing decides;
-the second time another client keeps that service busy, so they share them with other
-company. (Tried by hand, a default-mode service gave the same bytes too at this size: these
-runs show the service path reproduces, not that the mode is what makes it; that the mode's
-scores ignore their company is tests/test_deterministic.py's.)
+micro-batches are in flight together and share the service's forwards as timing decides.
+The second time, every forward of that service also scores other sequences, longer than
+the trainer's (`Accompanied`): company it never had the first time, every time, where
+other clients' calls would land in its forwards only when timing puts them there (tried:
+with 2 to 4 such clients the default mode gave the same bytes too, at this size). A
+control runs the same pair through a service in its default mode, which moves them.
 
 The methods are scripts/method_fingerprints.py's, configured as it configures them
 (`method.loss` keys), on the session's tiny models, 2 steps each. Between the two runs
@@ -18,10 +19,10 @@ docs/training.md, "Reproducible runs").
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import random
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,11 @@ import pytest
 import torch
 
 from student_trainer.train import train
+from teacher_client import ScoreOptions
+from teacher_service import scoring
 from teacher_service.backend import HFBackend
+from teacher_service.backend_api import ScoreItem
 from tests.conftest import start_background_server
-from tests.test_reproducible_runs import other_client
 from tests.trainer_helpers import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,37 +96,80 @@ def test_every_method_run_twice_with_the_in_process_teacher_gives_the_same_bytes
     assert_same(first, run(tmp_path / "run", student_model_dir, overrides))
 
 
-@pytest.fixture(scope="module")
-def deterministic_address(tiny_model_dir):
-    """One served teacher in deterministic mode, for every method's two runs."""
-    teacher = HFBackend.load(tiny_model_dir, device="cpu", dtype="float32", deterministic=True)
-    running = start_background_server(tiny_model_dir, teacher, max_wait_ms=20.0)
-    yield running.address
-    running.stop()
+class Accompanied:
+    """The served backend, except that while `company` holds sequences every forward scores
+    them too, beside the trainer's (their answers dropped): other clients' sequences in
+    the same forwards, every time rather than when timing happens to put them there."""
+
+    def __init__(self, backend: HFBackend) -> None:
+        self._backend, self.company = backend, []
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def score_batch(self, items):
+        scored = self._backend.score_batch([*items, *self.company])
+        return dataclasses.replace(scored, scores=scored.scores[: len(items)])
 
 
-def run_beside_another_client(
-    out: Path, student_dir: Path, overrides: list[str], address: str, sequences
-) -> dict[str, Any]:
-    """`run`, while another client keeps the service busy with its own sequences: the
-    trainer's share forwards with other company than they had alone."""
-    stop = threading.Event()
-    noise = threading.Thread(target=other_client, args=(address, sequences, stop, 0))
-    noise.start()
+def company(sequences: list[list[int]]) -> list[ScoreItem]:
+    """Each of `sequences` twice over: longer than the trainer's (prompt and 6 new tokens),
+    so the forwards are wider than the trainer's alone (shorter company can sit in rows of
+    its own, and leave the trainer's bytes as they were even in the default mode)."""
+    options = scoring.ScoreOptions.from_client(ScoreOptions(top_k=8))
+    return [ScoreItem(torch.tensor(s + s[1:]), 1, options) for s in sequences]
+
+
+def served(model_dir: Path, deterministic: bool):
+    backend = Accompanied(
+        HFBackend.load(model_dir, device="cpu", dtype="float32", deterministic=deterministic)
+    )
+    return backend, start_background_server(model_dir, backend, max_wait_ms=20.0)
+
+
+def run_alone_then_accompanied(
+    out: Path, student_dir: Path, method: str, backend: Accompanied, address: str, sequences
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    overrides = [f"teacher.address={address}", *METHODS[method]]
+    backend.company = []
+    first = run(out, student_dir, overrides)
+    backend.company = company(sequences)
     try:
-        return run(out, student_dir, overrides)
+        return first, run(out, student_dir, overrides)
     finally:
-        stop.set()
-        noise.join()
+        backend.company = []
+
+
+@pytest.fixture(scope="module")
+def deterministic_service(tiny_model_dir):
+    """One served teacher in deterministic mode, for every method's two runs."""
+    backend, running = served(tiny_model_dir, deterministic=True)
+    yield backend, running.address
+    running.stop()
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_run_twice_through_a_deterministic_service_gives_the_same_bytes(
-    method, tmp_path, deterministic_address, student_model_dir, sequences
+    method, tmp_path, deterministic_service, student_model_dir, sequences
 ):
-    overrides = [f"teacher.address={deterministic_address}", *METHODS[method]]
-    first = run(tmp_path / "run", student_model_dir, overrides)
-    again = run_beside_another_client(
-        tmp_path / "run", student_model_dir, overrides, deterministic_address, sequences
+    backend, address = deterministic_service
+    first, again = run_alone_then_accompanied(
+        tmp_path / "run", student_model_dir, method, backend, address, sequences
     )
     assert_same(first, again)
+
+
+def test_through_a_default_mode_service_the_company_moves_a_run_so_the_check_can_fail(
+    tmp_path, tiny_model_dir, student_model_dir, sequences
+):
+    """The control: the same two runs through a service in its default mode (batched as
+    usual) give other losses, which is what the mode above removes."""
+    backend, running = served(tiny_model_dir, deterministic=False)
+    try:
+        first, again = run_alone_then_accompanied(
+            tmp_path / "run", student_model_dir, "reverse_kl", backend, running.address, sequences
+        )
+    finally:
+        running.stop()
+    assert again["losses"] != first["losses"]
+    assert again["checkpoint"] != first["checkpoint"]
