@@ -14,7 +14,8 @@ Every run uses the committed records models (the smallest student), the teacher
 in-process, 4 steps and two evaluations on 8 validation prompts, on the CPU. `--keys
 legacy` (the default) selects the losses with the keys older versions knew (method.beta,
 method.support); `--keys loss` with method.loss, where this version has it: both must
-print the same numbers.
+print the same numbers. One torch thread unless `--threads N` (docs/training.md,
+"Reproducible runs").
 """
 
 from __future__ import annotations
@@ -146,8 +147,14 @@ def main() -> None:
     parser.add_argument("--keys", choices=("legacy", "loss"), default="legacy")
     parser.add_argument("--only", nargs="*", help="method names (default: all)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: see the docstring)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(1)  # one thread: the same reduction order on every machine
+    # one thread: the same reduction order on every machine. torch does not promise the
+    # same bits at another count (a reduction split over threads adds in another order);
+    # --threads 2 against the default shows whether they move (on 2 CPU cores they did not)
+    torch.set_num_threads(args.threads)
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (legacy, loss) in METHODS.items():
