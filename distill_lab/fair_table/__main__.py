@@ -7,14 +7,12 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-from tqdm import tqdm
-
 from distill_lab import fair_table
-from distill_lab.fair_table import STUDENTS, Job, execute, planned_jobs, reference
-from distill_lab.paper_table import init_worker
+from distill_lab.fair_table import STUDENTS, execute, planned_jobs, reference
+from distill_lab.paper_table import init_worker, keep_busy
 
 MODULE = "python -m distill_lab.fair_table"
 
@@ -29,28 +27,17 @@ def run_grid(jobs: int, threads: int, only: set[str]) -> None:
             for task, students in STUDENTS.items()
             for role in ("teacher", *students)
         ]
-        running: dict[Future, Job] = {}
-        attempted: set[Job] = set()
-        bar = tqdm(total=0, desc="fair table", unit="job")
-        while True:
-            for job in planned_jobs():
-                wanted = not only or job.cell in only
-                if job not in attempted and wanted and not job.done():
-                    attempted.add(job)
-                    running[pool.submit(execute, job)] = job
-                    bar.total += 1
-                    bar.refresh()
-            if not running:
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                job, result = running.pop(future), future.result()
-                bar.update(1)
-                shown = result.get("test", {})
-                bar.write(
-                    f"{job.describe()}: {json.dumps({k: round(v, 2) for k, v in shown.items()})}"
-                )
-        bar.close()
+        keep_busy(
+            pool,
+            planned_jobs,
+            execute,
+            pending=lambda job: not job.done(),
+            only=only,
+            summary=lambda result: json.dumps(
+                {k: round(v, 2) for k, v in result.get("test", {}).items()}
+            ),
+            desc="fair table",
+        )
         for future in references:
             future.result()
 

@@ -104,10 +104,7 @@ def _cell(
     return {
         "task": task,
         "student": student,
-        "label": method.label,
-        "method": method.method,
-        "divergence": method.divergence,
-        "lambda": method.lmbda,
+        **method.fields(),
         "temperature": chosen_temperature(results),
         "divergence_score": (
             divergence_score(results)

@@ -28,7 +28,8 @@ import os
 import shutil
 import statistics
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -81,6 +82,15 @@ class Method:
     @property
     def label(self) -> str:
         return self.method if self.beta is None else f"{self.method}-{self.divergence}"
+
+    def fields(self) -> dict[str, Any]:
+        """What a result records of its method."""
+        return {
+            "label": self.label,
+            "method": self.method,
+            "divergence": self.divergence,
+            "lambda": self.lmbda,
+        }
 
     def overrides(self) -> list[str]:
         if self.beta is None:
@@ -170,10 +180,7 @@ def run_one(
     result = {
         "task": task,
         "student": student,
-        "label": method.label,
-        "method": method.method,
-        "divergence": method.divergence,
-        "lambda": method.lmbda,
+        **method.fields(),
         "seed": seed,
         "lr": config.optim.lr,
         "steps": trained.steps,
@@ -313,6 +320,45 @@ def _execute(run: Run) -> dict[str, Any]:
     return run_one(run.task, run.student, run.method, run.seed, run.out, lr=run.lr, test=run.test)
 
 
+def keep_busy(
+    pool: Executor,
+    plan: Callable[[], list[Any]],
+    execute: Callable[[Any], dict[str, Any]],
+    *,
+    pending: Callable[[Any], bool],
+    only: set[str],
+    summary: Callable[[dict[str, Any]], str],
+    desc: str,
+) -> None:
+    """Keep `pool` busy with every pending job `plan()` names (only `only`'s cells, when
+    given); whenever one finishes, plan again, since its result may decide a rule that
+    later jobs wait for. A job is hashable and has `cell` and `describe()`."""
+    running: dict[Future, Any] = {}
+    attempted: set[Any] = set()
+    bar = tqdm(total=0, desc=desc, unit="job")
+    while True:
+        for job in plan():
+            if job not in attempted and (not only or job.cell in only) and pending(job):
+                attempted.add(job)
+                running[pool.submit(execute, job)] = job
+                bar.total += 1
+                bar.refresh()
+        if not running:
+            break
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            job = running.pop(future)
+            bar.update(1)
+            bar.write(f"{job.describe()}: {summary(future.result())}")
+    bar.close()
+
+
+def _summary(result: dict[str, Any]) -> str:
+    shown = result.get("test") or {"validation": final_validation(result)}
+    rounded = {k: round(v, 2) for k, v in shown.items() if "metric" not in k}
+    return f"{json.dumps(rounded)} in {result['wall_s']:.0f} s"
+
+
 def run_grid(tasks: list[str], only: set[str], jobs: int, threads: int) -> None:
     """Keep `jobs` processes busy with every pending run; whenever one finishes, plan again,
     since its result may decide a rule that later runs wait for."""
@@ -323,27 +369,15 @@ def run_grid(tasks: list[str], only: set[str], jobs: int, threads: int) -> None:
             for task in tasks
             for role in ("teacher", *STUDENTS[task])
         ]
-        running: dict[Future, Run] = {}
-        attempted: set[Path] = set()
-        bar = tqdm(total=0, desc="paper table", unit="run")
-        while True:
-            for run in planned_runs(tasks):
-                wanted = not only or run.cell in only
-                if run.out not in attempted and wanted and read_result(run.out) is None:
-                    attempted.add(run.out)
-                    running[pool.submit(_execute, run)] = run
-                    bar.total += 1
-                    bar.refresh()
-            if not running:
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                run, result = running.pop(future), future.result()
-                bar.update(1)
-                shown = result.get("test") or {"validation": final_validation(result)}
-                rounded = {k: round(v, 2) for k, v in shown.items() if "metric" not in k}
-                bar.write(f"{run.describe()}: {json.dumps(rounded)} in {result['wall_s']:.0f} s")
-        bar.close()
+        keep_busy(
+            pool,
+            lambda: planned_runs(tasks),
+            _execute,
+            pending=lambda run: read_result(run.out) is None,
+            only=only,
+            summary=_summary,
+            desc="paper table",
+        )
         for future in references:
             future.result()
     for task in tasks:
